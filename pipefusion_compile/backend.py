@@ -1,0 +1,108 @@
+"""The `pipefusion` dynamo backend.
+
+Note [PipeFusion backend]
+-------------------------
+Background: PipeFusion splits the image tokens into M patches (row bands) and the layers into N stages;
+patch j's self-attention at step t uses fresh K/V for tokens already computed at step t and one-step-stale
+K/V for the rest, so stages exchange only the current patch's activations.
+
+Algorithm, for each graph dynamo hands us:
+  1. Analyze: token analysis (which values carry image tokens, on which axis) and cost (FLOPs per node).
+  2. Plan: cut candidates on the graph, FLOP-balanced stages, M row bands -> `PipelinePlan`.
+  3. Lower: per stage, a globals graph (hoisted once per step) and per-patch-size stage graphs with
+     stale-K/V attention; compiled lazily with the inner backend (inductor or eager).
+A graph without self-attention over image tokens runs unchanged (fast path).
+
+Debugging: `logging.getLogger("pipefusion_compile")` prints the plan at INFO and every pass's graph before
+and after at DEBUG; `program.plan` is the dataclass; `program.stages[k].lowered.patch_graph(rows).graph` is
+what stage k runs.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from .errors import PipefusionError, UnsupportedGraphError
+from .options import PipefusionOptions
+from .passes.graph_inputs import is_user_input
+from .passes.lower import lower
+from .passes.meta import Kind, node_meta
+from .plan import build_plan
+from .runtime import PipelineProgram
+
+log = logging.getLogger("pipefusion_compile")
+
+_SINUSOID_TARGETS = (torch.sin, torch.cos, "sin", "cos")
+
+
+def find_timestep_input(gm: fx.GraphModule, example_inputs: list) -> int | None:
+    """Position of the diffusion timestep among the graph's inputs, or None.
+
+    The timestep is the user input (0-d or 1-d, GLOBAL) that feeds a sinusoidal embedding (sin/cos);
+    class labels and prompts do not. The runtime watches it to detect a new generation.
+    """
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    for i, ph in enumerate(placeholders):
+        val = ph.meta.get("example_value", example_inputs[i] if i < len(example_inputs) else None)
+        if not isinstance(val, torch.Tensor) or val.dim() > 1 or not is_user_input(ph, example_inputs[i]):
+            continue
+        if node_meta(ph).token.kind not in (Kind.GLOBAL,):
+            continue
+        stack, seen = [ph], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op in ("call_function", "call_method") and n.target in _SINUSOID_TARGETS:
+                return i
+            stack.extend(u for u in n.users if not node_meta(u).token or not node_meta(u).token.carries_tokens)
+    return None
+
+
+def compile_program(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions) -> PipelineProgram:
+    """Phases 1-3 for one graph; returns the runnable program."""
+    plan, analysis = build_plan(gm, example_inputs, options)
+    stages = lower(gm, plan, analysis)
+    timestep = find_timestep_input(gm, example_inputs)
+    if timestep is None:
+        log.warning("pipefusion: no timestep input found; call pipefusion_compile.reset(model) before each "
+                    "new generation")
+    return PipelineProgram(gm, plan, stages, options, example_inputs, timestep)
+
+
+def _has_self_attention(gm: fx.GraphModule, example_inputs, options) -> bool:
+    from .passes.tokens import analyze_tokens
+
+    try:
+        analysis = analyze_tokens(gm, example_inputs, options.token_axis)
+    except UnsupportedGraphError as e:
+        # A graph with no attention at all can run unchanged even if it has no token rule.
+        if any(n.target in (torch._C._nn.scaled_dot_product_attention,
+                            torch.nn.functional.scaled_dot_product_attention) for n in gm.graph.nodes):
+            raise
+        log.info("pipefusion: graph without attention runs unchanged (%s)", e.reason)
+        return False
+    return bool(analysis.self_attention)
+
+
+def pipefusion_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, **kwargs):
+    """`torch.compile(model, backend="pipefusion", options={...})`."""
+    if kwargs.get("mode") not in (None, "default"):
+        raise PipefusionError(f"the pipefusion backend takes no mode (got {kwargs['mode']!r}); use options")
+    opts = PipefusionOptions.from_dict(options).resolve()
+    if not opts.simulate:
+        raise PipefusionError(
+            "a process group is initialized but the multi-process PipeFusion runtime is not available yet; "
+            "pass options={'simulate': True} to run every stage in this process"
+        )
+    if dist.is_available() and dist.is_initialized() and opts.num_stages is not None and opts.simulate:
+        log.info("pipefusion: simulate mode on rank %d: every stage runs in this process", dist.get_rank())
+    if not _has_self_attention(gm, example_inputs, opts):
+        log.info("pipefusion: graph with %d nodes has no self-attention over image tokens: runs unchanged",
+                 len(gm.graph.nodes))
+        return gm.forward
+    return compile_program(gm, example_inputs, opts)

@@ -1,0 +1,87 @@
+"""`pipefusion-compile plan MODEL`: print the PipeFusion plan of a model without running it."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+import torch.fx as fx
+
+from .options import PipefusionOptions
+from .passes.graph_inputs import graph_outputs
+from .passes.meta import example_value
+from .plan import PipelinePlan, build_plan
+
+
+def plan_graphs(model: torch.nn.Module, example_kwargs: dict, **options) -> list[PipelinePlan]:
+    """Trace `model(**example_kwargs)` with dynamo and plan every graph that has self-attention.
+
+    Nothing is computed: the capturing backend plans on dynamo's fake values and returns zeros.
+    """
+    opts = PipefusionOptions.from_dict(options).resolve()
+    plans: list[PipelinePlan] = []
+
+    def capture(gm: fx.GraphModule, example_inputs):
+        from .backend import _has_self_attention
+
+        if _has_self_attention(gm, example_inputs, opts):
+            plans.append(build_plan(gm, example_inputs, opts)[0])
+        outs = [example_value(o) if isinstance(o, fx.Node) else o for o in graph_outputs(gm)]
+
+        def zeros(*args):
+            return tuple(torch.zeros(o.shape, dtype=o.dtype) if isinstance(o, torch.Tensor) else o for o in outs)
+
+        return zeros
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=capture)
+    with torch.no_grad():
+        compiled(**example_kwargs)
+    torch._dynamo.reset()
+    return plans
+
+
+def plan_model(spec: str, **options) -> list[PipelinePlan]:
+    """Plans for a built-in model name or a `module:function` (see `pipefusion_compile.models`)."""
+    from .models import load_model
+
+    model, kwargs = load_model(spec)
+    return plan_graphs(model, kwargs, **options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pipefusion-compile", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="print the pipeline plan of a model (nothing is run)")
+    p.add_argument("model", help="diffusers class name with a tiny built-in config, or module:function")
+    p.add_argument("--stages", type=int, default=None, help="N (default: world size, else 1)")
+    p.add_argument("--patches", type=int, default=None, help="M (default: N)")
+    p.add_argument("--partition", default="flops", help="flops | uniform | comma-separated layers per stage")
+    p.add_argument("--warmup-steps", type=int, default=1)
+    p.add_argument("-v", "--verbose", action="store_true", help="log the passes at DEBUG")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    partition = args.partition
+    if partition not in ("flops", "uniform"):
+        partition = [int(x) for x in partition.split(",")]
+    options = dict(num_stages=args.stages, num_patches=args.patches, partition=partition,
+                   warmup_steps=args.warmup_steps)
+    from .errors import PipefusionError
+
+    try:
+        plans = plan_model(args.model, **options)
+    except (PipefusionError, ValueError) as e:
+        print(f"pipefusion-compile: error: {e}", file=sys.stderr)
+        return 2
+    if not plans:
+        print("no graph with self-attention over image tokens: nothing to pipeline")
+    for i, plan in enumerate(plans):
+        if len(plans) > 1:
+            print(f"--- graph {i} ---")
+        print(plan)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

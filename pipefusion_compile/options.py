@@ -1,0 +1,100 @@
+"""`torch.compile(..., backend="pipefusion", options={...})` options, validated into one dataclass."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+import torch.distributed as dist
+
+from .errors import OptionsError
+
+Partition = Union[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class PipefusionOptions:
+    """What the user asked for. `None` fields are filled from the environment by `resolve()`."""
+
+    num_stages: int | None = None
+    """N: pipeline stages. Default: world size of the default process group, else 1."""
+    num_patches: int | None = None
+    """M: image patches (row bands) per step. Default: N."""
+    warmup_steps: int = 1
+    """Calls per generation that run the full sequence with fresh K/V before the patch pipeline starts."""
+    partition: Partition = "flops"
+    """"flops" (balance FLOPs), "uniform" (equal attention layers per stage) or layers per stage, e.g. (3, 5)."""
+    stage_backend: str = "inductor"
+    """How each stage graph is compiled: "inductor" or "eager"."""
+    simulate: bool | None = None
+    """Run all stages in this process. Default: True when no process group is initialized."""
+    token_axis: int | None = None
+    """Axis of the image input that carries token rows. Default: 1 for [B, S, C], else 2 ([B, C, H, W], [B, C, F, H, W])."""
+
+    _KNOWN_BACKENDS = ("inductor", "eager")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | None) -> "PipefusionOptions":
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise OptionsError(
+                f"unknown pipefusion option(s) {unknown}; known options are {sorted(known)}"
+            )
+        if isinstance(options.get("partition"), list):
+            options["partition"] = tuple(options["partition"])
+        opts = cls(**options)
+        opts._validate()
+        return opts
+
+    def _validate(self) -> None:
+        def positive_int(name: str, value: Any, minimum: int) -> None:
+            if value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise OptionsError(f"option {name}={value!r}: expected an int >= {minimum}")
+
+        positive_int("num_stages", self.num_stages, 1)
+        positive_int("num_patches", self.num_patches, 1)
+        positive_int("warmup_steps", self.warmup_steps, 1)
+        if self.token_axis is not None:
+            positive_int("token_axis", self.token_axis, 1)
+        p = self.partition
+        if isinstance(p, str):
+            if p not in ("flops", "uniform"):
+                raise OptionsError(
+                    f"option partition={p!r}: expected 'flops', 'uniform' or a list of attention layers per stage"
+                )
+        elif isinstance(p, Sequence):
+            if not p or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in p):
+                raise OptionsError(
+                    f"option partition={list(p)!r}: every stage needs a positive number of attention layers"
+                )
+            if self.num_stages is not None and len(p) != self.num_stages:
+                raise OptionsError(
+                    f"option partition={list(p)!r} has {len(p)} stages but num_stages={self.num_stages}"
+                )
+        else:
+            raise OptionsError(f"option partition={p!r}: expected a string or a list of ints")
+        if self.stage_backend not in self._KNOWN_BACKENDS:
+            raise OptionsError(
+                f"option stage_backend={self.stage_backend!r}: expected one of {list(self._KNOWN_BACKENDS)}"
+            )
+        if self.simulate is not None and not isinstance(self.simulate, bool):
+            raise OptionsError(f"option simulate={self.simulate!r}: expected True or False")
+
+    def resolve(self) -> "PipefusionOptions":
+        """Fill the defaults that depend on the process group and on each other."""
+        pg = dist.is_available() and dist.is_initialized()
+        simulate = (not pg) if self.simulate is None else self.simulate
+        num_stages = self.num_stages
+        if num_stages is None:
+            if not isinstance(self.partition, str):
+                num_stages = len(self.partition)
+            else:
+                num_stages = dist.get_world_size() if pg else 1
+        num_patches = self.num_patches if self.num_patches is not None else num_stages
+        return dataclasses.replace(
+            self, num_stages=num_stages, num_patches=num_patches, simulate=simulate
+        )

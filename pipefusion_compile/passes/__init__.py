@@ -1,0 +1,1 @@
+"""Analyses and graph passes. Pure functions over FX graphs; never imports triton."""

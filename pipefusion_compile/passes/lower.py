@@ -1,0 +1,440 @@
+"""Lowering: from the analyzed dynamo graph and a plan to per-stage graphs.
+
+For stage k this module builds
+  * a *globals* graph: the GLOBAL/POSITIONAL values the stage reads, hoisted out of the patch loop
+    (computed once per step from the model inputs), and
+  * a *patch* graph per patch size (full sequence for warmup, one per distinct band height), composed of
+    three passes, each a function over a GraphModule:
+
+        extract_stage          copy the stage's token-carrying nodes; everything they read from outside
+                               becomes a placeholder (received value, hoisted global, sliced positional
+                               table, sliced image input); self-attention gets two cache placeholders
+        rewrite_stale_attention   sdpa(q, k, v)  ->  pipefusion.kv_cache_update(ck, cv, k, v, row_start)
+                                                     sdpa(q, ck, cv)
+        rewrite_token_sizes    sizes dynamo baked into reshape/view/expand/unflatten, at the axis the token
+                               analysis says carries tokens, become `rows * per_row`
+
+  then `propagate_patch_shapes` runs the patch graph on fake tensors and checks every token-carrying value
+  has the patch's shape (a constant that measures tokens and was missed fails here, at compile time).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .. import ops  # noqa: F401  (registers torch.ops.pipefusion.*)
+from ..errors import PipefusionError, UnsupportedGraphError
+from .meta import Kind, TokenInfo, example_value, node_meta
+from .tokens import TokenAnalysis
+
+log = logging.getLogger("pipefusion_compile")
+
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """One placeholder of a patch graph (after `row_start`) and where its value comes from."""
+
+    name: str                   # node name in the dynamo graph
+    source: str                 # "recv" (earlier stage), "global", "positional" or "image" (sliced input)
+    axis: int | None = None     # token axis, for "recv"/"positional"/"image"
+    per_row: int | None = None  # elements per token row along `axis`
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The K/V caches of one self-attention node."""
+
+    attention: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    axis: int
+    per_row: int
+
+
+@dataclass
+class LoweredStage:
+    index: int
+    globals_gm: fx.GraphModule
+    global_inputs: tuple[int, ...]   # positions of the dynamo graph's placeholders it reads
+    global_outputs: tuple[str, ...]
+    inputs: tuple[StageInput, ...]
+    caches: tuple[CacheSpec, ...]
+    outputs: tuple[str, ...]
+    stage_gm: fx.GraphModule         # full-sequence stage graph before the rewrites (for inspection)
+    token_rows: int
+    _build: Callable[[int], fx.GraphModule] = field(repr=False, default=None)
+    _patch_graphs: dict[int, fx.GraphModule] = field(default_factory=dict, repr=False)
+
+    def patch_graph(self, rows: int) -> fx.GraphModule:
+        """The stage's graph for a patch of `rows` token rows (built once per size)."""
+        if rows not in self._patch_graphs:
+            self._patch_graphs[rows] = self._build(rows)
+        return self._patch_graphs[rows]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pass 1: extract a stage
+
+
+def _scaled_shape(shape, axis: int, per_row: int, rows: int) -> tuple[int, ...]:
+    shape = list(shape)
+    shape[axis] = per_row * rows
+    return tuple(shape)
+
+
+def extract_stage(
+    gm: fx.GraphModule, members: list[fx.Node], later_users: set[str], analysis: TokenAnalysis
+) -> tuple[fx.GraphModule, tuple[StageInput, ...], tuple[CacheSpec, ...], tuple[str, ...]]:
+    """Copy `members` (token-carrying nodes of one stage) into a new graph.
+
+    Before (dynamo graph, stage 1 = the second block):        After:
+        %h = add(%attn_out, %h_prev)          # stage 0            row_start, h_prev (recv), w_q (global), ...,
+        %q = linear(%h, %w_q, %b_q)           # stage 1            attn_cache_k, attn_cache_v
+        ...                                                        %q = linear(%h_prev, %w_q, %b_q) ...
+                                                                   return (h_out,)
+    Outputs are the members read by later stages or by the model output (`later_users`).
+    """
+    member_set = set(members)
+    inputs: list[StageInput] = []
+    seen: dict[fx.Node, None] = {}
+    for n in members:
+        for a in n.all_input_nodes:
+            if a not in member_set and a not in seen:
+                seen[a] = None
+    for a in seen:
+        info = node_meta(a).token
+        if info.kind is Kind.POSITIONAL:
+            inputs.append(StageInput(a.name, "positional", info.axis, analysis.per_row(info)))
+        elif info.carries_tokens:
+            source = "image" if a.op == "placeholder" else "recv"
+            inputs.append(StageInput(a.name, source, info.axis, analysis.per_row(info)))
+        else:
+            inputs.append(StageInput(a.name, "global"))
+    caches = []
+    for n in members:
+        info = node_meta(n).token
+        if info.attention == "self":
+            k = n.args[1]
+            kinfo = node_meta(k).token
+            val = example_value(k)
+            caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, kinfo.axis, analysis.per_row(kinfo)))
+
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    row_start = g.placeholder("row_start")
+    node_meta(row_start).extra["row_start"] = True
+    by_name = {a.name: a for a in seen}
+    for inp in inputs:
+        src = by_name[inp.name]
+        ph = g.placeholder(inp.name)
+        ph.meta.update({k: v for k, v in src.meta.items() if k in ("example_value", "val", "stack_trace")})
+        ph.meta["pipefusion"] = node_meta(src)
+        env[src] = ph
+    for c in caches:
+        for which in ("k", "v"):
+            ph = g.placeholder(f"{c.attention}_cache_{which}")
+            node_meta(ph).extra["cache_of"] = (c.attention, which, c.axis, c.per_row)
+    for n in members:
+        new = g.node_copy(n, lambda a: env[a])
+        new.meta["pipefusion"] = node_meta(n)
+        env[n] = new
+    outputs = tuple(n.name for n in members if n.name in later_users)
+    g.output(tuple(env[n] for n in members if n.name in later_users))
+    g.lint()
+    return fx.GraphModule(gm, g), tuple(inputs), tuple(caches), outputs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pass 2: stale-K/V attention
+
+
+def rewrite_stale_attention(gm: fx.GraphModule) -> fx.GraphModule:
+    """Every self-attention writes its fresh K/V into the caches, then attends over the whole caches.
+
+    Before:                                        After:
+        %attn = sdpa(%q, %k, %v)                       %u = pipefusion.kv_cache_update(%a_cache_k, %a_cache_v,
+                                                                %k, %v, %row_start, 2, 4)
+                                                       %attn = sdpa(%q, %a_cache_k, %a_cache_v)
+    Cross-attention (GLOBAL K/V over the prompt) is left as it is.
+    """
+    caches: dict[tuple[str, str], fx.Node] = {}
+    row_start = None
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        extra = node_meta(ph).extra
+        if "cache_of" in extra:
+            name, which, axis, per_row = extra["cache_of"]
+            caches[(name, which)] = ph
+        if extra.get("row_start"):
+            row_start = ph
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target not in SDPA_TARGETS:
+            continue
+        if node_meta(n).token.attention != "self":
+            continue
+        ck, cv = caches[(n.name, "k")], caches[(n.name, "v")]
+        _, _, axis, per_row = node_meta(ck).extra["cache_of"]
+        k, v = n.args[1], n.args[2]
+        with gm.graph.inserting_before(n):
+            upd = gm.graph.call_function(
+                torch.ops.pipefusion.kv_cache_update.default, (ck, cv, k, v, row_start, axis, per_row)
+            )
+            upd.meta["stack_trace"] = n.meta.get("stack_trace")
+        n.args = (n.args[0], ck, cv, *n.args[3:])
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pass 3: sizes that measure the token axis
+
+
+_SIZE_ARG_TARGETS = {"view", "reshape", "expand", "broadcast_to", torch.reshape, torch.broadcast_to}
+_UNFLATTEN_TARGETS = {"unflatten", torch.unflatten}
+
+
+def _sizes_location(node: fx.Node):
+    """(container kind, key) for the size list of a shape op, or None if it takes no explicit sizes."""
+    if node.target in _SIZE_ARG_TARGETS:
+        for key in ("shape", "size"):
+            if key in node.kwargs:
+                return ("kwarg", key)
+        if len(node.args) == 2 and isinstance(node.args[1], (tuple, list, torch.Size)):
+            return ("arg", 1)
+        if len(node.args) >= 2:
+            return ("varargs", 1)
+    if node.target in _UNFLATTEN_TARGETS:
+        return ("unflatten", None)
+    return None
+
+
+def rewrite_token_sizes(gm: fx.GraphModule, rows: int, analysis: TokenAnalysis) -> fx.GraphModule:
+    """Rewrite the baked-in sizes of token-carrying shape ops for a patch of `rows` token rows.
+
+    Before (full sequence, 4 token rows of 4 tokens):     After (rows=2):
+        %r = reshape(%h, shape=(-1, 4, 4, 2, 2, 8))           %r = reshape(%h, shape=(-1, 2, 4, 2, 2, 8))
+        %o = reshape(%e, shape=(-1, 8, 8, 8))                 %o = reshape(%e, shape=(-1, 8, 4, 8))
+    Only the size at the axis the token analysis assigned to the node's output changes; -1 stays -1.
+    """
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method"):
+            continue
+        info = node_meta(n).token
+        if info is None or not info.carries_tokens or info.elements is not None:
+            continue
+        loc = _sizes_location(n)
+        if loc is None:
+            continue
+        per_row = analysis.per_row(info)
+        full, new = per_row * analysis.token_rows, per_row * rows
+        kind, key = loc
+        if kind == "unflatten":
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs["dim"]
+            in_nd = example_value(n.args[0]).dim()
+            dim = dim + in_nd if dim < 0 else dim
+            sizes = list(n.args[2] if len(n.args) > 2 else n.kwargs["sizes"])
+            idx = info.axis - dim
+            if 0 <= idx < len(sizes):
+                sizes[idx] = _replace_size(n, sizes[idx], full, new)
+                if len(n.args) > 2:
+                    n.args = (*n.args[:2], tuple(sizes), *n.args[3:])
+                else:
+                    n.kwargs = {**n.kwargs, "sizes": tuple(sizes)}
+            continue
+        if kind == "kwarg":
+            sizes = list(n.kwargs[key])
+        elif kind == "arg":
+            sizes = list(n.args[1])
+        else:
+            sizes = list(n.args[1:])
+        if any(isinstance(s, fx.Node) for s in sizes):
+            raise UnsupportedGraphError("a shape argument computed at run time on a token-carrying tensor", n)
+        if len(sizes) <= info.axis:
+            continue
+        sizes[info.axis] = _replace_size(n, sizes[info.axis], full, new)
+        if kind == "kwarg":
+            n.kwargs = {**n.kwargs, key: tuple(sizes)}
+        elif kind == "arg":
+            n.args = (n.args[0], tuple(sizes), *n.args[2:])
+        else:
+            n.args = (n.args[0], *sizes)
+    gm.recompile()
+    return gm
+
+
+def _replace_size(node: fx.Node, old, full: int, new: int):
+    if old == -1:
+        return old
+    if old != full:
+        raise UnsupportedGraphError(
+            f"size {old} at the token axis does not measure the {full} token elements the analysis expects",
+            node,
+        )
+    return new
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verification
+
+
+def _expected(info: TokenInfo, val, rows: int, analysis: TokenAnalysis):
+    if info is None or not (info.carries_tokens or info.kind is Kind.POSITIONAL):
+        return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+    if info.elements is not None:
+        return tuple(_expected(e, v, rows, analysis) for e, v in zip(info.elements, val))
+    return _scaled_shape(val.shape, info.axis, analysis.per_row(info), rows)
+
+
+def propagate_patch_shapes(gm: fx.GraphModule, rows: int, analysis: TokenAnalysis) -> fx.GraphModule:
+    """Run the patch graph on fake tensors of the patch's input shapes and check that every token-carrying
+    value has the patch's shape. The graph is returned unchanged."""
+    with FakeTensorMode():
+        args = []
+        for ph in gm.graph.find_nodes(op="placeholder"):
+            extra = node_meta(ph).extra
+            if extra.get("row_start"):
+                args.append(torch.empty((), dtype=torch.int64))
+            elif "cache_spec" in extra:
+                shape, dtype = extra["cache_spec"]
+                args.append(torch.empty(shape, dtype=dtype))
+            else:
+                val = example_value(ph)
+                if isinstance(val, torch.Tensor):
+                    shape = _expected(node_meta(ph).token, val, rows, analysis)
+                    args.append(torch.empty(shape, dtype=val.dtype, device=val.device))
+                else:
+                    args.append(val)
+        _CheckingInterpreter(gm, rows, analysis).run(*args)
+    return gm
+
+
+class _CheckingInterpreter(fx.Interpreter):
+    def __init__(self, gm, rows, analysis):
+        super().__init__(gm)
+        self.rows = rows
+        self.analysis = analysis
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if n.op in ("call_function", "call_method"):
+            info = node_meta(n).token
+            if info is not None and info.carries_tokens and n.meta.get("example_value") is not None:
+                want = _expected(info, n.meta["example_value"], self.rows, self.analysis)
+                got = tuple(result.shape) if isinstance(result, torch.Tensor) else tuple(
+                    tuple(r.shape) for r in result)
+                if want != got:
+                    raise UnsupportedGraphError(
+                        f"per-patch lowering produced shape {got}, expected {want} for a patch of "
+                        f"{self.rows} token rows (a size that measures tokens was not rewritten)",
+                        n,
+                    )
+        return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Globals graph
+
+
+def extract_globals(gm: fx.GraphModule, needed: list[fx.Node]) -> tuple[fx.GraphModule, tuple[int, ...], tuple[str, ...]]:
+    """The hoisted part of a stage: GLOBAL (and POSITIONAL, full-size) values computed once per step.
+
+    Before (dynamo graph):                          After (globals graph of the stage):
+        %t = l_timestep_                                 def forward(l_timestep_, w1, b1, w_k, ...):
+        %emb = linear(sin(..%t..), %w1, %b1)  GLOBAL         emb = linear(sin(...), w1, b1)
+        %k2 = linear(%prompt, %w_k, %b_k)     GLOBAL         k2 = linear(prompt, w_k, b_k)
+        %q = linear(%h, %w_q, ...)            PATCHED        return (emb, k2, w_q, ...)
+    """
+    closure: set[fx.Node] = set()
+    stack = list(needed)
+    while stack:
+        n = stack.pop()
+        if n in closure:
+            continue
+        if node_meta(n).token is not None and node_meta(n).token.carries_tokens:
+            raise PipefusionError(f"internal: {n.name} carries tokens but was asked for as a global")
+        closure.add(n)
+        stack.extend(n.all_input_nodes)
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    positions = []
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    for i, ph in enumerate(placeholders):
+        if ph in closure:
+            env[ph] = g.placeholder(ph.name)
+            env[ph].meta.update(ph.meta)
+            positions.append(i)
+    for n in gm.graph.nodes:
+        if n in closure and n.op != "placeholder":
+            env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(tuple(env[n] for n in needed))
+    g.lint()
+    return fx.GraphModule(gm, g), tuple(positions), tuple(n.name for n in needed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The lowering pipeline
+
+
+def _run_pass(name: str, fn, gm: fx.GraphModule, *args) -> fx.GraphModule:
+    log.debug("pipefusion pass %s: before\n%s", name, gm.graph)
+    try:
+        out = fn(gm, *args)
+    except PipefusionError:
+        raise
+    except Exception as e:  # re-raise with the pass name
+        raise PipefusionError(f"pass {name} failed: {type(e).__name__}: {e}") from e
+    log.debug("pipefusion pass %s: after\n%s", name, (out[0] if isinstance(out, tuple) else out).graph)
+    return out
+
+
+def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis) -> list[LoweredStage]:
+    """Build the globals graph and the patch-graph factory of every stage of `plan`."""
+    nodes_by_name = {n.name: n for n in gm.graph.nodes}
+    order = [nodes_by_name[name] for name in plan.order]
+    position = {n.name: i for i, n in enumerate(order)}
+    out_node = next(iter(gm.graph.find_nodes(op="output")))
+    stages = []
+    for sp in plan.stages:
+        members = order[sp.start:sp.end]
+        later = set()
+        for n in members:
+            for u in n.users:
+                if u is out_node or (u.name in position and position[u.name] >= sp.end):
+                    later.add(n.name)
+        stage_gm, inputs, caches, outputs = _run_pass(
+            "extract_stage", lambda g: extract_stage(g, members, later, analysis), gm
+        )
+        for ph in stage_gm.graph.find_nodes(op="placeholder"):
+            extra = node_meta(ph).extra
+            if "cache_of" in extra:
+                spec = next(c for c in caches if c.attention == extra["cache_of"][0])
+                extra["cache_spec"] = (spec.shape, spec.dtype)
+        needed = [nodes_by_name[i.name] for i in inputs if i.source in ("global", "positional")]
+        if sp.index == len(plan.stages) - 1:
+            for leaf in out_node.all_input_nodes:
+                if not node_meta(leaf).token.carries_tokens and leaf not in needed:
+                    needed.append(leaf)
+        globals_gm, positions, gouts = _run_pass("extract_globals", lambda g: extract_globals(g, needed), gm)
+
+        def build(rows: int, stage_gm=stage_gm) -> fx.GraphModule:
+            graph = fx.Graph()
+            graph.output(graph.graph_copy(stage_gm.graph, {}))
+            g = fx.GraphModule(stage_gm, graph)
+            g = _run_pass("rewrite_stale_attention", rewrite_stale_attention, g)
+            g = _run_pass("rewrite_token_sizes", rewrite_token_sizes, g, rows, analysis)
+            g = _run_pass("propagate_patch_shapes", propagate_patch_shapes, g, rows, analysis)
+            return g
+
+        stages.append(LoweredStage(
+            index=sp.index, globals_gm=globals_gm, global_inputs=positions, global_outputs=gouts,
+            inputs=inputs, caches=caches, outputs=outputs, stage_gm=stage_gm,
+            token_rows=analysis.token_rows, _build=build,
+        ))
+    return stages

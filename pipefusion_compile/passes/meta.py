@@ -1,0 +1,76 @@
+"""The one namespaced meta key the analyses write: `node.meta["pipefusion"]`."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+import torch.fx as fx
+
+META_KEY = "pipefusion"
+
+
+class Kind(enum.Enum):
+    GLOBAL = "global"          # does not depend on the image tokens
+    POSITIONAL = "positional"  # GLOBAL, but combined token-by-token with patched data: sliced per patch
+    PATCHED = "patched"        # carries image tokens on `axis`
+    MIXING = "mixing"          # combines tokens across the axis (only attention with patched K/V is allowed)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """Where a value carries image tokens.
+
+    `axis` is the tensor dim along which token rows lie in order; `epr` is how many elements along that axis
+    one row of the image input owns (e.g. 1/2 for a patch-2 conv output, W/2 for [B, S, D] tokens). A patch
+    of the image input's rows [r0, r1) is the slice [r0 * epr, r1 * epr) of this axis.
+    """
+
+    kind: Kind
+    axis: int | None = None
+    epr: Fraction | None = None
+    rule: str = ""
+    attention: str | None = None       # "self" or "cross" on attention nodes
+    elements: tuple["TokenInfo", ...] | None = None  # for tuple-valued nodes (chunk, split, unbind)
+
+    @property
+    def carries_tokens(self) -> bool:
+        return self.kind in (Kind.PATCHED, Kind.MIXING)
+
+
+@dataclass
+class NodeMeta:
+    """Everything pipefusion knows about one node. Analyses fill their own field."""
+
+    token: TokenInfo | None = None
+    flops: int = 0
+    out_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def node_meta(node: fx.Node) -> NodeMeta:
+    meta = node.meta.get(META_KEY)
+    if meta is None:
+        meta = node.meta[META_KEY] = NodeMeta()
+    return meta
+
+
+def token_info(node: fx.Node) -> TokenInfo:
+    info = node_meta(node).token
+    if info is None:
+        raise KeyError(f"token analysis has not run on {node.name}")
+    return info
+
+
+def example_value(node: fx.Node):
+    """The fake value dynamo recorded for a node (tensor, tuple of tensors, int, ...)."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0

@@ -1,0 +1,155 @@
+"""Cut finding and stage partitioning. Separate from the cost model: costs come in as numbers.
+
+The per-patch part of the graph is the sequence of token-carrying nodes in topological order. A *cut
+position* i (1 <= i < len) splits it before node i. Candidate cuts are where the fewest token-carrying
+values are live across the cut (found on a networkx view of the dataflow): in a DiT, the residual stream
+between blocks and between the sub-blocks of a block. A cut's price is the bytes of those values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import networkx as nx
+import torch.fx as fx
+
+from ..errors import PlanError
+from .meta import node_meta
+
+
+@dataclass(frozen=True)
+class CutCandidates:
+    order: tuple[str, ...]                 # token-carrying call nodes, topological
+    positions: tuple[int, ...]             # candidate cut positions (indices into `order`)
+    live: dict[int, tuple[str, ...]]       # position -> values live across it (candidates only)
+    live_bytes: dict[int, int]             # position -> full-sequence bytes live across it
+    attention_positions: tuple[int, ...]   # index in `order` of each self-attention node
+
+
+def token_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The per-patch nodes: call nodes whose value carries image tokens."""
+    return [
+        n for n in gm.graph.nodes
+        if n.op in ("call_function", "call_method", "call_module")
+        and node_meta(n).token is not None and node_meta(n).token.carries_tokens
+    ]
+
+
+def dataflow_graph(nodes: Sequence[fx.Node]) -> nx.DiGraph:
+    """networkx DiGraph over the token-carrying nodes (plus the graph output as 'output')."""
+    names = {n.name for n in nodes}
+    g = nx.DiGraph()
+    for i, n in enumerate(nodes):
+        g.add_node(n.name, index=i)
+    g.add_node("output", index=len(nodes))
+    for n in nodes:
+        for user in n.users:
+            if user.name in names:
+                g.add_edge(n.name, user.name)
+            elif user.op == "output":
+                g.add_edge(n.name, "output")
+    return g
+
+
+def find_cut_candidates(gm: fx.GraphModule) -> CutCandidates:
+    nodes = token_nodes(gm)
+    if len(nodes) < 2:
+        raise PlanError("the graph has fewer than two token-carrying ops: nothing to pipeline")
+    g = dataflow_graph(nodes)
+    index = nx.get_node_attributes(g, "index")
+    # Liveness sweep: a value is live across position i if it is defined before i and used at or after i.
+    last_use = {v: max((index[u] for u in g.successors(v)), default=index[v]) for v in g.nodes if v != "output"}
+    starts: dict[int, list[str]] = {}
+    for v, end in last_use.items():
+        starts.setdefault(index[v] + 1, []).append(v)
+    live_at: dict[int, tuple[str, ...]] = {}
+    live: set[str] = set()
+    for i in range(1, len(nodes)):
+        live.update(starts.get(i, []))
+        live = {v for v in live if last_use[v] >= i}
+        live_at[i] = tuple(sorted(live, key=index.get))
+    fewest = min(len(v) for v in live_at.values())
+    positions = tuple(i for i, v in live_at.items() if len(v) == fewest)
+    by_name = {n.name: n for n in nodes}
+    live_bytes = {i: sum(node_meta(by_name[v]).out_bytes for v in live_at[i]) for i in positions}
+    attn = tuple(i for i, n in enumerate(nodes) if node_meta(n).token.attention == "self")
+    return CutCandidates(
+        order=tuple(n.name for n in nodes),
+        positions=positions,
+        live={i: live_at[i] for i in positions},
+        live_bytes=live_bytes,
+        attention_positions=attn,
+    )
+
+
+def balanced_cuts(costs: Sequence[int], candidates: CutCandidates, num_stages: int) -> tuple[int, ...]:
+    """Optimal contiguous partition: N-1 cuts among the candidates minimizing the largest stage cost
+    (ties: fewest bytes crossing). Dynamic programming over candidates, O(N * K^2)."""
+    if num_stages == 1:
+        return ()
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    total_len = len(costs)
+    cands = list(candidates.positions)
+    if len(cands) < num_stages - 1:
+        raise PlanError(f"only {len(cands)} cut candidates for {num_stages} stages")
+
+    def seg(a: int, b: int) -> int:
+        return prefix[b] - prefix[a]
+
+    # best[j][s]: (max stage cost, bytes) for the first j+1 stages with the j-th cut at cands[s]
+    inf = (float("inf"), float("inf"))
+    best = [[inf] * len(cands) for _ in range(num_stages - 1)]
+    back = [[-1] * len(cands) for _ in range(num_stages - 1)]
+    for s, p in enumerate(cands):
+        best[0][s] = (seg(0, p), candidates.live_bytes[p])
+    for j in range(1, num_stages - 1):
+        for s, p in enumerate(cands):
+            for r in range(s):
+                prev = best[j - 1][r]
+                if prev == inf:
+                    continue
+                cand = (max(prev[0], seg(cands[r], p)), prev[1] + candidates.live_bytes[p])
+                if cand < best[j][s]:
+                    best[j][s], back[j][s] = cand, r
+    last = num_stages - 2
+    final = [
+        ((max(best[last][s][0], seg(p, total_len)), best[last][s][1]), s)
+        for s, p in enumerate(cands) if best[last][s] != inf
+    ]
+    if not final:
+        raise PlanError(f"cannot place {num_stages - 1} cuts")
+    _, s = min(final)
+    cuts = []
+    for j in range(last, -1, -1):
+        cuts.append(cands[s])
+        s = back[j][s]
+    return tuple(reversed(cuts))
+
+
+def layer_cuts(layers_per_stage: Sequence[int], candidates: CutCandidates) -> tuple[int, ...]:
+    """Cuts that give stage k exactly `layers_per_stage[k]` self-attention layers: each cut is the last
+    candidate before the first attention layer of the next stage (i.e. at the block boundary)."""
+    attn = candidates.attention_positions
+    if sum(layers_per_stage) != len(attn):
+        raise PlanError(
+            f"partition {list(layers_per_stage)} covers {sum(layers_per_stage)} attention layers but the "
+            f"graph has {len(attn)}"
+        )
+    cuts = []
+    done = 0
+    for count in layers_per_stage[:-1]:
+        done += count
+        lo, hi = attn[done - 1], attn[done]
+        inside = [p for p in candidates.positions if lo < p <= hi]
+        if not inside:
+            raise PlanError(f"no cut point between attention layers {done - 1} and {done}")
+        cuts.append(inside[-1])
+    return tuple(cuts)
+
+
+def uniform_layers(num_layers: int, num_stages: int) -> tuple[int, ...]:
+    """Attention layers per stage, as equal as possible (earlier stages get the extra ones)."""
+    q, r = divmod(num_layers, num_stages)
+    return tuple(q + (1 if k < r else 0) for k in range(num_stages))

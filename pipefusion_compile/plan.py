@@ -1,0 +1,293 @@
+"""`PipelinePlan`: what the backend decided, as a dataclass that prints as a table and that tests assert on.
+
+`build_plan` composes the analyses (tokens, cost), the cut finder and a partition rule. It never runs the
+model: everything comes from dynamo's fake example values.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .errors import PlanError
+from .options import PipefusionOptions
+from .passes.cost import analyze_cost
+from .passes.meta import example_value, node_meta
+from .passes.partition import (
+    CutCandidates,
+    balanced_cuts,
+    find_cut_candidates,
+    layer_cuts,
+    token_nodes,
+    uniform_layers,
+)
+from .passes.tokens import TokenAnalysis, analyze_tokens
+
+log = logging.getLogger("pipefusion_compile")
+
+
+@dataclass(frozen=True)
+class CrossingTensor:
+    """A token-carrying value that one stage sends to a later one."""
+
+    name: str
+    shape: tuple[int, ...]        # full sequence
+    patch_shape: tuple[int, ...]  # for the largest patch
+    dtype: torch.dtype
+    patch_bytes: int              # bytes per (largest) patch
+    producer: int                 # stage that computes it
+    consumer: int                 # last stage that reads it (num_stages for the model output)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    start: int                            # first position in the token-node order
+    end: int                              # one past the last
+    attention_layers: tuple[int, ...]     # global indices of its self-attention layers
+    flops: int                            # per step, full sequence, token-carrying ops
+    global_flops: int                     # per step, hoisted GLOBAL ops this stage computes
+    share: float                          # flops / total token-carrying flops
+    kv_cache_bytes: int
+    modules: str                          # first..last attention module (display only)
+
+
+@dataclass(frozen=True)
+class CutPlan:
+    after_stage: int
+    position: int
+    after_node: str
+    tensors: tuple[CrossingTensor, ...]
+
+    @property
+    def patch_bytes(self) -> int:
+        return sum(t.patch_bytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    num_stages: int
+    num_patches: int
+    warmup_steps: int
+    partition: str
+    token_input: str
+    token_axis: int
+    input_rows: int
+    granule: int
+    patches: tuple[tuple[int, int], ...]   # (first token row, rows) per patch
+    stages: tuple[StagePlan, ...]
+    cuts: tuple[CutPlan, ...]
+    total_flops: int
+    self_attention: tuple[str, ...]
+    cross_attention: tuple[str, ...]
+    positional: tuple[str, ...]
+    order: tuple[str, ...] = field(repr=False, default=())
+
+    @property
+    def token_rows(self) -> int:
+        return self.input_rows // self.granule
+
+    @property
+    def max_min_ratio(self) -> float:
+        flops = [s.flops for s in self.stages]
+        return max(flops) / max(min(flops), 1)
+
+    def stage_of(self, position: int) -> int:
+        for s in self.stages:
+            if s.start <= position < s.end:
+                return s.index
+        raise IndexError(position)
+
+    def __str__(self) -> str:
+        gf = _fmt_flops
+        lines = [
+            f"PipeFusion plan: N={self.num_stages} stages, M={self.num_patches} patches, "
+            f"warmup_steps={self.warmup_steps}, partition={self.partition}",
+            f"image input {self.token_input}: axis {self.token_axis}, {self.input_rows} rows "
+            f"= {self.token_rows} token rows x {self.granule}; "
+            f"{len(self.self_attention)} self-attention, {len(self.cross_attention)} cross-attention layers"
+            + (f"; positional: {', '.join(self.positional)}" if self.positional else ""),
+            "",
+            f"{'stage':>5}  {'attn layers':<12} {'FLOP/step':>10} {'share':>6} {'global FLOP':>12} "
+            f"{'KV cache':>10}  modules",
+        ]
+        for s in self.stages:
+            layers = f"{s.attention_layers[0]}-{s.attention_layers[-1]}" if s.attention_layers else "-"
+            lines.append(
+                f"{s.index:>5}  {layers:<12} {gf(s.flops):>10} {s.share:>6.1%} {gf(s.global_flops):>12} "
+                f"{_fmt_bytes(s.kv_cache_bytes):>10}  {s.modules}"
+            )
+        lines.append(f"max/min stage FLOPs: {self.max_min_ratio:.3f}")
+        if self.cuts:
+            lines += ["", f"{'cut':>5}  {'after node':<24} tensors crossing (shape per patch, bytes per patch)"]
+            for c in self.cuts:
+                desc = "; ".join(
+                    f"{t.name} {list(t.patch_shape)} {_fmt_bytes(t.patch_bytes)} (stage {t.producer}->"
+                    f"{'out' if t.consumer == self.num_stages else t.consumer})"
+                    for t in c.tensors
+                )
+                lines.append(f"{c.after_stage:>3}|{c.after_stage + 1:<1}  {c.after_node:<24} {desc}")
+        lines += ["", "patches (token rows): " + ", ".join(f"[{r0}, {r0 + n})" for r0, n in self.patches)]
+        return "\n".join(lines)
+
+
+def _fmt_flops(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def patch_bands(rows: int, num_patches: int) -> tuple[tuple[int, int], ...]:
+    """M row bands as equal as possible; when M does not divide the rows, the later bands are one shorter."""
+    if num_patches > rows:
+        raise PlanError(
+            f"num_patches={num_patches} is larger than the {rows} token rows of the image: a patch needs at "
+            "least one token row"
+        )
+    q, r = divmod(rows, num_patches)
+    bands, start = [], 0
+    for j in range(num_patches):
+        n = q + (1 if j < r else 0)
+        bands.append((start, n))
+        start += n
+    return tuple(bands)
+
+
+def _attention_module(node: fx.Node) -> str:
+    """The module path dynamo recorded for an attention node, for display only (never for structure)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1]
+    path = path[0] if isinstance(path, tuple) else str(path)
+    path = re.sub(r"_modules\['([^']+)'\]", r"\1", path.replace("L['self'].", "").replace("__dict__['_modules']", "_modules"))
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.replace("_modules", "").strip(".").replace("..", ".")
+
+
+def _global_closure(nodes: list[fx.Node]) -> set[fx.Node]:
+    """GLOBAL/POSITIONAL call nodes that `nodes` read, transitively."""
+    seen: set[fx.Node] = set()
+    stack = [a for n in nodes for a in n.all_input_nodes]
+    while stack:
+        a = stack.pop()
+        if a in seen or node_meta(a).token.carries_tokens:
+            continue
+        seen.add(a)
+        stack.extend(a.all_input_nodes)
+    return {n for n in seen if n.op in ("call_function", "call_method", "call_module")}
+
+
+def build_plan(
+    gm: fx.GraphModule, example_inputs: list | None, options: PipefusionOptions
+) -> tuple[PipelinePlan, TokenAnalysis]:
+    """Analyze `gm` and choose cuts and patches. `options` must be resolved (`options.resolve()`)."""
+    analysis = analyze_tokens(gm, example_inputs, options.token_axis)
+    total = analyze_cost(gm)
+    n_stages, n_patches = options.num_stages, options.num_patches
+    n_layers = len(analysis.self_attention)
+    if n_layers == 0:
+        raise PlanError("no self-attention over the image tokens was found: nothing to pipeline")
+    if n_stages > n_layers:
+        raise PlanError(
+            f"num_stages={n_stages} is more than the {n_layers} self-attention layers of this graph"
+        )
+    patches = patch_bands(analysis.token_rows, n_patches)
+    nodes = token_nodes(gm)
+    candidates = find_cut_candidates(gm)
+    costs = [node_meta(n).flops for n in nodes]
+    if isinstance(options.partition, str) and options.partition == "flops":
+        cuts = balanced_cuts(costs, candidates, n_stages)
+        partition = "flops"
+    else:
+        layers = (
+            uniform_layers(n_layers, n_stages) if options.partition == "uniform" else tuple(options.partition)
+        )
+        if len(layers) != n_stages:
+            raise PlanError(f"partition {list(layers)} has {len(layers)} stages, expected {n_stages}")
+        cuts = layer_cuts(layers, candidates)
+        partition = options.partition if isinstance(options.partition, str) else str(list(layers))
+    plan = _assemble(gm, analysis, nodes, candidates, cuts, patches, partition, options, total)
+    log.info("pipefusion plan for graph with %d nodes:\n%s", len(gm.graph.nodes), plan)
+    return plan, analysis
+
+
+def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, partition, options, total):
+    bounds = (0, *cuts, len(nodes))
+    position = {n.name: i for i, n in enumerate(nodes)}
+    attn_positions = list(candidates.attention_positions)
+    token_flops = sum(node_meta(n).flops for n in nodes)
+    largest = max(n for _, n in patches)
+    stages = []
+    for k in range(len(bounds) - 1):
+        lo, hi = bounds[k], bounds[k + 1]
+        members = nodes[lo:hi]
+        flops = sum(node_meta(n).flops for n in members)
+        layer_ids = tuple(i for i, p in enumerate(attn_positions) if lo <= p < hi)
+        kv = 0
+        for n in members:
+            if node_meta(n).token.attention == "self":
+                kv += sum(node_meta(a).out_bytes for a in n.args[1:3])
+        modules = [_attention_module(nodes[attn_positions[i]]) for i in layer_ids]
+        span = f"{modules[0]} .. {modules[-1]}" if len(modules) > 1 else (modules[0] if modules else "")
+        stages.append(StagePlan(
+            index=k, start=lo, end=hi, attention_layers=layer_ids, flops=flops,
+            global_flops=sum(node_meta(n).flops for n in _global_closure(members)),
+            share=flops / max(token_flops, 1), kv_cache_bytes=kv, modules=span,
+        ))
+
+    def stage_at(pos: int) -> int:
+        return next(s.index for s in stages if s.start <= pos < s.end)
+
+    crossing: list[CrossingTensor] = []
+    n_stages = len(stages)
+    for n in nodes:
+        producer = stage_at(position[n.name])
+        consumers = [n_stages if u.op == "output" else stage_at(position[u.name])
+                     for u in n.users if u.op == "output" or u.name in position]
+        last = max(consumers, default=producer)
+        if last > producer:
+            val = example_value(n)
+            info = node_meta(n).token
+            shape = tuple(val.shape)
+            per_row = analysis.per_row(info)
+            patch_shape = shape[:info.axis] + (largest * per_row,) + shape[info.axis + 1:]
+            crossing.append(CrossingTensor(
+                name=n.name, shape=shape, patch_shape=patch_shape, dtype=val.dtype,
+                patch_bytes=int(val.element_size() * torch.Size(patch_shape).numel()),
+                producer=producer, consumer=last,
+            ))
+    cut_plans = []
+    for k, pos in enumerate(cuts):
+        tensors = tuple(t for t in crossing if t.producer <= k < t.consumer)
+        cut_plans.append(CutPlan(after_stage=k, position=pos, after_node=nodes[pos - 1].name, tensors=tensors))
+    return PipelinePlan(
+        num_stages=n_stages,
+        num_patches=len(patches),
+        warmup_steps=options.warmup_steps,
+        partition=partition,
+        token_input=analysis.token_input,
+        token_axis=analysis.input_axis,
+        input_rows=analysis.input_rows,
+        granule=analysis.granule,
+        patches=patches,
+        stages=tuple(stages),
+        cuts=tuple(cut_plans),
+        total_flops=total,
+        self_attention=tuple(analysis.self_attention),
+        cross_attention=tuple(analysis.cross_attention),
+        positional=tuple(analysis.positional),
+        order=tuple(n.name for n in nodes),
+    )
