@@ -34,11 +34,19 @@ def plan_graphs(model: torch.nn.Module, example_kwargs: dict, **options) -> list
 
         return zeros
 
+    from .errors import PipefusionError
+
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=capture)
-    with torch.no_grad():
-        compiled(**example_kwargs)
-    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            compiled(**example_kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        if isinstance(e.inner_exception, PipefusionError):
+            raise e.inner_exception from None
+        raise
+    finally:
+        torch._dynamo.reset()
     return plans
 
 
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         plans = plan_model(args.model, **options)
-    except (PipefusionError, ValueError) as e:
+    except (PipefusionError, ValueError, ImportError, AttributeError) as e:
         print(f"pipefusion-compile: error: {e}", file=sys.stderr)
         return 2
     if not plans:

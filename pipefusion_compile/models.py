@@ -57,7 +57,11 @@ def load_model(spec: str, **config):
         return BUILTIN[spec](**config)
     if ":" in spec:
         import importlib
+        import os
+        import sys
 
+        if os.getcwd() not in sys.path:  # like `python -m`: modules in the working directory are found
+            sys.path.insert(0, os.getcwd())
         module, fn = spec.split(":", 1)
         return getattr(importlib.import_module(module), fn)(**config)
     raise ValueError(f"unknown model {spec!r}: use one of {sorted(BUILTIN)} or 'module:function'")

@@ -1,0 +1,137 @@
+"""The backend as users meet it: entry point, options, logging, graphs without attention, errors."""
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import compile_pf
+from pipefusion_compile.models import dit, pixart
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_backend_name_works_without_importing_the_package():
+    code = textwrap.dedent("""
+        import sys, torch
+        from diffusers import DiTTransformer2DModel
+        torch.manual_seed(0)
+        m = DiTTransformer2DModel(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                  in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=10).eval()
+        x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.tensor([1])
+        assert "pipefusion_compile" not in sys.modules
+        c = torch.compile(m, backend="pipefusion", options={"num_stages": 2, "num_patches": 1,
+                                                           "stage_backend": "eager"})
+        with torch.no_grad():
+            torch.testing.assert_close(c(x, t, y).sample, m(x, t, y).sample)
+        assert "pipefusion_compile" in sys.modules
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_unknown_option_is_a_clear_error():
+    model, kwargs = dit()
+    compiled = torch.compile(model, backend="pipefusion", options={"num_stage": 2})
+    with pytest.raises(Exception, match=r"unknown pipefusion option\(s\) \['num_stage'\]"):
+        with torch.no_grad():
+            compiled(**kwargs)
+
+
+def test_more_stages_than_layers_is_a_clear_error():
+    model, kwargs = dit(num_layers=2)
+    compiled = torch.compile(model, backend="pipefusion", options={"num_stages": 3})
+    with pytest.raises(Exception, match="num_stages=3 is more than the 2 self-attention layers"):
+        with torch.no_grad():
+            compiled(**kwargs)
+
+
+def test_plan_logged_at_info_and_passes_at_debug(caplog):
+    model, kwargs = pixart(num_layers=2)
+    with caplog.at_level(logging.DEBUG, logger="pipefusion_compile"):
+        compiled, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
+        with torch.no_grad():
+            compiled(**kwargs)
+    info = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    debug = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
+    assert "PipeFusion plan: N=2 stages, M=2 patches" in info
+    assert "pipefusion pass rewrite_stale_attention: after" in debug
+    assert "kv_cache_update" in debug
+
+
+def test_graph_without_attention_runs_unchanged():
+    w = torch.randn(4, 4, 3, 3)
+
+    def conv_net(x):  # a 3x3 conv mixes rows, but with no attention there is nothing to pipeline
+        return F.conv2d(x, w, padding=1)
+
+    x = torch.randn(1, 4, 8, 8)
+    compiled, programs = compile_pf(conv_net, num_stages=2)
+    torch.testing.assert_close(compiled(x), conv_net(x))
+    assert programs[0].__self__.__class__.__name__ == "GraphModule"  # gm.forward, not a pipeline
+
+
+def test_unsupported_op_next_to_attention_names_op_and_line():
+    def net(x):
+        t = x.flatten(2).transpose(1, 2)
+        q = t.view(1, -1, 2, 2).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(1, 64, 4)
+        pooled = a.mean(dim=1, keepdim=True)
+        return (a + pooled).transpose(1, 2).reshape(1, 4, 8, 8)
+
+    compiled = torch.compile(net, backend="pipefusion", options={"num_stages": 1})
+    with pytest.raises(Exception) as err:
+        compiled(torch.randn(1, 4, 8, 8))
+    msg = str(err.value)
+    assert "reduction over the token axis mixes tokens" in msg
+    assert "pooled = a.mean(dim=1, keepdim=True)" in msg
+
+
+def test_cli_prints_plan(capsys):
+    from pipefusion_compile.cli import main
+
+    assert main(["plan", "PixArtTransformer2DModel", "--stages", "2", "--patches", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "N=2 stages, M=4 patches" in out and "max/min stage FLOPs" in out
+    assert "hidden_states_41 [1, 16, 16] 1.0 KiB" in out
+    assert "patches (token rows): [0, 2), [2, 4), [4, 6), [6, 8)" in out
+
+
+def test_cli_module_function_and_errors(capsys, monkeypatch):
+    from pipefusion_compile.cli import main
+
+    monkeypatch.chdir(os.path.join(ROOT, "tests"))
+    assert main(["plan", "toy_models:make_toy", "--stages", "2", "--partition", "uniform"]) == 0
+    assert "partition=uniform" in capsys.readouterr().out
+    assert main(["plan", "DiTTransformer2DModel", "--stages", "9"]) == 2
+    assert "num_stages=9 is more than the 4 self-attention layers" in capsys.readouterr().err
+    assert main(["plan", "NoSuchModel"]) == 2
+
+
+def test_simulate_false_without_multiprocess_runtime_is_clear():
+    model, kwargs = dit()
+    compiled = torch.compile(model, backend="pipefusion", options={"simulate": False})
+    with pytest.raises(Exception, match="multi-process PipeFusion runtime is not available yet"):
+        with torch.no_grad():
+            compiled(**kwargs)
+
+
+@pytest.mark.slow
+def test_inductor_and_eager_stage_backends_agree():
+    from helpers import call_model, sample_loop
+
+    model, kwargs = pixart()
+    eager, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
+    want, _ = sample_loop(call_model(eager), kwargs, steps=3)
+    torch._dynamo.reset()
+    inductor, programs = compile_pf(model, num_stages=2, num_patches=2, stage_backend="inductor")
+    got, _ = sample_loop(call_model(inductor), kwargs, steps=3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    compiled = programs[0].stages[0].compiled
+    assert set(compiled) == {4, 8} and not isinstance(compiled[4], torch.fx.GraphModule)

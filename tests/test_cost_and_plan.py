@@ -1,0 +1,143 @@
+"""Cost analysis against analytic FLOP counts; cut finding and partition; plan errors."""
+import pytest
+import torch
+
+from graph_utils import capture_model
+from pipefusion_compile.errors import OptionsError, PlanError
+from pipefusion_compile.models import dit, pixart
+from pipefusion_compile.options import PipefusionOptions
+from pipefusion_compile.passes.cost import node_flops
+from pipefusion_compile.passes.partition import find_cut_candidates
+from pipefusion_compile.plan import build_plan, patch_bands
+from toy_models import make_toy
+
+
+def plan_for(model_and_kwargs, **options):
+    model, kwargs = model_and_kwargs
+    gm, ex = capture_model(model, kwargs)
+    return build_plan(gm, ex, PipefusionOptions.from_dict(options).resolve())[0]
+
+
+def linear(m, k, n):
+    return 2 * m * k * n
+
+
+def attention(sq, sk, d):
+    return 4 * sq * sk * d  # QK^T and PV, batch 1, all heads together (heads * head_dim = d)
+
+
+def test_cpu_sdpa_has_a_flop_formula():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FakeTensorMode(), FlopCounterMode(display=False) as fc:
+        q = torch.empty(2, 3, 10, 8)
+        torch._C._nn.scaled_dot_product_attention(q, q, q)
+    assert fc.get_total_flops() == 4 * 2 * 3 * 10 * 10 * 8
+
+
+def test_pixart_stage_flops_match_analytic_count():
+    d, s, t, layers = 16, 64, 6, 4
+    plan = plan_for(pixart(num_layers=layers), num_stages=layers, partition="uniform")
+    block = (4 * linear(s, d, d) + attention(s, s, d)      # self-attention: q, k, v, out
+             + 2 * linear(s, d, d) + attention(s, t, d)    # cross-attention: q, out (K/V of the prompt are global)
+             + linear(s, d, 4 * d) + linear(s, 4 * d, d))  # feed-forward
+    embed = linear(s, 4 * 2 * 2, d)                        # patch-embedding conv
+    unembed = linear(s, d, 2 * 2 * 8)                      # proj_out
+    assert [st.flops for st in plan.stages] == [embed + block, block, block, block + unembed]
+    cross_kv = 2 * linear(t, d, d)
+    assert plan.stages[1].global_flops >= cross_kv
+    # GLOBAL work: timestep MLP (256->16->16), adaLN (16->96), caption MLP (12->16->16), prompt K/V per layer
+    global_flops = (linear(1, 256, d) + linear(1, d, d) + linear(1, d, 6 * d) + linear(t, 12, d) + linear(t, d, d)
+                    + layers * cross_kv)
+    assert plan.total_flops - sum(st.flops for st in plan.stages) == global_flops
+
+
+def test_dit_stage_flops_match_analytic_count():
+    d, s = 16, 64
+    plan = plan_for(dit(num_layers=2), num_stages=2, partition="uniform")
+    block = 4 * linear(s, d, d) + attention(s, s, d) + linear(s, d, 4 * d) + linear(s, 4 * d, d)
+    assert [st.flops for st in plan.stages] == [linear(s, 16, d) + block, block + linear(s, d, 2 * 2 * 8)]
+
+
+@pytest.mark.parametrize("factory", [pixart, dit])
+@pytest.mark.parametrize("stages", [2, 4])
+def test_flops_partition_is_balanced(factory, stages):
+    plan = plan_for(factory(num_layers=8), num_stages=stages)
+    assert plan.max_min_ratio <= 1.05, str(plan)
+    assert sum(len(st.attention_layers) for st in plan.stages) == 8
+
+
+def test_flops_partition_beats_uniform_on_uneven_blocks():
+    flops = plan_for(make_toy(), num_stages=2)
+    uniform = plan_for(make_toy(), num_stages=2, partition="uniform")
+    assert [len(s.attention_layers) for s in uniform.stages] == [3, 3]
+    assert flops.max_min_ratio < uniform.max_min_ratio
+    assert max(s.flops for s in flops.stages) < max(s.flops for s in uniform.stages)
+    assert flops.max_min_ratio < 1.2, str(flops)
+
+
+def test_explicit_layers_per_stage():
+    plan = plan_for(dit(num_layers=4), partition=[1, 3])
+    assert plan.num_stages == 2
+    assert [s.attention_layers for s in plan.stages] == [(0,), (1, 2, 3)]
+    with pytest.raises(PlanError, match="covers 3 attention layers"):
+        plan_for(dit(num_layers=4), partition=[1, 2])
+
+
+def test_cut_candidates_are_the_residual_stream():
+    model, kwargs = pixart(num_layers=2)
+    gm, ex = capture_model(model, kwargs)
+    build_plan(gm, ex, PipefusionOptions().resolve())
+    cands = find_cut_candidates(gm)
+    assert all(len(cands.live[p]) == 1 for p in cands.positions)
+    # 3 residual points per PixArt block (after self-attn, cross-attn, FF), + the embedding / final norm
+    assert len([p for p in cands.positions if cands.attention_positions[0] < p < cands.attention_positions[-1]]) >= 3
+    assert set(cands.live_bytes.values()) <= {64 * 16 * 4, 64 * 32 * 4, 4 * 16 * 16 * 4, 16 * 4 * 8 * 4 * 2,
+                                              16 * 16 * 4 * 4 * 2 * 1}
+
+
+def test_plan_prints_a_table_and_cut_sizes():
+    plan = plan_for(pixart(), num_stages=2, num_patches=4)
+    text = str(plan)
+    assert "N=2 stages, M=4 patches" in text
+    assert "transformer_blocks.0.attn1 .. transformer_blocks.1.attn1" in text
+    assert len(plan.cuts) == 1
+    (t,) = plan.cuts[0].tensors
+    assert t.patch_shape == (1, 16, 16) and t.patch_bytes == 16 * 16 * 4
+    assert plan.stages[0].kv_cache_bytes == 2 * 2 * 64 * 16 * 4  # K and V of two layers, full sequence
+    assert plan.patches == ((0, 2), (2, 2), (4, 2), (6, 2))
+
+
+def test_patch_bands():
+    assert patch_bands(8, 4) == ((0, 2), (2, 2), (4, 2), (6, 2))
+    assert patch_bands(7, 3) == ((0, 3), (3, 2), (5, 2))
+    with pytest.raises(PlanError, match="larger than the 7 token rows"):
+        patch_bands(7, 8)
+
+
+def test_bad_plans_fail_early():
+    with pytest.raises(PlanError, match="num_stages=5 is more than the 4 self-attention layers"):
+        plan_for(dit(num_layers=4), num_stages=5)
+    with pytest.raises(PlanError, match="num_patches=9 is larger than the 8 token rows"):
+        plan_for(dit(), num_stages=2, num_patches=9)
+
+
+def test_options_validation():
+    with pytest.raises(OptionsError, match="unknown pipefusion option.*num_stage"):
+        PipefusionOptions.from_dict({"num_stage": 2})
+    with pytest.raises(OptionsError, match="num_patches=0"):
+        PipefusionOptions.from_dict({"num_patches": 0})
+    with pytest.raises(OptionsError, match="stage_backend='tvm'"):
+        PipefusionOptions.from_dict({"stage_backend": "tvm"})
+    with pytest.raises(OptionsError, match="partition='blocks'"):
+        PipefusionOptions.from_dict({"partition": "blocks"})
+    with pytest.raises(OptionsError, match="has 2 stages but num_stages=3"):
+        PipefusionOptions.from_dict({"partition": [1, 2], "num_stages": 3})
+    with pytest.raises(OptionsError, match="warmup_steps"):
+        PipefusionOptions.from_dict({"warmup_steps": 0})
+    opts = PipefusionOptions.from_dict({}).resolve()
+    assert (opts.num_stages, opts.num_patches, opts.warmup_steps, opts.simulate) == (1, 1, 1, True)
+    opts = PipefusionOptions.from_dict({"num_stages": 3}).resolve()
+    assert opts.num_patches == 3
+    assert PipefusionOptions.from_dict({"partition": [2, 2]}).resolve().num_stages == 2

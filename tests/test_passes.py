@@ -1,0 +1,95 @@
+"""Graph passes: assertions on the rewritten stage graphs."""
+import torch
+
+from helpers import compile_pf
+from pipefusion_compile.models import dit, pixart
+from pipefusion_compile.passes.lower import SDPA_TARGETS
+from pipefusion_compile.passes.meta import node_meta
+
+KV_UPDATE = torch.ops.pipefusion.kv_cache_update.default
+
+
+def build_program(factory, **options):
+    model, kwargs = factory()
+    compiled, programs = compile_pf(model, stage_backend="eager", **options)
+    with torch.no_grad():
+        compiled(**kwargs)
+    (program,) = programs
+    return program
+
+
+def _sdpa(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+
+
+def test_every_self_attention_reads_its_caches_after_one_update():
+    program = build_program(pixart, num_stages=2, num_patches=4)
+    total_self = 0
+    for stage in program.stages:
+        gm = stage.lowered.patch_graph(2)
+        updates = [n for n in gm.graph.nodes if n.target is KV_UPDATE]
+        self_attn = [n for n in _sdpa(gm) if node_meta(n).token.attention == "self"]
+        assert len(updates) == len(self_attn) == len(stage.lowered.caches) == 2
+        for upd, attn in zip(updates, self_attn):
+            ck, cv = attn.args[1], attn.args[2]
+            assert ck.op == cv.op == "placeholder"
+            assert (ck.name, cv.name) == (f"{attn.name}_cache_k", f"{attn.name}_cache_v")
+            assert upd.args[:2] == (ck, cv)
+            assert upd.args[4].name == "row_start"
+            # the fresh K/V of the patch are what is written, and the update comes before the attention
+            order = list(gm.graph.nodes)
+            assert order.index(upd) < order.index(attn)
+            assert upd.args[2].op == "call_method" and upd.args[2].target == "transpose"
+        total_self += len(self_attn)
+        assert "torch.ops.pipefusion.kv_cache_update.default" in gm.code
+    assert total_self == len(program.plan.self_attention) == 4
+
+
+def test_cross_attention_kv_is_global_and_hoisted():
+    program = build_program(pixart, num_stages=2, num_patches=2)
+    for stage in program.stages:
+        gm = stage.lowered.patch_graph(4)
+        cross = [n for n in _sdpa(gm) if node_meta(n).token.attention == "cross"]
+        assert len(cross) == 2
+        hoisted = set(stage.lowered.global_outputs)
+        for attn in cross:
+            k, v = attn.args[1], attn.args[2]
+            # K/V of the prompt arrive as inputs of the patch graph, computed once per step by the globals graph
+            assert k.op == v.op == "placeholder" and {k.name, v.name} <= hoisted
+        # no linear of the patch graph reads the prompt: they all moved to the globals graph
+        prompt_linears = [n for n in stage.lowered.globals_gm.graph.nodes if n.target is torch._C._nn.linear]
+        assert len(prompt_linears) >= 2 * 2 * 1
+        for n in gm.graph.nodes:
+            if n.target is torch._C._nn.linear:
+                assert node_meta(n).token.carries_tokens
+    # the timestep embedding is hoisted too (it is GLOBAL), never computed per patch
+    patch_ops = {n.target for s in program.stages for n in s.lowered.patch_graph(4).graph.nodes}
+    assert torch.sin not in patch_ops and torch.cos not in patch_ops
+
+
+def test_token_sizes_rewritten_only_on_token_axes():
+    program = build_program(dit, num_stages=2, num_patches=4)
+    last = program.stages[-1].lowered
+    full = last.patch_graph(8)
+    patch = last.patch_graph(2)
+    shapes_full = [n.kwargs.get("shape") for n in full.graph.nodes if n.target == "reshape"]
+    shapes_patch = [n.kwargs.get("shape") for n in patch.graph.nodes if n.target == "reshape"]
+    # unpatchify: (-1, h, w, p, p, c) then (-1, c, h * p, w * p); only h (token rows) changes
+    assert shapes_full[-2:] == [(-1, 8, 8, 2, 2, 8), (-1, 8, 16, 16)]
+    assert shapes_patch[-2:] == [(-1, 2, 8, 2, 2, 8), (-1, 8, 4, 16)]
+    # attention reshapes use -1 for the tokens and are left alone
+    views = [n.args[1:] for n in patch.graph.nodes if n.target == "view"]
+    assert views and all(v[1] == -1 for v in views)
+
+
+def test_stage_boundaries_carry_only_the_planned_values():
+    program = build_program(pixart, num_stages=3, num_patches=3)
+    for k, stage in enumerate(program.stages[:-1]):
+        crossing = {t.name for t in program.plan.cuts[k].tensors}
+        assert set(stage.lowered.outputs) == crossing
+    recv = [i.name for i in program.stages[1].lowered.inputs if i.source == "recv"]
+    assert recv == list(program.stages[0].lowered.outputs)
+    image = [i for i in program.stages[0].lowered.inputs if i.source == "image"]
+    assert [i.name for i in image] == ["l_hidden_states_"] and image[0].per_row == 2
+    pos = [i for i in program.stages[0].lowered.inputs if i.source == "positional"]
+    assert len(pos) == 1 and pos[0].axis == 1 and pos[0].per_row == 8

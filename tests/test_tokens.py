@@ -1,0 +1,211 @@
+"""Token analysis: classification of real models' nodes and unit tests of each op rule."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graph_utils import by_name, capture_graphs, capture_model
+from pipefusion_compile.errors import UnsupportedGraphError
+from pipefusion_compile.models import dit, pixart
+from pipefusion_compile.passes.meta import Kind, node_meta
+from pipefusion_compile.passes.tokens import analyze_tokens
+
+
+def _info(gm, name):
+    return node_meta(by_name(gm)[name]).token
+
+
+def _linears(gm):
+    return [n for n in gm.graph.nodes if n.target is torch._C._nn.linear]
+
+
+def test_pixart_classification():
+    model, kwargs = pixart(num_layers=3)
+    gm, ex = capture_model(model, kwargs)
+    a = analyze_tokens(gm, ex)
+    assert a.token_input == "l_hidden_states_" and a.input_axis == 2
+    assert (a.input_rows, a.granule, a.token_rows) == (16, 2, 8)
+    assert len(a.self_attention) == 3 and len(a.cross_attention) == 3
+    assert a.positional == ["l_self_dict_modules_pos_embed_buffers_pos_embed_"]
+    assert _info(gm, a.positional[0]).axis == 1
+    # the patch embedding conv is token-local; its output has one element per 2 input rows on axis 2
+    conv = next(n for n in gm.graph.nodes if n.target is torch.conv2d)
+    assert node_meta(conv).token.kind is Kind.PATCHED and node_meta(conv).token.axis == 2
+    assert node_meta(conv).token.epr == 0.5
+    # every linear that reads the prompt or the timestep is GLOBAL; every linear on image tokens is PATCHED
+    for lin in _linears(gm):
+        info = node_meta(lin).token
+        src = node_meta(lin.args[0]).token
+        assert info.kind is (Kind.PATCHED if src.carries_tokens else Kind.GLOBAL), lin.name
+    prompt_linears = [n for n in _linears(gm) if node_meta(n).token.kind is Kind.GLOBAL]
+    # caption projection (2) + timestep embedding (3) + K and V of each cross-attention (2 per layer)
+    assert len(prompt_linears) == 2 + 3 + 2 * 3
+    for name in a.self_attention:
+        info = _info(gm, name)
+        assert info.kind is Kind.MIXING and info.attention == "self" and info.axis == 2
+    for name in a.cross_attention:
+        sdpa = by_name(gm)[name]
+        assert node_meta(sdpa.args[1]).token.kind is Kind.GLOBAL
+    out = next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes[0]
+    assert node_meta(out).token.axis == 2 and node_meta(out).token.epr == 1
+
+
+def test_dit_classification():
+    model, kwargs = dit(num_layers=2)
+    gm, ex = capture_model(model, kwargs)
+    a = analyze_tokens(gm, ex)
+    assert len(a.self_attention) == 2 and a.cross_attention == []
+    assert a.counts["mixing"] == 2
+    # class-label embedding and the adaLN modulation are GLOBAL
+    emb = [n for n in gm.graph.nodes if n.target is F.embedding]
+    assert emb and all(node_meta(n).token.kind is Kind.GLOBAL for n in emb)
+    einsum = next(n for n in gm.graph.nodes if n.target is torch.functional.einsum)
+    # unpatchify 'nhwpqc->nchpwq': the token rows move from axis 1 to axis 2
+    assert node_meta(einsum.args[1]).token.axis == 1 and node_meta(einsum).token.axis == 2
+
+
+def analyze_fn(fn, x=None, **extra):
+    x = torch.randn(1, 4, 8, 8) if x is None else x
+    (gm, ex), = capture_graphs(fn, x, **extra)
+    return gm, analyze_tokens(gm, ex)
+
+
+def _positional(gm):
+    return [n for n in gm.graph.nodes if n.op != "output" and node_meta(n).token.kind is Kind.POSITIONAL]
+
+
+def _axes(gm):
+    return {n.name: node_meta(n).token.axis for n in gm.graph.nodes
+            if n.op != "output" and node_meta(n).token.carries_tokens}
+
+
+def test_rule_view_reshape_flatten_unflatten_permute_transpose():
+    def f(x):
+        t = x.flatten(2)              # [1, 4, 64]     axis 2, 8 per row
+        t = t.transpose(1, 2)         # [1, 64, 4]     axis 1
+        t = t.reshape(1, 8, 8, 4)     # [1, 8, 8, 4]   axis 1, 1 per row
+        t = t.permute(0, 3, 1, 2)     # [1, 4, 8, 8]   axis 2
+        u = t.unflatten(1, (2, 2))    # [1, 2, 2, 8, 8] axis 3
+        u = u.flatten(1, 2)           # [1, 4, 8, 8]   axis 2
+        return u * 2
+
+    gm, a = analyze_fn(f)
+    axes = _axes(gm)
+    assert list(axes.values()) == [2, 2, 1, 1, 2, 3, 2, 2]
+    assert a.granule == 1 and a.token_rows == 8
+
+
+def test_rule_view_splitting_rows_sets_granule():
+    def f(x):
+        t = x.reshape(1, 4, 4, 16)    # two input rows per element on axis 2
+        return (t + 1).reshape(1, 4, 8, 8)
+
+    gm, a = analyze_fn(f)
+    assert a.granule == 2 and a.token_rows == 4
+
+
+def test_rule_reshape_merging_batch_into_tokens_fails():
+    def f(x):
+        t = x.permute(0, 2, 1, 3).reshape(16, 4, 8)   # batch and rows merged
+        return (t * 2).reshape(2, 8, 4, 8).permute(0, 2, 1, 3)
+
+    with pytest.raises(UnsupportedGraphError, match="merges the token axis"):
+        analyze_fn(f, torch.randn(2, 4, 8, 8))
+
+
+def test_rule_cat_split_chunk_on_other_axes_and_positional_tables():
+    table = torch.randn(1, 4, 8, 1)
+
+    def f(x):
+        a, b = x.chunk(2, dim=1)                 # split channels: both keep axis 2
+        c = torch.cat([a, b, table.expand(1, 4, 8, 8)], dim=1)
+        d, e = torch.split(c, [4, 4], dim=1)
+        return d + e
+
+    gm, a = analyze_fn(f)
+    axes = _axes(gm)
+    assert all(v == 2 for k, v in axes.items() if k != "chunk" and k != "split")
+    assert [n.name for n in _positional(gm)] == ["expand"]
+
+
+def test_rule_split_along_tokens_is_reported():
+    def f(x):
+        top, bottom = x.split(4, dim=2)
+        return torch.cat([bottom, top], dim=2)
+
+    with pytest.raises(UnsupportedGraphError, match="split along the token axis"):
+        analyze_fn(f)
+
+
+def test_rule_slicing_and_indexing():
+    def f(x):
+        y = x[:, :2]                 # channel slice: fine
+        y = y[:, None]               # [1, 1, 2, 8, 8]: axis moves to 3
+        y = y[0]                     # [1, 2, 8, 8]: axis 2
+        y = y[..., ::1, :]           # full slice of the token axis: fine
+        return torch.cat([y, y], 1)
+
+    gm, _ = analyze_fn(f)
+    axes = list(_axes(gm).values())
+    assert axes == [2, 2, 3, 2, 2, 2]
+
+    def g(x):
+        return x[:, :, 2:] * 1.0
+
+    with pytest.raises(UnsupportedGraphError, match="slicing the token axis"):
+        analyze_fn(g)
+
+
+def test_rule_rope_arithmetic_marks_cos_sin_positional():
+    def f(x):
+        t = x.flatten(2).transpose(1, 2)                       # [1, 64, 4] tokens on axis 1
+        pos = torch.arange(64, dtype=torch.float32)[:, None] * torch.arange(1, 3, dtype=torch.float32)
+        cos, sin = pos.cos().repeat_interleave(2, -1), pos.sin().repeat_interleave(2, -1)  # [64, 4]
+        x1, x2 = t.unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack([-x2, x1], dim=-1).flatten(3 - 1)
+        out = t * cos + rotated * sin
+        return out.transpose(1, 2).reshape(1, 4, 8, 8)
+
+    gm, a = analyze_fn(f)
+    positional = _positional(gm)
+    assert len(positional) == 2 and all(node_meta(n).token.axis == 0 for n in positional)
+
+
+def test_rule_einsum_contracting_tokens_is_mixing():
+    def f(x):
+        t = x.flatten(2)
+        g = torch.einsum("bcs,bds->bcd", t, t)
+        return x + g.mean()
+
+    with pytest.raises(UnsupportedGraphError, match="sums over the token axis"):
+        analyze_fn(f)
+
+
+def test_mean_over_tokens_names_op_node_and_source_line():
+    def f(x):
+        t = x.flatten(2).transpose(1, 2)
+        ctx = t.mean(dim=1, keepdim=True)   # global average pool over tokens
+        return (t + ctx).transpose(1, 2).reshape(1, 4, 8, 8)
+
+    with pytest.raises(UnsupportedGraphError) as err:
+        analyze_fn(f)
+    msg = str(err.value)
+    assert "reduction over the token axis" in msg
+    assert "call_method" in msg and "mean" in msg
+    assert "ctx = t.mean(dim=1, keepdim=True)" in msg
+
+
+def test_conv_over_rows_and_unknown_ops_fail_clearly():
+    w = torch.randn(4, 4, 3, 3)
+
+    def conv(x):
+        return F.conv2d(x, w, padding=1)
+
+    with pytest.raises(UnsupportedGraphError, match="conv over token rows"):
+        analyze_fn(conv)
+
+    def groupnorm(x):
+        return F.group_norm(x, 2)
+
+    with pytest.raises(UnsupportedGraphError, match="group_norm has no token rule") as err:
+        analyze_fn(groupnorm)
+    assert "F.group_norm(x, 2)" in str(err.value)
