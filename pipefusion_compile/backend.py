@@ -30,6 +30,7 @@ from .options import PipefusionOptions
 from .passes.graph_inputs import is_user_input
 from .passes.lower import lower
 from .passes.meta import Kind, node_meta
+from .passes.sdpa import is_sdpa
 from .plan import build_plan
 from .runtime import PipelineProgram
 
@@ -81,8 +82,7 @@ def _has_self_attention(gm: fx.GraphModule, example_inputs, options) -> bool:
         analysis = analyze_tokens(gm, example_inputs, options.token_axis)
     except UnsupportedGraphError as e:
         # A graph with no attention at all can run unchanged even if it has no token rule.
-        if any(n.target in (torch._C._nn.scaled_dot_product_attention,
-                            torch.nn.functional.scaled_dot_product_attention) for n in gm.graph.nodes):
+        if any(is_sdpa(n) for n in gm.graph.nodes):
             raise
         log.info("pipefusion: graph without attention runs unchanged (%s)", e.reason)
         return False

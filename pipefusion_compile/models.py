@@ -45,9 +45,31 @@ def dit(sample_size: int = 16, num_layers: int = 4, heads: int = 2, head_dim: in
     return model, kwargs
 
 
+def ltx_video(frames: int = 2, height: int = 8, width: int = 8, num_layers: int = 4, heads: int = 2,
+              head_dim: int = 8, batch: int = 1, prompt_tokens: int = 5, seed: int = 0):
+    """LTX-Video takes packed video tokens [B, frames * height * width, C] (frame-major)."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=heads,
+        attention_head_dim=head_dim, cross_attention_dim=heads * head_dim, num_layers=num_layers,
+        caption_channels=12,
+    ).eval()
+    kwargs = dict(
+        hidden_states=torch.randn(batch, frames * height * width, 4),
+        encoder_hidden_states=torch.randn(batch, prompt_tokens, 12),
+        timestep=torch.full((batch,), 500, dtype=torch.int64),
+        encoder_attention_mask=torch.ones(batch, prompt_tokens),
+        num_frames=frames, height=height, width=width,
+    )
+    return model, kwargs
+
+
 BUILTIN: dict[str, Callable] = {
     "PixArtTransformer2DModel": pixart,
     "DiTTransformer2DModel": dit,
+    "LTXVideoTransformer3DModel": ltx_video,
 }
 
 

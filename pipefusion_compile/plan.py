@@ -24,6 +24,7 @@ from .passes.partition import (
     token_nodes,
     uniform_layers,
 )
+from .passes.sdpa import sdpa_qkv
 from .passes.tokens import TokenAnalysis, analyze_tokens
 
 log = logging.getLogger("pipefusion_compile")
@@ -239,7 +240,7 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         kv = 0
         for n in members:
             if node_meta(n).token.attention == "self":
-                kv += sum(node_meta(a).out_bytes for a in n.args[1:3])
+                kv += sum(node_meta(a).out_bytes for a in sdpa_qkv(n)[1:])
         modules = [_attention_module(nodes[attn_positions[i]]) for i in layer_ids]
         span = f"{modules[0]} .. {modules[-1]}" if len(modules) > 1 else (modules[0] if modules else "")
         stages.append(StagePlan(

@@ -1,109 +1,112 @@
 """An independent, plainly written eager PipeFusion, for checking the compiled backend.
 
-It knows nothing of graphs. It installs an attention processor on every self-attention module of a diffusers
-DiT and, for each patch of a step, runs the *whole* model on the full sequence, with each self-attention's
-K/V assembled as PipeFusion defines them:
+It knows nothing of graphs. While the model runs, it intercepts every call of
+`torch.nn.functional.scaled_dot_product_attention` (the one attention entry point of diffusers' processors).
+A call whose query and keys both span the image tokens is a self-attention layer (numbered by call order
+within the forward); its K/V are assembled as PipeFusion defines them:
 
     tokens of patches already done this step   -> their K/V from this step (fresh)
     tokens of the current patch                -> K/V computed now (fresh)
-    tokens of patches not yet done this step    -> K/V from the previous step (stale)
+    tokens of patches not yet done this step   -> K/V from the previous step (stale)
 
-and keeps only the current patch's rows of the output. Warmup steps run the model plainly and record all K/V.
-Slow (M full forwards per step) and obviously right, which is the point.
+For each patch of a step the *whole* model runs on the full sequence, and only the patch's rows of the
+output are kept. Warmup steps run the model plainly and record all K/V. Slow (M full forwards per step)
+and obviously right, which is the point.
 """
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
-class StaleKVProcessor:
-    """Self-attention with PipeFusion's K/V. One instance per attention module (it owns that layer's K/V)."""
+@dataclass
+class ImageLayout:
+    """How the model's image tokens are laid out, in the terms PipeFusion splits them by."""
 
-    def __init__(self, driver: "ReferencePipeFusion"):
-        self.driver = driver
-        self.previous = None   # (k, v) of the whole sequence at the previous step
-        self.current = None    # (k, v) being filled during this step
+    rows: int            # token rows of the image (patches are bands of these)
+    tokens_per_row: int  # tokens per row in the attention sequence
+    out_axis: int        # output axis that carries the rows
+    out_per_row: int     # output elements per token row along `out_axis`
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        assert encoder_hidden_states is None and attention_mask is None, "self-attention only"
-        b = hidden_states.shape[0]
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = k.shape[-1] // attn.heads
-        q, k, v = (x.view(b, -1, attn.heads, head_dim).transpose(1, 2) for x in (q, k, v))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
+    @classmethod
+    def of(cls, model, hidden_states: torch.Tensor) -> "ImageLayout":
+        if hidden_states.dim() == 3:  # packed tokens [B, S, C]: one token per "row"
+            return cls(hidden_states.shape[1], 1, 1, 1)
+        p = model.config.patch_size
+        height, width = hidden_states.shape[-2:]
+        return cls(height // p, width // p, hidden_states.dim() - 2, p)
 
-        lo, hi = self.driver.token_range
-        if self.current is None:
-            self.current = (torch.zeros_like(k), torch.zeros_like(v))
-        ck, cv = self.current
-        ck[:, :, lo:hi] = k[:, :, lo:hi]
-        cv[:, :, lo:hi] = v[:, :, lo:hi]
-        if self.driver.warmup:
-            k_used, v_used = k, v
-        else:
-            pk, pv = self.previous
-            k_used = torch.cat([ck[:, :, :hi], pk[:, :, hi:]], dim=2)
-            v_used = torch.cat([cv[:, :, :hi], pv[:, :, hi:]], dim=2)
 
-        out = F.scaled_dot_product_attention(q, k_used, v_used)
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-    def end_step(self):
-        self.previous = tuple(t.clone() for t in self.current)
+def bands(rows: int, num_patches: int) -> list[tuple[int, int]]:
+    """Equal row bands; when M does not divide the rows the earlier bands get one more row."""
+    q, r = divmod(rows, num_patches)
+    out, start = [], 0
+    for j in range(num_patches):
+        n = q + (1 if j < r else 0)
+        out.append((start, n))
+        start += n
+    return out
 
 
 class ReferencePipeFusion:
-    """Call it like the model: one call = one diffusion step. `reset()` starts a new generation."""
+    """Call it like the model's forward (returns the output tensor): one call = one diffusion step."""
 
     def __init__(self, model, num_patches: int, warmup_steps: int = 1):
         self.model = model
         self.num_patches = num_patches
         self.warmup_steps = warmup_steps
         self.step = 0
-        self.warmup = True
-        self.token_range = (0, 0)
-        self.processors = {}
-        for name, module in model.named_modules():
-            # PixArt and DiT blocks: attn1 is self-attention over the image tokens, attn2 cross-attention.
-            if name.endswith("attn1"):
-                self.processors[name] = StaleKVProcessor(self)
-                module.set_processor(self.processors[name])
+        self.previous: list[tuple[torch.Tensor, torch.Tensor]] = []  # per self-attention layer, last step
+        self.current: list[tuple[torch.Tensor, torch.Tensor]] = []   # per layer, being filled this step
 
     def reset(self):
         self.step = 0
 
-    @staticmethod
-    def bands(rows: int, num_patches: int) -> list[tuple[int, int]]:
-        """Equal row bands; when M does not divide the rows the earlier bands get one more row."""
-        q, r = divmod(rows, num_patches)
-        out, start = [], 0
-        for j in range(num_patches):
-            n = q + (1 if j < r else 0)
-            out.append((start, n))
-            start += n
-        return out
+    @contextlib.contextmanager
+    def _stale_attention(self, num_tokens: int, lo: int, hi: int, warmup: bool):
+        original = F.scaled_dot_product_attention
+        layer = 0
+
+        def attention(query, key, value, *args, **kwargs):
+            nonlocal layer
+            if query.shape[-2] != num_tokens or key.shape[-2] != num_tokens:
+                return original(query, key, value, *args, **kwargs)  # cross-attention over the prompt
+            if len(self.current) <= layer:
+                self.current.append((torch.zeros_like(key), torch.zeros_like(value)))
+            ck, cv = self.current[layer]
+            ck[..., lo:hi, :] = key[..., lo:hi, :]
+            cv[..., lo:hi, :] = value[..., lo:hi, :]
+            if not warmup:
+                pk, pv = self.previous[layer]
+                key = torch.cat([ck[..., :hi, :], pk[..., hi:, :]], dim=-2)
+                value = torch.cat([cv[..., :hi, :], pv[..., hi:, :]], dim=-2)
+            layer += 1
+            return original(query, key, value, *args, **kwargs)
+
+        F.scaled_dot_product_attention = attention
+        try:
+            yield
+        finally:
+            F.scaled_dot_product_attention = original
 
     @torch.no_grad()
     def __call__(self, hidden_states, **kwargs):
-        p = self.model.config.patch_size
-        height, width = hidden_states.shape[-2:]
-        rows, cols = height // p, width // p
-        self.warmup = self.step < self.warmup_steps
-        patches = [(0, rows)] if self.warmup else self.bands(rows, self.num_patches)
+        layout = ImageLayout.of(self.model, hidden_states)
+        num_tokens = layout.rows * layout.tokens_per_row
+        warmup = self.step < self.warmup_steps
+        patches = [(0, layout.rows)] if warmup else bands(layout.rows, self.num_patches)
         result = None
         for row0, n in patches:
-            self.token_range = (row0 * cols, (row0 + n) * cols)
-            out = self.model(hidden_states, **kwargs, return_dict=False)[0]
+            lo, hi = row0 * layout.tokens_per_row, (row0 + n) * layout.tokens_per_row
+            with self._stale_attention(num_tokens, lo, hi, warmup):
+                out = self.model(hidden_states, **kwargs, return_dict=False)[0]
             if result is None:
                 result = torch.empty_like(out)
-            result[..., row0 * p:(row0 + n) * p, :] = out[..., row0 * p:(row0 + n) * p, :]
-        for proc in self.processors.values():
-            proc.end_step()
+            a, k = layout.out_axis, layout.out_per_row
+            result.narrow(a, row0 * k, n * k).copy_(out.narrow(a, row0 * k, n * k))
+        self.previous = [(k.clone(), v.clone()) for k, v in self.current]
         self.step += 1
         return result

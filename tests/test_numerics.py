@@ -4,10 +4,10 @@ import torch
 
 import pipefusion_compile
 from helpers import call_model, compile_pf, sample_loop
-from pipefusion_compile.models import dit, pixart
-from reference_pipefusion import ReferencePipeFusion
+from pipefusion_compile.models import dit, ltx_video, pixart
+from reference_pipefusion import ReferencePipeFusion, bands
 
-MODELS = {"pixart": pixart, "dit": dit}
+MODELS = {"pixart": pixart, "dit": dit, "ltx_video": ltx_video}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -41,11 +41,9 @@ def test_stale_kv_equals_eager_reference(name, patches):
         return reference(latents, timestep=t, **kw)
 
     want_final, want_steps = sample_loop(ref_fn, kwargs, steps=10)
-    # the reference's processors stay installed only for the reference run
-    model, _ = MODELS[name]()
     compiled, programs = compile_pf(model, num_stages=2, num_patches=patches, stage_backend="eager")
     got_final, got_steps = sample_loop(call_model(compiled), kwargs, steps=10)
-    assert programs[0].plan.patches == tuple(ReferencePipeFusion.bands(programs[0].plan.token_rows, patches))
+    assert programs[0].plan.patches == tuple(bands(programs[0].plan.token_rows, patches))
     assert programs[0].stats == {"warmup_calls": 1, "pipelined_calls": 9, "compile_s": programs[0].stats["compile_s"]}
     for got, want in zip(got_steps, want_steps):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -59,7 +57,6 @@ def test_uneven_bands_any_resolution():
     model, kwargs = pixart(sample_size=14)  # 7 token rows, M=3 -> bands of 3, 2, 2
     reference = ReferencePipeFusion(model, num_patches=3)
     want, _ = sample_loop(lambda x, t, **kw: reference(x, timestep=t, **kw), kwargs, steps=4)
-    model, _ = pixart(sample_size=14)
     compiled, programs = compile_pf(model, num_stages=2, num_patches=3, stage_backend="eager")
     got, _ = sample_loop(call_model(compiled), kwargs, steps=4)
     assert programs[0].plan.patches == ((0, 3), (3, 2), (5, 2))
@@ -97,7 +94,6 @@ def test_batch_of_two():
     model, kwargs = pixart(batch=2)
     reference = ReferencePipeFusion(model, num_patches=2)
     want, _ = sample_loop(lambda x, t, **kw: reference(x, timestep=t, **kw), kwargs, steps=3)
-    model, _ = pixart(batch=2)
     compiled, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
     got, _ = sample_loop(call_model(compiled), kwargs, steps=3)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -3,7 +3,7 @@ import torch
 
 from helpers import compile_pf
 from pipefusion_compile.models import dit, pixart
-from pipefusion_compile.passes.lower import SDPA_TARGETS
+from pipefusion_compile.passes.sdpa import is_sdpa, sdpa_qkv
 from pipefusion_compile.passes.meta import node_meta
 
 KV_UPDATE = torch.ops.pipefusion.kv_cache_update.default
@@ -19,7 +19,7 @@ def build_program(factory, **options):
 
 
 def _sdpa(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+    return [n for n in gm.graph.nodes if is_sdpa(n)]
 
 
 def test_every_self_attention_reads_its_caches_after_one_update():
@@ -31,7 +31,7 @@ def test_every_self_attention_reads_its_caches_after_one_update():
         self_attn = [n for n in _sdpa(gm) if node_meta(n).token.attention == "self"]
         assert len(updates) == len(self_attn) == len(stage.lowered.caches) == 2
         for upd, attn in zip(updates, self_attn):
-            ck, cv = attn.args[1], attn.args[2]
+            _, ck, cv = sdpa_qkv(attn)
             assert ck.op == cv.op == "placeholder"
             assert (ck.name, cv.name) == (f"{attn.name}_cache_k", f"{attn.name}_cache_v")
             assert upd.args[:2] == (ck, cv)
@@ -53,7 +53,7 @@ def test_cross_attention_kv_is_global_and_hoisted():
         assert len(cross) == 2
         hoisted = set(stage.lowered.global_outputs)
         for attn in cross:
-            k, v = attn.args[1], attn.args[2]
+            _, k, v = sdpa_qkv(attn)
             # K/V of the prompt arrive as inputs of the patch graph, computed once per step by the globals graph
             assert k.op == v.op == "placeholder" and {k.name, v.name} <= hoisted
         # no linear of the patch graph reads the prompt: they all moved to the globals graph

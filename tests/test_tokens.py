@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from graph_utils import by_name, capture_graphs, capture_model
 from pipefusion_compile.errors import UnsupportedGraphError
-from pipefusion_compile.models import dit, pixart
+from pipefusion_compile.models import dit, ltx_video, pixart
 from pipefusion_compile.passes.meta import Kind, node_meta
 from pipefusion_compile.passes.tokens import analyze_tokens
 
@@ -61,6 +61,25 @@ def test_dit_classification():
     einsum = next(n for n in gm.graph.nodes if n.target is torch.functional.einsum)
     # unpatchify 'nhwpqc->nchpwq': the token rows move from axis 1 to axis 2
     assert node_meta(einsum.args[1]).token.axis == 1 and node_meta(einsum).token.axis == 2
+
+
+def test_ltx_video_packed_tokens_rope_and_masked_cross_attention():
+    model, kwargs = ltx_video(num_layers=2)
+    gm, ex = capture_model(model, kwargs)
+    a = analyze_tokens(gm, ex)
+    # packed [B, frames * rows * cols, C]: every token is a "row", frame-major, so a band is a token range
+    assert (a.input_axis, a.input_rows, a.granule) == (1, 2 * 8 * 8, 1)
+    assert len(a.self_attention) == 2 and len(a.cross_attention) == 2
+    # RoPE cos/sin tables are computed once (GLOBAL) and sliced per patch (POSITIONAL) along their token axis
+    assert len(a.positional) == 2
+    for name in a.positional:
+        info = _info(gm, name)
+        assert info.kind is Kind.POSITIONAL and info.axis == 1
+    # the prompt mask stays GLOBAL and is used by the cross-attention only
+    for name in a.cross_attention:
+        sdpa = by_name(gm)[name]
+        mask = sdpa.kwargs.get("attn_mask")
+        assert mask is not None and node_meta(mask).token.kind is Kind.GLOBAL
 
 
 def analyze_fn(fn, x=None, **extra):

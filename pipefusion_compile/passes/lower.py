@@ -30,11 +30,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .. import ops  # noqa: F401  (registers torch.ops.pipefusion.*)
 from ..errors import PipefusionError, UnsupportedGraphError
 from .meta import Kind, TokenInfo, example_value, node_meta
+from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
 from .tokens import TokenAnalysis
 
 log = logging.getLogger("pipefusion_compile")
 
-SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def extract_stage(
     for n in members:
         info = node_meta(n).token
         if info.attention == "self":
-            k = n.args[1]
+            _, k, _ = sdpa_qkv(n)
             kinfo = node_meta(k).token
             val = example_value(k)
             caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, kinfo.axis, analysis.per_row(kinfo)))
@@ -174,19 +174,19 @@ def rewrite_stale_attention(gm: fx.GraphModule) -> fx.GraphModule:
         if extra.get("row_start"):
             row_start = ph
     for n in list(gm.graph.nodes):
-        if n.op != "call_function" or n.target not in SDPA_TARGETS:
+        if not is_sdpa(n):
             continue
         if node_meta(n).token.attention != "self":
             continue
         ck, cv = caches[(n.name, "k")], caches[(n.name, "v")]
         _, _, axis, per_row = node_meta(ck).extra["cache_of"]
-        k, v = n.args[1], n.args[2]
+        _, k, v = sdpa_qkv(n)
         with gm.graph.inserting_before(n):
             upd = gm.graph.call_function(
                 torch.ops.pipefusion.kv_cache_update.default, (ck, cv, k, v, row_start, axis, per_row)
             )
             upd.meta["stack_trace"] = n.meta.get("stack_trace")
-        n.args = (n.args[0], ck, cv, *n.args[3:])
+        set_sdpa_kv(n, ck, cv)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedGraphError
 from .graph_inputs import find_token_input
 from .meta import Kind, TokenInfo, example_value, node_meta
+from .sdpa import SDPA_TARGETS
 
 GLOBAL = TokenInfo(Kind.GLOBAL, rule="global")
 
@@ -475,7 +476,7 @@ for _t in ("mean", "sum", "amax", "amin", "max", "min", "softmax", "log_softmax"
     RULES[_t] = rule_reduce
 for _t in (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d):
     RULES[_t] = rule_conv
-for _t in (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention):
+for _t in SDPA_TARGETS:
     RULES[_t] = rule_sdpa
 for _t in ("chunk", "split", "split_with_sizes", "tensor_split", torch.chunk, torch.split,
            torch.functional.split, torch.tensor_split):
