@@ -22,9 +22,10 @@ test: venv
 
 demo: venv
 	$(BIN)/pipefusion-compile plan PixArtTransformer2DModel --stages 2 --patches 4
+	$(BIN)/python examples/simulate_pixart.py --stages 2 --patches 4 --steps 10
 
 bench: venv
-	$(BIN)/python benchmarks/bench_single_process.py
+	$(BIN)/python benchmarks/bench_single_process.py --out benchmarks/results/single_process.md
 
 clean:
 	rm -rf $(VENV) *.egg-info

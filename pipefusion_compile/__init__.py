@@ -6,11 +6,12 @@ from .backend import pipefusion_backend
 from .errors import OptionsError, PipefusionError, PlanError, UnsupportedGraphError
 from .options import PipefusionOptions
 from .plan import PipelinePlan
-from .runtime import PipelineProgram, reset
+from .runtime import PipelineProgram, programs, reset
 
 __all__ = [
     "pipefusion_backend",
     "reset",
+    "programs",
     "plan",
     "PipefusionOptions",
     "PipelinePlan",

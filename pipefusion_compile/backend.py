@@ -20,6 +20,7 @@ what stage k runs.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.distributed as dist
@@ -65,14 +66,19 @@ def find_timestep_input(gm: fx.GraphModule, example_inputs: list) -> int | None:
 
 
 def compile_program(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions) -> PipelineProgram:
-    """Phases 1-3 for one graph; returns the runnable program."""
+    """Phases 1-3 for one graph; returns the runnable program (stage graphs compile on first use)."""
+    t0 = time.perf_counter()
     plan, analysis = build_plan(gm, example_inputs, options)
+    t1 = time.perf_counter()
     stages = lower(gm, plan, analysis)
+    t2 = time.perf_counter()
     timestep = find_timestep_input(gm, example_inputs)
     if timestep is None:
         log.warning("pipefusion: no timestep input found; call pipefusion_compile.reset(model) before each "
                     "new generation")
-    return PipelineProgram(gm, plan, stages, options, example_inputs, timestep)
+    program = PipelineProgram(gm, plan, stages, options, example_inputs, timestep)
+    program.stats.update(plan_s=t1 - t0, lower_s=t2 - t1)
+    return program
 
 
 def _has_self_attention(gm: fx.GraphModule, example_inputs, options) -> bool:

@@ -203,7 +203,9 @@ def build_plan(
         raise PlanError("no self-attention over the image tokens was found: nothing to pipeline")
     if n_stages > n_layers:
         raise PlanError(
-            f"num_stages={n_stages} is more than the {n_layers} self-attention layers of this graph"
+            f"num_stages={n_stages} is more than the {n_layers} self-attention layers of this graph (if the "
+            "model has more, dynamo split it into several graphs at graph breaks; each graph is planned on "
+            "its own, so every graph needs at least num_stages layers)"
         )
     patches = patch_bands(analysis.token_rows, n_patches)
     nodes = token_nodes(gm)

@@ -44,7 +44,7 @@ def compile_stage_graph(gm: fx.GraphModule, example_inputs: list, backend: str):
 
 @dataclass
 class StepState:
-    """Where the current generation is. Owned by the program, reset per generation."""
+    """Where the current generation is. Reset per generation."""
 
     step: int = 0
     generation: int = 0
@@ -52,11 +52,38 @@ class StepState:
 
 
 @dataclass
+class _Instance:
+    """State of one set of weights running through the program.
+
+    Dynamo reuses one graph for every module whose code and shapes match (e.g. the blocks of a model split
+    by a graph break), with the weights as inputs; each such module gets its own step state and K/V caches.
+    """
+
+    param_ids: frozenset
+    state: StepState = field(default_factory=StepState)
+    caches: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage index -> [k0, v0, k1, ...]
+
+
+@dataclass
 class _StageRuntime:
     lowered: LoweredStage
-    caches: list[torch.Tensor] = field(default_factory=list)
     compiled: dict[int, object] = field(default_factory=dict)
-    globals_fn: object = None
+
+
+@dataclass(frozen=True)
+class _OutputSlot:
+    """A token-carrying model output: assembled patch by patch into a full-size tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    axis: int
+    per_row: int
+
+    @classmethod
+    def of(cls, node: fx.Node, token_rows: int) -> "_OutputSlot":
+        val, axis = example_value(node), node_meta(node).token.axis
+        return cls(node.name, tuple(val.shape), val.dtype, axis, val.shape[axis] // token_rows)
 
 
 class PipelineProgram:
@@ -67,73 +94,82 @@ class PipelineProgram:
         self.gm = gm
         self.plan = plan
         self.options = options
-        self.state = StepState()
         self.timestep_index = timestep_index
         self.stages = [_StageRuntime(s) for s in stages]
-        self.param_ids = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
+        self._param_positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+        self.instances: dict[tuple, _Instance] = {}
+        self._current: _Instance | None = None
         self.stats = {"warmup_calls": 0, "pipelined_calls": 0, "compile_s": 0.0}
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self._placeholder_index = {ph.name: i for i, ph in enumerate(placeholders)}
         out = next(iter(gm.graph.find_nodes(op="output")))
         self._out_spec = out.args[0]
-        producers = {}
-        for s in stages:
-            for name in s.outputs:
-                producers[name] = s.index
-        self._producer = producers
-        self._token_outputs = []
-        for leaf in out.all_input_nodes:
-            info = node_meta(leaf).token
-            if info.carries_tokens:
-                val = example_value(leaf)
-                per_row = plan.input_rows // plan.granule
-                self._token_outputs.append(
-                    (leaf.name, tuple(val.shape), val.dtype, info.axis, val.shape[info.axis] // per_row)
-                )
+        self._token_outputs = [
+            _OutputSlot.of(leaf, plan.token_rows) for leaf in out.all_input_nodes
+            if node_meta(leaf).token.carries_tokens
+        ]
         _PROGRAMS.add(self)
 
     # ------------------------------------------------------------------------------------------ state
+    @property
+    def state(self) -> StepState:
+        """Step state of the weights used by the latest call."""
+        return self._current.state if self._current is not None else StepState()
+
+    @property
+    def param_ids(self) -> frozenset:
+        return frozenset().union(*(i.param_ids for i in self.instances.values()))
+
     def reset(self) -> None:
         """Start a new generation: the next call runs warmup again."""
-        self.state = StepState(generation=self.state.generation + 1)
+        for inst in self.instances.values():
+            _reset_instance(inst)
 
-    def _update_generation(self, args) -> None:
+    def _instance(self, args) -> _Instance:
+        key = tuple(id(args[i]) for i in self._param_positions)
+        inst = self.instances.get(key)
+        if inst is None:
+            inst = self.instances[key] = _Instance(frozenset(key))
+        self._current = inst
+        return inst
+
+    def _update_generation(self, inst: _Instance, args) -> None:
         if self.timestep_index is None:
             return
         t = args[self.timestep_index]
         if not isinstance(t, torch.Tensor):
             return
         t = t.detach().to("cpu", torch.float64)
-        last = self.state.last_timestep
+        last = inst.state.last_timestep
         if last is not None and (t.shape != last.shape or bool((t > last).any())):
             log.info("pipefusion: timestep went up (%s -> %s): new generation", last.tolist(), t.tolist())
-            self.reset()
-        self.state.last_timestep = t
+            _reset_instance(inst)
+        inst.state.last_timestep = t
 
     # ------------------------------------------------------------------------------------------ run
+    @torch.no_grad()
     def __call__(self, *args):
-        self._update_generation(args)
-        warmup = self.state.step < self.options.warmup_steps
+        """One diffusion step (inference only: runs under no_grad)."""
+        inst = self._instance(args)
+        self._update_generation(inst, args)
+        warmup = inst.state.step < self.options.warmup_steps
         patches = ((0, self.plan.token_rows),) if warmup else self.plan.patches
         self.stats["warmup_calls" if warmup else "pipelined_calls"] += 1
         globals_ = [self._globals(s, args) for s in self.stages]
         device = args[self._placeholder_index[self.plan.token_input]].device
-        outputs = {
-            name: torch.empty(shape, dtype=dtype, device=device)
-            for name, shape, dtype, _, _ in self._token_outputs
-        }
+        outputs = {o.name: torch.empty(o.shape, dtype=o.dtype, device=device) for o in self._token_outputs}
         for row0, rows in patches:
             row_start = torch.tensor(row0, dtype=torch.int64)
             carry: dict[str, torch.Tensor] = {}
             for s in self.stages:
-                self._ensure_caches(s, device)
+                caches = self._caches(inst, s, device)
                 inputs = [row_start, *self._stage_inputs(s, args, globals_[s.lowered.index], carry, row0, rows),
-                          *s.caches]
+                          *caches]
                 result = self._stage_fn(s, rows, inputs)(*inputs)
                 carry.update(zip(s.lowered.outputs, result))
-            for name, _, _, axis, per_row in self._token_outputs:
-                outputs[name].narrow(axis, row0 * per_row, rows * per_row).copy_(carry[name])
-        self.state.step += 1
+            for o in self._token_outputs:
+                outputs[o.name].narrow(o.axis, row0 * o.per_row, rows * o.per_row).copy_(carry[o.name])
+        inst.state.step += 1
         last_globals = dict(zip(self.stages[-1].lowered.global_outputs, globals_[-1]))
         return pytree.tree_map(
             lambda a: (outputs.get(a.name, last_globals.get(a.name)) if isinstance(a, fx.Node) else a),
@@ -141,16 +177,12 @@ class PipelineProgram:
         )
 
     def _globals(self, s: _StageRuntime, args) -> tuple:
-        if s.globals_fn is None:
-            s.globals_fn = s.lowered.globals_gm  # small, runs once per step: kept eager
-        return s.globals_fn(*[args[i] for i in s.lowered.global_inputs])
+        # Hoisted GLOBAL work is small and runs once per step: it stays eager.
+        return s.lowered.globals_gm(*[args[i] for i in s.lowered.global_inputs])
 
     def _stage_inputs(self, s: _StageRuntime, args, globals_, carry, row0: int, rows: int) -> list:
         gmap = dict(zip(s.lowered.global_outputs, globals_))
-        values = []
-        for inp in s.lowered.inputs:
-            values.append(self._resolve(inp, args, gmap, carry, row0, rows))
-        return values
+        return [self._resolve(inp, args, gmap, carry, row0, rows) for inp in s.lowered.inputs]
 
     def _resolve(self, inp: StageInput, args, gmap, carry, row0: int, rows: int):
         if inp.source == "global":
@@ -160,11 +192,14 @@ class PipelineProgram:
         full = gmap[inp.name] if inp.source == "positional" else args[self._placeholder_index[inp.name]]
         return full.narrow(inp.axis, row0 * inp.per_row, rows * inp.per_row)
 
-    def _ensure_caches(self, s: _StageRuntime, device: torch.device) -> None:
-        if not s.caches:
-            s.caches = [
+    @staticmethod
+    def _caches(inst: _Instance, s: _StageRuntime, device: torch.device) -> list[torch.Tensor]:
+        caches = inst.caches.get(s.lowered.index)
+        if caches is None:
+            caches = inst.caches[s.lowered.index] = [
                 torch.zeros(c.shape, dtype=c.dtype, device=device) for c in s.lowered.caches for _ in ("k", "v")
             ]
+        return caches
 
     def _stage_fn(self, s: _StageRuntime, rows: int, inputs: list):
         fn = s.compiled.get(rows)
@@ -179,19 +214,26 @@ class PipelineProgram:
         return fn
 
 
+def _reset_instance(inst: _Instance) -> None:
+    inst.state = StepState(generation=inst.state.generation + 1)
+
+
+def programs(compiled_model) -> list[PipelineProgram]:
+    """The pipefusion programs compiled so far for `compiled_model` (the `torch.compile` result or the
+    original module), one per dynamo graph with attention; each has `.plan`, `.stages` and `.stats`."""
+    module = getattr(compiled_model, "_orig_mod", compiled_model)
+    if not isinstance(module, torch.nn.Module):
+        raise PipefusionError(f"expected a torch.compile'd module, got {type(compiled_model).__name__}")
+    ids = {id(p) for p in module.parameters()}
+    return [p for p in list(_PROGRAMS) if p.param_ids & ids]
+
+
 def reset(compiled_model) -> int:
     """Force a new generation on every pipefusion program compiled from `compiled_model`.
 
-    Accepts the `torch.compile` result or the original module. Returns how many programs were reset
-    (0 before the first call, when nothing has been compiled yet).
+    Returns how many programs were reset (0 before the first call, when nothing has been compiled yet).
     """
-    module = getattr(compiled_model, "_orig_mod", compiled_model)
-    if not isinstance(module, torch.nn.Module):
-        raise PipefusionError(f"reset() expects a torch.compile'd module, got {type(compiled_model).__name__}")
-    ids = {id(p) for p in module.parameters()}
-    count = 0
-    for program in list(_PROGRAMS):
-        if program.param_ids & ids:
-            program.reset()
-            count += 1
-    return count
+    found = programs(compiled_model)
+    for program in found:
+        program.reset()
+    return len(found)

@@ -44,7 +44,7 @@ def test_stale_kv_equals_eager_reference(name, patches):
     compiled, programs = compile_pf(model, num_stages=2, num_patches=patches, stage_backend="eager")
     got_final, got_steps = sample_loop(call_model(compiled), kwargs, steps=10)
     assert programs[0].plan.patches == tuple(bands(programs[0].plan.token_rows, patches))
-    assert programs[0].stats == {"warmup_calls": 1, "pipelined_calls": 9, "compile_s": programs[0].stats["compile_s"]}
+    assert (programs[0].stats["warmup_calls"], programs[0].stats["pipelined_calls"]) == (1, 9)
     for got, want in zip(got_steps, want_steps):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_final, want_final, rtol=1e-4, atol=1e-5)
@@ -83,6 +83,7 @@ def test_explicit_reset_restarts_warmup():
         f(x, torch.tensor([500]), **rest)
         f(x, torch.tensor([400]), **rest)
         assert programs[0].state.step == 2
+        assert pipefusion_compile.programs(compiled) == programs
         assert pipefusion_compile.reset(compiled) == 1
         assert programs[0].state.step == 0
         # a lower timestep would not have been detected: reset() is what starts warmup again

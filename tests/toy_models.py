@@ -1,6 +1,8 @@
 """A small DiT written here, whose blocks differ in cost (for partition tests and the CLI's module:function)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,17 +38,34 @@ class ToyDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, m) for m in ff_mults)
         self.out = nn.Linear(dim, patch * patch * channels)
         self.channels = channels
+        self.config = SimpleNamespace(patch_size=patch)  # what the eager reference reads, as on diffusers models
 
-    def forward(self, hidden_states):
-        b, c, h, w = hidden_states.shape
+    def forward(self, hidden_states, return_dict=True):
         x = self.embed(hidden_states).flatten(2).transpose(1, 2)
         for blk in self.blocks:
             x = blk(x)
+        return self.unpatchify(x, hidden_states.shape, return_dict)
+
+    def unpatchify(self, x, shape, return_dict):
+        b, c, h, w = shape
         p = self.patch
         x = self.out(x).reshape(b, h // p, w // p, p, p, c)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        x = x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return x if return_dict else (x,)
 
 
 def make_toy(ff_mults=(1, 1, 1, 1, 1, 12), size=16):
     torch.manual_seed(0)
     return ToyDiT(ff_mults=tuple(ff_mults)).eval(), {"hidden_states": torch.randn(1, 4, size, size)}
+
+
+class ToyDiTWithGraphBreak(ToyDiT):
+    """The same model with a graph break in the middle of the blocks (as `.item()` would cause)."""
+
+    def forward(self, hidden_states, return_dict=True):
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        for i, blk in enumerate(self.blocks):
+            if i == len(self.blocks) // 2:
+                torch._dynamo.graph_break()
+            x = blk(x)
+        return self.unpatchify(x, hidden_states.shape, return_dict)
