@@ -23,7 +23,6 @@ import logging
 import time
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 
 from .errors import PipefusionError, UnsupportedGraphError
@@ -32,6 +31,7 @@ from .passes.graph_inputs import is_user_input
 from .passes.lower import lower
 from .passes.meta import Kind, node_meta
 from .passes.sdpa import is_sdpa
+from .passes.tokens import TokenAnalysis, analyze_tokens
 from .plan import build_plan
 from .runtime import PipelineProgram
 
@@ -65,10 +65,11 @@ def find_timestep_input(gm: fx.GraphModule, example_inputs: list) -> int | None:
     return None
 
 
-def compile_program(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions) -> PipelineProgram:
+def compile_program(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions,
+                    analysis: TokenAnalysis | None = None) -> PipelineProgram:
     """Phases 1-3 for one graph; returns the runnable program (stage graphs compile on first use)."""
     t0 = time.perf_counter()
-    plan, analysis = build_plan(gm, example_inputs, options)
+    plan, analysis = build_plan(gm, example_inputs, options, analysis)
     t1 = time.perf_counter()
     stages = lower(gm, plan, analysis)
     t2 = time.perf_counter()
@@ -81,18 +82,24 @@ def compile_program(gm: fx.GraphModule, example_inputs: list, options: Pipefusio
     return program
 
 
-def _has_self_attention(gm: fx.GraphModule, example_inputs, options) -> bool:
-    from .passes.tokens import analyze_tokens
+def analyze_for_pipeline(gm: fx.GraphModule, example_inputs, options: PipefusionOptions) -> TokenAnalysis | None:
+    """The token analysis of `gm`, or None for a graph with nothing to pipeline (runs unchanged).
 
+    A graph without any attention runs unchanged even where the analysis has no rule for it (it may not even
+    have an image input); a graph with attention whose analysis fails raises the analysis' error.
+    """
     try:
         analysis = analyze_tokens(gm, example_inputs, options.token_axis)
     except UnsupportedGraphError as e:
-        # A graph with no attention at all can run unchanged even if it has no token rule.
         if any(is_sdpa(n) for n in gm.graph.nodes):
             raise
         log.info("pipefusion: graph without attention runs unchanged (%s)", e.reason)
-        return False
-    return bool(analysis.self_attention)
+        return None
+    if not analysis.self_attention:
+        log.info("pipefusion: graph with %d nodes has no self-attention over image tokens: runs unchanged",
+                 len(gm.graph.nodes))
+        return None
+    return analysis
 
 
 def pipefusion_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, **kwargs):
@@ -102,13 +109,11 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
     opts = PipefusionOptions.from_dict(options).resolve()
     if not opts.simulate:
         raise PipefusionError(
-            "a process group is initialized but the multi-process PipeFusion runtime is not available yet; "
-            "pass options={'simulate': True} to run every stage in this process"
+            "simulate=False (the default when a process group is initialized) needs the multi-process "
+            "PipeFusion runtime, which is not available yet; pass options={'simulate': True} to run every "
+            "stage in this process"
         )
-    if dist.is_available() and dist.is_initialized() and opts.num_stages is not None and opts.simulate:
-        log.info("pipefusion: simulate mode on rank %d: every stage runs in this process", dist.get_rank())
-    if not _has_self_attention(gm, example_inputs, opts):
-        log.info("pipefusion: graph with %d nodes has no self-attention over image tokens: runs unchanged",
-                 len(gm.graph.nodes))
+    analysis = analyze_for_pipeline(gm, example_inputs, opts)
+    if analysis is None:
         return gm.forward
-    return compile_program(gm, example_inputs, opts)
+    return compile_program(gm, example_inputs, opts, analysis)

@@ -23,10 +23,11 @@ def plan_graphs(model: torch.nn.Module, example_kwargs: dict, **options) -> list
     plans: list[PipelinePlan] = []
 
     def capture(gm: fx.GraphModule, example_inputs):
-        from .backend import _has_self_attention
+        from .backend import analyze_for_pipeline
 
-        if _has_self_attention(gm, example_inputs, opts):
-            plans.append(build_plan(gm, example_inputs, opts)[0])
+        analysis = analyze_for_pipeline(gm, example_inputs, opts)
+        if analysis is not None:
+            plans.append(build_plan(gm, example_inputs, opts, analysis)[0])
         outs = [example_value(o) if isinstance(o, fx.Node) else o for o in graph_outputs(gm)]
 
         def zeros(*args):

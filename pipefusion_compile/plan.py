@@ -192,10 +192,14 @@ def _global_closure(nodes: list[fx.Node]) -> set[fx.Node]:
 
 
 def build_plan(
-    gm: fx.GraphModule, example_inputs: list | None, options: PipefusionOptions
+    gm: fx.GraphModule, example_inputs: list | None, options: PipefusionOptions,
+    analysis: TokenAnalysis | None = None,
 ) -> tuple[PipelinePlan, TokenAnalysis]:
-    """Analyze `gm` and choose cuts and patches. `options` must be resolved (`options.resolve()`)."""
-    analysis = analyze_tokens(gm, example_inputs, options.token_axis)
+    """Analyze `gm` (unless its token `analysis` is given) and choose cuts and patches.
+
+    `options` must be resolved (`options.resolve()`)."""
+    if analysis is None:
+        analysis = analyze_tokens(gm, example_inputs, options.token_axis)
     total = analyze_cost(gm)
     n_stages, n_patches = options.num_stages, options.num_patches
     n_layers = len(analysis.self_attention)

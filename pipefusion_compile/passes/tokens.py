@@ -179,19 +179,19 @@ def rule_permute(ctx: _Ctx) -> TokenInfo:
     (a, info), = _token_operands(ctx)
     nd = len(_shape(a))
     target = ctx.node.target
-    if target in ("permute",) or target is torch.permute:
-        dims = ctx.node.args[1:] if target == "permute" else ctx.node.args[1:]
+    if target == "permute" or target is torch.permute:
+        dims = ctx.node.args[1:]   # x.permute(0, 2, 1), x.permute((0, 2, 1)), torch.permute(x, (0, 2, 1))
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = dims[0]
         if not dims:
             dims = ctx.node.kwargs.get("dims")
         dims = [_norm_dim(d, nd) for d in dims]
         return ctx.patched(dims.index(info.axis), "permute")
-    if target in ("t",):
+    if target == "t":
         d0, d1 = 0, 1
-    elif target in ("mT",):
+    elif target == "mT":
         d0, d1 = nd - 2, nd - 1
-    elif target in ("movedim",) or target is torch.movedim:
+    elif target == "movedim" or target is torch.movedim:
         src, dst = _norm_dim(ctx.arg(1, "source"), nd), _norm_dim(ctx.arg(2, "destination"), nd)
         order = [d for d in range(nd) if d != src]
         order.insert(dst, src)
