@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from pipefusion_compile import pipefusion_backend
+import pipefusion_compile
 from pipefusion_compile.models import dit, ltx_video, pixart
 
 CONFIGS = {
@@ -28,16 +28,20 @@ CONFIGS = {
 }
 
 
+class _Programs:
+    """The programs compiled for one model, looked up lazily through the public API."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __getitem__(self, i):
+        return pipefusion_compile.programs(self.compiled)[i]
+
+
 def compile_with(model, **options):
-    programs = []
-
-    def backend(gm, example_inputs):
-        program = pipefusion_backend(gm, example_inputs, options=options)
-        programs.append(program)
-        return program
-
     torch._dynamo.reset()
-    return torch.compile(model, backend=backend), programs
+    compiled = torch.compile(model, backend="pipefusion", options=options)
+    return compiled, _Programs(compiled)
 
 
 def timed(fn, repeats: int) -> float:
