@@ -23,6 +23,7 @@ import logging
 import time
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
 from .errors import PipefusionError, UnsupportedGraphError
@@ -77,7 +78,12 @@ def compile_program(gm: fx.GraphModule, example_inputs: list, options: Pipefusio
     if timestep is None:
         log.warning("pipefusion: no timestep input found; call pipefusion_compile.reset(model) before each "
                     "new generation")
-    program = PipelineProgram(gm, plan, stages, options, example_inputs, timestep)
+    if options.simulate:
+        program = PipelineProgram(gm, plan, stages, options, example_inputs, timestep)
+    else:
+        from .runtime_dist import DistributedProgram
+
+        program = DistributedProgram(gm, plan, stages, options, example_inputs, timestep)
     program.stats.update(plan_s=t1 - t0, lower_s=t2 - t1)
     return program
 
@@ -107,11 +113,10 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
     if kwargs.get("mode") not in (None, "default"):
         raise PipefusionError(f"the pipefusion backend takes no mode (got {kwargs['mode']!r}); use options")
     opts = PipefusionOptions.from_dict(options).resolve()
-    if not opts.simulate:
+    if not opts.simulate and not (dist.is_available() and dist.is_initialized()):
         raise PipefusionError(
-            "simulate=False (the default when a process group is initialized) needs the multi-process "
-            "PipeFusion runtime, which is not available yet; pass options={'simulate': True} to run every "
-            "stage in this process"
+            "simulate=False needs an initialized torch.distributed process group (one rank per stage, e.g. "
+            "launched by torchrun); without one, leave simulate unset to run every stage in this process"
         )
     analysis = analyze_for_pipeline(gm, example_inputs, opts)
     if analysis is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
@@ -30,6 +31,14 @@ class PipefusionOptions:
     """Run all stages in this process. Default: True when no process group is initialized."""
     token_axis: int | None = None
     """Axis of the image input that carries token rows. Default: 1 for [B, S, C], else 2 ([B, C, H, W], [B, C, F, H, W])."""
+    group: Any = None
+    """Process group to pipeline over (multi-process mode). Default: the default (world) group."""
+    timeout_s: float = 300.0
+    """Multi-process mode: how long any receive, send or collective may wait before failing."""
+    release_params: bool = True
+    """Multi-process mode: free the storage of parameters this rank's stage never reads."""
+    timeline: str | None = None
+    """Directory to write this rank's timeline to (`rank<R>.jsonl`); env PIPEFUSION_TIMELINE also sets it."""
 
     _KNOWN_BACKENDS = ("inductor", "eager")
 
@@ -83,6 +92,14 @@ class PipefusionOptions:
             )
         if self.simulate is not None and not isinstance(self.simulate, bool):
             raise OptionsError(f"option simulate={self.simulate!r}: expected True or False")
+        if not isinstance(self.release_params, bool):
+            raise OptionsError(f"option release_params={self.release_params!r}: expected True or False")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
+            raise OptionsError(f"option timeout_s={self.timeout_s!r}: expected a positive number of seconds")
+        if self.group is not None and not isinstance(self.group, dist.ProcessGroup):
+            raise OptionsError(f"option group={self.group!r}: expected a torch.distributed ProcessGroup")
+        if self.timeline is not None and not isinstance(self.timeline, str):
+            raise OptionsError(f"option timeline={self.timeline!r}: expected a directory path")
 
     def resolve(self) -> "PipefusionOptions":
         """Fill the defaults that depend on the process group and on each other."""
@@ -93,8 +110,14 @@ class PipefusionOptions:
             if not isinstance(self.partition, str):
                 num_stages = len(self.partition)
             else:
-                num_stages = dist.get_world_size() if pg else 1
+                num_stages = dist.get_world_size(self.group) if pg else 1
         num_patches = self.num_patches if self.num_patches is not None else num_stages
+        timeline = self.timeline if self.timeline is not None else (os.environ.get("PIPEFUSION_TIMELINE") or None)
         return dataclasses.replace(
-            self, num_stages=num_stages, num_patches=num_patches, simulate=simulate
+            self, num_stages=num_stages, num_patches=num_patches, simulate=simulate, timeline=timeline
         )
+
+    def fingerprint_items(self) -> dict:
+        """The options every rank must agree on."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("group", "timeline", "timeout_s")}

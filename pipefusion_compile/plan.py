@@ -41,6 +41,8 @@ class CrossingTensor:
     patch_bytes: int              # bytes per (largest) patch
     producer: int                 # stage that computes it
     consumer: int                 # last stage that reads it (num_stages for the model output)
+    consumers: tuple[int, ...] = ()  # every later stage that reads it (each gets it straight from the producer)
+    row_bytes: int = 0            # bytes per token row
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,15 @@ class PipelinePlan:
     cross_attention: tuple[str, ...]
     positional: tuple[str, ...]
     order: tuple[str, ...] = field(repr=False, default=())
+    crossing: tuple[CrossingTensor, ...] = field(repr=False, default=())
+
+    def p2p_bytes_per_step(self, stage: int) -> int:
+        """Bytes stage `stage` sends to later stages per step: every patch of every value it produces, once
+        per consuming stage. The same for warmup and pipelined steps (all token rows, once)."""
+        return sum(
+            t.row_bytes * self.token_rows * sum(1 for c in t.consumers if c < self.num_stages)
+            for t in self.crossing if t.producer == stage
+        )
 
     @property
     def token_rows(self) -> int:
@@ -262,8 +273,8 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
     n_stages = len(stages)
     for n in nodes:
         producer = stage_at(position[n.name])
-        consumers = [n_stages if u.op == "output" else stage_at(position[u.name])
-                     for u in n.users if u.op == "output" or u.name in position]
+        consumers = sorted({n_stages if u.op == "output" else stage_at(position[u.name])
+                            for u in n.users if u.op == "output" or u.name in position} - {producer})
         last = max(consumers, default=producer)
         if last > producer:
             val = example_value(n)
@@ -274,7 +285,8 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
             crossing.append(CrossingTensor(
                 name=n.name, shape=shape, patch_shape=patch_shape, dtype=val.dtype,
                 patch_bytes=int(val.element_size() * torch.Size(patch_shape).numel()),
-                producer=producer, consumer=last,
+                producer=producer, consumer=last, consumers=tuple(consumers),
+                row_bytes=int(val.element_size() * torch.Size(shape).numel()) // analysis.token_rows,
             ))
     cut_plans = []
     for k, pos in enumerate(cuts):
@@ -297,4 +309,5 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         cross_attention=tuple(analysis.cross_attention),
         positional=tuple(analysis.positional),
         order=tuple(n.name for n in nodes),
+        crossing=tuple(crossing),
     )

@@ -1,0 +1,186 @@
+"""Point-to-point communication between stages, as registered `pipefusion::` ops.
+
+The multi-process schedule (`runtime_dist.py`) is an FX graph whose nodes call these ops, so
+`print(program.schedule_graph())` shows every irecv, wait, pack, isend and broadcast in order. The ops take
+a `channel` string naming the `Comm` that owns the process group, the pending requests, the byte counters and
+the timeline of one program; the program creates it and the table below only lets ops find it by name.
+
+Every wait has a timeout; a failure names the rank, stage, patch and step and what was being waited for.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .errors import PipefusionError
+from .kernels import DTYPES, pack_reference, unpack_reference
+
+_CHANNELS: "weakref.WeakValueDictionary[str, Comm]" = weakref.WeakValueDictionary()
+
+
+class PipefusionCommError(PipefusionError):
+    """A send, receive or collective failed or timed out (a peer died, or a schedule mismatch)."""
+
+
+@dataclass
+class Event:
+    step: int
+    patch: int
+    stage: int
+    kind: str      # compute | send | recv | wait | broadcast
+    start: float
+    end: float
+    peer: int = -1
+
+
+@dataclass
+class Comm:
+    """Communication state of one program on one rank."""
+
+    name: str
+    group: object
+    stage: int
+    stage_ranks: list[int]          # global rank of each stage
+    timeout_s: float
+    record_timeline: bool = False
+    step: int = 0
+    patch: int = -1
+    bytes_sent: int = 0             # point-to-point activations, this step
+    output_bytes: int = 0           # output broadcast, this step (sent by the last stage)
+    timeline: list[Event] = field(default_factory=list)
+    _pending: dict = field(default_factory=dict)
+    _sends: list = field(default_factory=list)
+
+    def __post_init__(self):
+        _CHANNELS[self.name] = self
+
+    @property
+    def rank(self) -> int:
+        return self.stage_ranks[self.stage]
+
+    def where(self, patch: int | None = None) -> str:
+        patch = self.patch if patch is None else patch
+        return f"rank {self.rank} (stage {self.stage}), step {self.step}, patch {patch}"
+
+    def record(self, kind: str, start: float, patch: int | None = None, peer: int = -1) -> None:
+        if self.record_timeline:
+            self.timeline.append(Event(self.step, self.patch if patch is None else patch, self.stage, kind, start,
+                                       time.perf_counter(), peer))
+
+    def new_step(self, step: int) -> None:
+        self.step, self.patch, self.bytes_sent, self.output_bytes = step, -1, 0, 0
+
+    def _wait(self, work, what: str, patch: int) -> None:
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+        except Exception as e:  # gloo/NCCL raise RuntimeError with the transport's reason
+            raise PipefusionCommError(
+                f"{self.where(patch)}: {what} failed or timed out after {self.timeout_s:g}s: {e}"
+            ) from e
+
+    def isend(self, buf: torch.Tensor, peer: int, tag: int) -> None:
+        t0 = time.perf_counter()
+        work = dist.isend(buf, dst=self.stage_ranks[peer], group=self.group, tag=tag)
+        self._sends.append((work, buf, peer, tag))
+        self.bytes_sent += buf.numel() * buf.element_size()
+        self.record("send", t0, patch=tag, peer=peer)
+
+    def irecv(self, buf: torch.Tensor, peer: int, tag: int) -> None:
+        work = dist.irecv(buf, src=self.stage_ranks[peer], group=self.group, tag=tag)
+        self._pending[buf.data_ptr()] = (work, peer, tag)
+
+    def wait_recv(self, buf: torch.Tensor) -> None:
+        work, peer, tag = self._pending.pop(buf.data_ptr())
+        t0 = time.perf_counter()
+        self._wait(work, f"receiving patch {tag} from stage {peer} (rank {self.stage_ranks[peer]})", tag)
+        self.record("recv", t0, patch=tag, peer=peer)
+
+    def wait_sends(self) -> None:
+        t0 = time.perf_counter()
+        sends, self._sends = self._sends, []
+        for work, _buf, peer, tag in sends:
+            self._wait(work, f"sending patch {tag} to stage {peer} (rank {self.stage_ranks[peer]})", tag)
+        if sends:
+            self.record("wait", t0, patch=-1)
+
+    def broadcast(self, out: torch.Tensor, src_stage: int) -> None:
+        t0 = time.perf_counter()
+        work = dist.broadcast(out, src=self.stage_ranks[src_stage], group=self.group, async_op=True)
+        self._wait(work, f"receiving the model output from the last stage (rank {self.stage_ranks[src_stage]})", -1)
+        if self.stage == src_stage:
+            self.output_bytes += out.numel() * out.element_size() * (len(self.stage_ranks) - 1)
+        self.record("broadcast", t0, patch=-1, peer=src_stage)
+
+
+def comm(channel: str) -> Comm:
+    try:
+        return _CHANNELS[channel]
+    except KeyError:
+        raise PipefusionCommError(f"no communication channel {channel!r} (its program was freed)") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ops. Schedules call them; they are also visible by name in the schedule graph.
+
+
+@torch.library.custom_op("pipefusion::irecv", mutates_args=("buf",))
+def irecv(buf: torch.Tensor, peer: int, tag: int, channel: str) -> None:
+    """Post a receive of patch `tag` from stage `peer` into `buf` (returns at once)."""
+    comm(channel).irecv(buf, peer, tag)
+
+
+@torch.library.custom_op("pipefusion::wait", mutates_args=("buf",))
+def wait(buf: torch.Tensor, channel: str) -> None:
+    """Block until the receive posted into `buf` has arrived (with the channel's timeout)."""
+    comm(channel).wait_recv(buf)
+
+
+@torch.library.custom_op("pipefusion::isend", mutates_args=())
+def isend(buf: torch.Tensor, peer: int, tag: int, channel: str) -> None:
+    """Start sending `buf` (patch `tag`) to stage `peer`; completion is awaited by `wait_sends`."""
+    comm(channel).isend(buf, peer, tag)
+
+
+@torch.library.custom_op("pipefusion::wait_sends", mutates_args=("token",))
+def wait_sends(token: torch.Tensor, channel: str) -> None:
+    """Block until every send of this step has completed. `token` only orders the op in the graph."""
+    comm(channel).wait_sends()
+
+
+@torch.library.custom_op("pipefusion::broadcast", mutates_args=("out",))
+def broadcast(out: torch.Tensor, src_stage: int, channel: str) -> None:
+    """Every rank gets the last stage's `out` (the model output, small: a latent, not hidden states)."""
+    comm(channel).broadcast(out, src_stage)
+
+
+@torch.library.custom_op("pipefusion::pack", mutates_args=())
+def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors crossing one cut for one patch, as one contiguous byte buffer (one message)."""
+    return pack_reference(tensors)
+
+
+@pack.register_fake
+def _(tensors):
+    return torch.empty(sum(t.numel() * t.element_size() for t in tensors), dtype=torch.uint8,
+                       device=tensors[0].device)
+
+
+@torch.library.custom_op("pipefusion::unpack", mutates_args=())
+def unpack(buf: torch.Tensor, shapes: list[int], ranks: list[int], dtypes: list[int]) -> list[torch.Tensor]:
+    """Inverse of `pack`: shapes are flattened (`ranks[i]` dims each), dtypes are codes into `DTYPES`."""
+    nested, i = [], 0
+    for r in ranks:
+        nested.append(list(shapes[i:i + r]))
+        i += r
+    return unpack_reference(buf, nested, [DTYPES[d] for d in dtypes])
+
+
+@torch.library.custom_op("pipefusion::write_band", mutates_args=("out",))
+def write_band(out: torch.Tensor, band: torch.Tensor, axis: int, start: int) -> None:
+    """Write one patch's output rows into the full output tensor."""
+    out.narrow(axis, start, band.shape[axis]).copy_(band)

@@ -1,0 +1,299 @@
+"""Multi-process PipeFusion: one stage per rank of a process group, async P2P between stages.
+
+Each rank compiles the same graph and builds the same plan (checked once: the ranks exchange a fingerprint),
+keeps only its stage, and runs one *schedule graph* per step kind (warmup: one patch of all rows; pipelined:
+M bands). A schedule graph is an FX graph of `pipefusion::` comm ops around calls of the compiled stage:
+
+    %buf_0_from0 = empty(...)            # every receive of the step is posted first (irecv ahead of time)
+    pipefusion.irecv(%buf_0_from0, 0, 0, channel) ...
+    pipefusion.wait(%buf_0_from0)        # patch 0 arrives
+    %in_0 = pipefusion.unpack(%buf_0_from0, ...)
+    %out_0 = stage(%row_start_0, ..., %in_0[0], ..., caches)
+    pipefusion.isend(pipefusion.pack([...]), 2, 0, channel)    # sent without waiting
+    ...                                   # patches 1..M-1
+    pipefusion.wait_sends(...); pipefusion.broadcast(%out, last stage)
+
+so `print(program.schedule_graph(pipelined=True))` is exactly what the rank runs. Values crossing a cut for one
+patch travel as one packed buffer per (producer, consumer) pair; long skips go straight from producer to
+consumer. Every rank returns the full model output (broadcast from the last stage: the latent, not hidden
+states), so the user's scheduler runs identically everywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import operator
+import os
+import time
+import uuid
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from . import comm as comm_ops
+from .comm import Comm, PipefusionCommError
+from .errors import PipefusionError, PlanError
+from .kernels import DTYPE_CODE
+from .options import PipefusionOptions
+from .passes.lower import LoweredStage
+from .passes.meta import example_value
+from .plan import PipelinePlan
+from .runtime import PipelineProgram
+
+log = logging.getLogger("pipefusion_compile")
+
+
+class _StageCall(torch.nn.Module):
+    """The compiled stage for one patch size, as a submodule of the schedule graph.
+
+    Called as `stage(patch, row_start, hoisted, *per_patch, *caches)`: `patch` is the patch index (for
+    errors and the timeline), `hoisted` the list of the stage's GLOBAL inputs (the same for every patch),
+    `per_patch` its received and sliced inputs, in stage-input order.
+    """
+
+    def __init__(self, program: "DistributedProgram", rows: int):
+        super().__init__()
+        self.rows = rows
+        self._program = [program]  # a list, so nn.Module does not register the program as a child
+
+    def forward(self, patch: int, row_start, hoisted, *rest):
+        program = self._program[0]
+        program.comm.patch = patch
+        stage_inputs = program.own.lowered.inputs
+        hoisted_iter, rest_iter = iter(hoisted), iter(rest)
+        inputs = [row_start] + [next(hoisted_iter) if i.source == "global" else next(rest_iter)
+                                for i in stage_inputs] + list(rest_iter)
+        t0 = time.perf_counter()
+        result = program._stage_fn(program.own, self.rows, inputs)(*inputs)
+        program.comm.record("compute", t0)
+        return result
+
+
+class DistributedProgram(PipelineProgram):
+    """One rank's part of the pipeline. Same interface as `PipelineProgram`."""
+
+    def __init__(self, gm: fx.GraphModule, plan: PipelinePlan, stages: list[LoweredStage],
+                 options: PipefusionOptions, example_inputs: list, timestep_index: int | None):
+        super().__init__(gm, plan, stages, options, example_inputs, timestep_index)
+        group = options.group if options.group is not None else dist.group.WORLD
+        size = dist.get_world_size(group)
+        if size != plan.num_stages:
+            raise PlanError(
+                f"the process group has {size} ranks but the plan has num_stages={plan.num_stages}: run one "
+                "rank per stage (torchrun --nproc-per-node N), or pass the group to pipeline over (option group)"
+            )
+        self.group = group
+        self.stage_index = dist.get_rank(group)
+        self.stage_ranks = [dist.get_global_rank(group, i) if group is not dist.group.WORLD else i
+                            for i in range(size)]
+        self.own = self.stages[self.stage_index]
+        self.stages_all = self.stages
+        self.stages = [self.own]  # only this rank's stage computes (its globals too)
+        self._routes = self._build_routes(stages)
+        last = plan.num_stages - 1
+        for slot in self._token_outputs:
+            producer = next(s.index for s in stages if slot.name in s.outputs or slot.name in _members(s))
+            if producer != last:
+                raise PlanError(f"model output {slot.name} is computed by stage {producer}, not the last stage")
+        self.comm = Comm(
+            name=f"pipefusion-{uuid.uuid4().hex[:12]}", group=group, stage=self.stage_index,
+            stage_ranks=self.stage_ranks, timeout_s=options.timeout_s,
+            record_timeline=options.timeline is not None,
+        )
+        self._schedules: dict[tuple, fx.GraphModule] = {}
+        self.stats.update(bytes_sent=0, output_bytes=0, resident_param_bytes=0, released_param_bytes=0)
+        self._check_fingerprint()
+        if options.release_params:
+            self._release_params(example_inputs)
+
+    # ------------------------------------------------------------------------------------------ setup
+    @staticmethod
+    def _build_routes(stages: list[LoweredStage]) -> dict[tuple[int, int], list[str]]:
+        """(producer, consumer) -> names of the values one patch carries, in the consumer's input order."""
+        producer_of = {name: s.index for s in stages for name in s.outputs}
+        routes: dict[tuple[int, int], list[str]] = {}
+        for s in stages:
+            for inp in s.inputs:
+                if inp.source == "recv":
+                    routes.setdefault((producer_of[inp.name], s.index), []).append(inp.name)
+        return routes
+
+    def fingerprint(self) -> str:
+        text = "\n".join([str(self.plan), self.gm.code, repr(sorted(self.options.fingerprint_items().items()))])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _check_fingerprint(self) -> None:
+        mine = self.fingerprint()
+        local = torch.tensor([int(mine[:15], 16)], dtype=torch.int64)
+        gathered = [torch.zeros_like(local) for _ in self.stage_ranks]
+        work = dist.all_gather(gathered, local, group=self.group, async_op=True)
+        self.comm._wait(work, "exchanging plan fingerprints with the other ranks", -1)
+        values = [int(t.item()) for t in gathered]
+        if len(set(values)) != 1:
+            differ = [self.stage_ranks[i] for i, v in enumerate(values) if v != values[0]]
+            raise PlanError(
+                f"rank {self.comm.rank}: the ranks built different pipeline plans (ranks {differ} differ from "
+                f"rank {self.stage_ranks[0]}): every rank must compile the same model with the same options "
+                f"and inputs. This rank's plan:\n{self.plan}"
+            )
+
+    def _release_params(self, example_inputs: list) -> None:
+        """Free the storage of parameters this rank's stage never reads (metadata stays: no recompiles)."""
+        needed = {id(example_inputs[i]) for i in self.own.lowered.global_inputs}
+        resident = released = 0
+        for x in example_inputs:
+            if not isinstance(x, torch.nn.Parameter):
+                continue
+            storage = x.untyped_storage()
+            if id(x) in needed:
+                if storage.nbytes() == 0 and x.numel() > 0:
+                    raise PipefusionError(
+                        "a parameter this graph needs was released by an earlier pipefusion graph on this rank "
+                        "(the model was split by graph breaks); compile with options={'release_params': False}"
+                    )
+                resident += storage.nbytes()
+            elif storage.nbytes():
+                released += storage.nbytes()
+                storage.resize_(0)
+        self.stats.update(resident_param_bytes=resident, released_param_bytes=released)
+        log.info("pipefusion: rank %d keeps %.1f MiB of parameters, released %.1f MiB", self.comm.rank,
+                 resident / 2**20, released / 2**20)
+
+    # ------------------------------------------------------------------------------------------ schedule
+    def schedule_graph(self, pipelined: bool = True) -> fx.GraphModule:
+        """The FX graph this rank runs for one step (warmup or pipelined)."""
+        patches = self.plan.patches if pipelined else ((0, self.plan.token_rows),)
+        key = tuple(patches)
+        if key not in self._schedules:
+            self._schedules[key] = self._build_schedule(patches)
+        return self._schedules[key]
+
+    def _inputs_of(self, *sources: str):
+        return [inp for inp in self.own.lowered.inputs if inp.source in sources]
+
+    def _message_layout(self, names: list[str], rows: int):
+        shapes, ranks, dtypes, nbytes = [], [], [], 0
+        for name in names:
+            inp = next(i for i in self.stages_all[self._consumer_of(name)].lowered.inputs if i.name == name)
+            val = example_value(self._node(name))
+            shape = list(val.shape)
+            shape[inp.axis] = inp.per_row * rows
+            shapes += shape
+            ranks.append(len(shape))
+            dtypes.append(DTYPE_CODE[val.dtype])
+            nbytes += torch.Size(shape).numel() * val.element_size()
+        return shapes, ranks, dtypes, nbytes
+
+    def _consumer_of(self, name: str) -> int:
+        return next(c for (p, c), names in self._routes.items() if name in names)
+
+    def _node(self, name: str) -> fx.Node:
+        if not hasattr(self, "_nodes_by_name"):
+            self._nodes_by_name = {n.name: n for n in self.gm.graph.nodes}
+        return self._nodes_by_name[name]
+
+    def _build_schedule(self, patches) -> fx.GraphModule:
+        k, last = self.stage_index, self.plan.num_stages - 1
+        channel = self.comm.name
+        root = torch.nn.Module()
+        g = fx.Graph()
+        row_start = [g.placeholder(f"row_start_{j}") for j in range(len(patches))]
+        hoisted = g.placeholder("hoisted")  # the stage's GLOBAL inputs, computed once per step
+        sliced = [{inp.name: g.placeholder(f"{inp.name}_patch{j}") for inp in self._inputs_of("positional", "image")}
+                  for j in range(len(patches))]
+        caches = [g.placeholder(f"cache_{c.attention}_{w}") for c in self.own.lowered.caches for w in ("k", "v")]
+        outs = [g.placeholder(f"out_{o.name}") for o in self._token_outputs]
+        incoming = sorted(p for (p, c) in self._routes if c == k)
+        outgoing = sorted(c for (p, c) in self._routes if p == k)
+        bufs = {}
+        for j, (_, rows) in enumerate(patches):           # post every receive of the step ahead of time
+            for p in incoming:
+                *_, nbytes = self._message_layout(self._routes[(p, k)], rows)
+                buf = g.call_function(torch.empty, ((nbytes,),), {"dtype": torch.uint8})
+                buf.name = f"buf_{j}_from{p}"
+                g.call_function(torch.ops.pipefusion.irecv.default, (buf, p, j, channel))
+                bufs[(j, p)] = buf
+        for j, (row0, rows) in enumerate(patches):
+            values = {}
+            for p in incoming:
+                names = self._routes[(p, k)]
+                shapes, ranks, dtypes, _ = self._message_layout(names, rows)
+                g.call_function(torch.ops.pipefusion.wait.default, (bufs[(j, p)], channel))
+                unpacked = g.call_function(torch.ops.pipefusion.unpack.default, (bufs[(j, p)], shapes, ranks, dtypes))
+                for i, name in enumerate(names):
+                    values[name] = g.call_function(operator.getitem, (unpacked, i))
+            available = {**sliced[j], **values}
+            args = [j, row_start[j], hoisted] + [available[i.name] for i in self.own.lowered.inputs
+                                               if i.source != "global"] + caches
+            target = f"stage_rows{rows}"
+            if not hasattr(root, target):
+                root.add_module(target, _StageCall(self, rows))
+            result = g.call_module(target, tuple(args))
+            produced = {name: g.call_function(operator.getitem, (result, i))
+                        for i, name in enumerate(self.own.lowered.outputs)}
+            for c in outgoing:
+                packed = g.call_function(torch.ops.pipefusion.pack.default, ([produced[n] for n in self._routes[(k, c)]],))
+                g.call_function(torch.ops.pipefusion.isend.default, (packed, c, j, channel))
+            if k == last:
+                for slot, out in zip(self._token_outputs, outs):
+                    g.call_function(torch.ops.pipefusion.write_band.default,
+                                    (out, produced[slot.name], slot.axis, row0 * slot.per_row))
+        token = outs[0] if outs else caches[0]
+        g.call_function(torch.ops.pipefusion.wait_sends.default, (token, channel))
+        for out in outs:
+            g.call_function(torch.ops.pipefusion.broadcast.default, (out, last, channel))
+        g.output(None)
+        g.lint()
+        return fx.GraphModule(root, g, class_name=f"PipeFusionSchedule_rank{self.comm.rank}")
+
+    # ------------------------------------------------------------------------------------------ run
+    @torch.no_grad()
+    def __call__(self, *args):
+        inst = self._instance(args)
+        self._update_generation(inst, args)
+        warmup = inst.state.step < self.options.warmup_steps
+        self.stats["warmup_calls" if warmup else "pipelined_calls"] += 1
+        patches = ((0, self.plan.token_rows),) if warmup else self.plan.patches
+        self.comm.new_step(inst.state.step)
+        s = self.own
+        gmap = dict(zip(s.lowered.global_outputs, self._globals(s, args)))
+        device = args[self._placeholder_index[self.plan.token_input]].device
+        outs = {o.name: torch.empty(o.shape, dtype=o.dtype, device=device) for o in self._token_outputs}
+        hoisted = [gmap[inp.name] for inp in self._inputs_of("global")]
+        sliced = [self._resolve(inp, args, gmap, None, row0, rows)
+                  for row0, rows in patches for inp in self._inputs_of("positional", "image")]
+        row_starts = [torch.tensor(row0, dtype=torch.int64) for row0, _ in patches]
+        schedule = self.schedule_graph(pipelined=not warmup)
+        try:
+            schedule(*row_starts, hoisted, *sliced, *self._caches(inst, s, device), *outs.values())
+        except PipefusionCommError:
+            raise
+        except Exception as e:
+            raise PipefusionError(f"{self.comm.where()}: {type(e).__name__}: {e}") from e
+        inst.state.step += 1
+        self.stats["bytes_sent"] = self.comm.bytes_sent
+        self.stats["output_bytes"] = self.comm.output_bytes
+        self._flush_timeline()
+        last_globals = gmap if self.stage_index == self.plan.num_stages - 1 else {}
+        return pytree.tree_map(
+            lambda a: (outs.get(a.name, last_globals.get(a.name)) if isinstance(a, fx.Node) else a),
+            self._out_spec,
+        )
+
+    def _flush_timeline(self) -> None:
+        if self.options.timeline is None or not self.comm.timeline:
+            return
+        os.makedirs(self.options.timeline, exist_ok=True)
+        path = os.path.join(self.options.timeline, f"rank{self.comm.rank}.jsonl")
+        with open(path, "a") as f:
+            for event in self.comm.timeline:
+                f.write(json.dumps(asdict(event)) + "\n")
+        self.comm.timeline.clear()
+
+
+def _members(stage: LoweredStage) -> set[str]:
+    return {n.name for n in stage.stage_gm.graph.nodes if n.op not in ("placeholder", "output")}
