@@ -59,7 +59,7 @@ class _Instance:
     by a graph break), with the weights as inputs; each such module gets its own step state and K/V caches.
     """
 
-    param_ids: frozenset
+    params: tuple  # weak references to the weights it was called with
     state: StepState = field(default_factory=StepState)
     caches: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage index -> [k0, v0, k1, ...]
 
@@ -116,9 +116,10 @@ class PipelineProgram:
         """Step state of the weights used by the latest call."""
         return self._current.state if self._current is not None else StepState()
 
-    @property
-    def param_ids(self) -> frozenset:
-        return frozenset().union(*(i.param_ids for i in self.instances.values()))
+    def uses(self, params) -> bool:
+        """True if some weights this program has run with are among `params` (by identity)."""
+        ids = {id(p) for p in params}
+        return any(r() is not None and id(r()) in ids for inst in self.instances.values() for r in inst.params)
 
     def reset(self) -> None:
         """Start a new generation: the next call runs warmup again."""
@@ -126,10 +127,11 @@ class PipelineProgram:
             _reset_instance(inst)
 
     def _instance(self, args) -> _Instance:
-        key = tuple(id(args[i]) for i in self._param_positions)
+        weights = [args[i] for i in self._param_positions]
+        key = tuple(id(w) for w in weights)
         inst = self.instances.get(key)
-        if inst is None:
-            inst = self.instances[key] = _Instance(frozenset(key))
+        if inst is None or any(r() is not w for r, w in zip(inst.params, weights)):  # new, or ids reused
+            inst = self.instances[key] = _Instance(tuple(weakref.ref(w) for w in weights))
         self._current = inst
         return inst
 
@@ -224,8 +226,8 @@ def programs(compiled_model) -> list[PipelineProgram]:
     module = getattr(compiled_model, "_orig_mod", compiled_model)
     if not isinstance(module, torch.nn.Module):
         raise PipefusionError(f"expected a torch.compile'd module, got {type(compiled_model).__name__}")
-    ids = {id(p) for p in module.parameters()}
-    return [p for p in list(_PROGRAMS) if p.param_ids & ids]
+    params = list(module.parameters())
+    return [p for p in list(_PROGRAMS) if p.uses(params)]
 
 
 def reset(compiled_model) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 import traceback
 
 import torch
@@ -39,14 +40,21 @@ def _entry(rank, world, port, fn, args, out_dir):
 def run_ranks(fn, world: int, *args, tmp_path, timeout: float = 240.0, allow_errors: bool = False):
     """Run `fn(rank, world, *args)` on `world` spawned processes; return the per-rank results (dicts)."""
     out_dir = str(tmp_path)
-    ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args, out_dir), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
-    while not ctx.join(timeout=1.0):
-        if datetime.datetime.now() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"ranks did not finish within {timeout}s")
+    os.makedirs(out_dir, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, out_dir), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:  # a rank that dies is just recorded: the others must notice on their own
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    if hung:
+        raise TimeoutError(f"ranks {hung} did not finish within {timeout}s")
     results = []
     for r in range(world):
         path = os.path.join(out_dir, f"rank{r}.pt")

@@ -1,23 +1,61 @@
 """Functions the spawned ranks run (importable by the spawned processes)."""
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.distributed as dist
 
 import pipefusion_compile
 from helpers import call_model, sample_loop
 from pipefusion_compile.models import BUILTIN
 
 
-def generate(rank, world, model_name, options_list, steps):
-    """For each options dict: compile the model with pipefusion on this rank and run a DDIM loop."""
-    out = []
-    for options in options_list:
-        torch._dynamo.reset()
-        model, kwargs = BUILTIN[model_name]()
-        compiled = torch.compile(model, backend="pipefusion", options={"stage_backend": "eager", **options})
-        final, per_step = sample_loop(call_model(compiled), kwargs, steps=steps)
-        (program,) = pipefusion_compile.programs(compiled)
-        out.append({"final": final, "steps": per_step, "stats": dict(program.stats),
-                    "plan_bytes": program.plan.p2p_bytes_per_step(program.stage_index),
-                    "schedule": str(program.schedule_graph(pipelined=True).graph)})
-    return out
+def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
+    torch._dynamo.reset()
+    model, kwargs = BUILTIN[model_name](**factory_kwargs)
+    opts = {"stage_backend": "eager", **options}
+    if group is not None:
+        opts["group"] = group
+    compiled = torch.compile(model, backend="pipefusion", options=opts)
+    final, per_step = sample_loop(call_model(compiled), kwargs, steps=steps, seed=seed)
+    (program,) = pipefusion_compile.programs(compiled)
+    result = {"final": final, "steps": per_step, "stats": dict(program.stats)}
+    if hasattr(program, "stage_index"):
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        result.update(plan_bytes=program.plan.p2p_bytes_per_step(program.stage_index), param_bytes=total,
+                      stage=program.stage_index, schedule=str(program.schedule_graph(pipelined=True).graph))
+    return result
+
+
+def generate(rank, world, jobs, steps):
+    """Each job: (model name, factory kwargs, options). Compile on this rank and run a DDIM loop."""
+    return [run_job(name, fkw, opts, steps) for name, fkw, opts in jobs]
+
+
+def generate_in_groups(rank, world, group_size, job, steps):
+    """The world split into pipelines of `group_size` ranks; each group samples its own seed."""
+    groups = [dist.new_group(list(range(g, g + group_size))) for g in range(0, world, group_size)]
+    mine = rank // group_size
+    name, fkw, opts = job
+    return run_job(name, fkw, opts, steps, seed=100 + mine, group=groups[mine])
+
+
+def die_mid_step(rank, world, victim, step, patch, options):
+    """Rank `victim` exits abruptly while computing `patch` of `step`; the others must fail, not hang."""
+    from pipefusion_compile.runtime_dist import _StageCall
+
+    original = _StageCall.forward
+
+    def forward(self, patch_index, *rest):
+        program = self._program[0]
+        if rank == victim and program.comm.step == step and patch_index == patch:
+            os._exit(17)
+        return original(self, patch_index, *rest)
+
+    _StageCall.forward = forward
+    return run_job("PixArtTransformer2DModel", {}, options, steps=8)
+
+
+def mismatched_options(rank, world, options_per_rank):
+    return run_job("DiTTransformer2DModel", {}, options_per_rank[rank], steps=2)
