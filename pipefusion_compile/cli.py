@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import torch
@@ -69,7 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partition", default="flops", help="flops | uniform | comma-separated layers per stage")
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("-v", "--verbose", action="store_true", help="log the passes at DEBUG")
+    t = sub.add_parser("timeline", help="merge the ranks' timeline records (option timeline=DIR) into a "
+                                        "Chrome/Perfetto trace and a Gantt PNG")
+    t.add_argument("directory")
+    t.add_argument("--trace", default=None, help="write the Chrome trace JSON here (default DIR/trace.json)")
+    t.add_argument("--png", default=None, help="write a Gantt chart here (needs matplotlib)")
+    t.add_argument("--steps", default=None, help="only steps A:B (e.g. 2:4)")
+    t.add_argument("--title", default="")
     args = parser.parse_args(argv)
+    if args.command == "timeline":
+        return _timeline(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     partition = args.partition
     if partition not in ("flops", "uniform"):
@@ -89,6 +99,21 @@ def main(argv: list[str] | None = None) -> int:
         if len(plans) > 1:
             print(f"--- graph {i} ---")
         print(plan)
+    return 0
+
+
+def _timeline(args) -> int:
+    from .timeline import merge
+
+    steps = tuple(int(x) for x in args.steps.split(":")) if args.steps else None
+    trace = args.trace or os.path.join(args.directory, "trace.json")
+    try:
+        events = merge(args.directory, trace, args.png, steps, args.title)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"pipefusion-compile: error: {e}", file=sys.stderr)
+        return 2
+    ranks = sorted({e["rank"] for e in events})
+    print(f"{len(events)} events from ranks {ranks} -> {trace}" + (f", {args.png}" if args.png else ""))
     return 0
 
 

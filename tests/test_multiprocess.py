@@ -99,3 +99,28 @@ def test_world_size_must_match_num_stages(tmp_path):
                         allow_errors=True)
     for res in results:
         assert "the process group has 2 ranks but the plan has num_stages=3" in res["error"]
+
+
+def test_timeline_records_merge_into_a_trace_and_a_gantt_chart(tmp_path):
+    from pipefusion_compile.cli import main
+
+    tdir = tmp_path / "timeline"
+    jobs = [("DiTTransformer2DModel", {}, {"num_patches": 4, "timeline": str(tdir)})]
+    run_ranks(generate, 3, jobs, 4, tmp_path=tmp_path / "ranks")
+    png, trace = tmp_path / "gantt.png", tmp_path / "trace.json"
+    assert main(["timeline", str(tdir), "--trace", str(trace), "--png", str(png), "--steps", "1:4"]) == 0
+    import json
+
+    events = json.loads(trace.read_text())["traceEvents"]
+    compute = [e for e in events if e.get("cat") == "compute"]
+    # 3 pipelined steps x 4 patches on each of the 3 stages
+    assert len(compute) == 3 * 4 * 3
+    assert {(e["tid"], e["args"]["patch"]) for e in compute} == {(r, p) for r in range(3) for p in range(4)}
+    assert {e["tid"] for e in events if e.get("cat") == "recv"} == {1, 2}
+    assert {e["tid"] for e in events if e.get("cat") == "send"} == {0, 1}
+    # a patch is computed by stage 1 only after stage 0 computed it
+    first = {(e["tid"], e["args"]["step"], e["args"]["patch"]): e for e in compute}
+    for step in (1, 2, 3):
+        for p in range(4):
+            assert first[(1, step, p)]["ts"] >= first[(0, step, p)]["ts"] + first[(0, step, p)]["dur"] - 1
+    assert png.stat().st_size > 10_000
