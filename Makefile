@@ -26,6 +26,7 @@ demo: venv
 
 bench: venv
 	$(BIN)/python benchmarks/bench_single_process.py --out benchmarks/results/single_process.md
+	$(BIN)/python benchmarks/bench_multiprocess.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

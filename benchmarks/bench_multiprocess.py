@@ -41,13 +41,15 @@ def generation(model_fn, kwargs, steps, seed=0):
     sched = DDIMScheduler(num_train_timesteps=1000)
     sched.set_timesteps(steps)
     latents = torch.randn(kwargs["hidden_states"].shape, generator=torch.Generator().manual_seed(seed))
-    t0 = time.perf_counter()
+    step_times = []
     with torch.no_grad():
         for t in sched.timesteps:
+            t0 = time.perf_counter()
             out = model_fn(latents, timestep=t.expand(1), class_labels=kwargs["class_labels"],
                            return_dict=False)[0]
             latents = sched.step(out.chunk(2, dim=1)[0], t, latents).prev_sample
-    return time.perf_counter() - t0, latents
+            step_times.append(time.perf_counter() - t0)
+    return sum(step_times), step_times
 
 
 def pin(core: int) -> None:
@@ -62,7 +64,7 @@ def serial(runs, steps):
     pin(0)
     model, kwargs = build()
     generation(model, kwargs, 2)  # warm the allocator
-    return [generation(model, kwargs, steps)[0] for _ in range(runs)]
+    return [generation(model, kwargs, steps) for _ in range(runs)]
 
 
 def rank_main(rank, world, port, patches_list, runs, steps, timeline_dir, out_path):
@@ -80,7 +82,7 @@ def rank_main(rank, world, port, patches_list, runs, steps, timeline_dir, out_pa
             options["timeline"] = timeline_dir
         compiled = torch.compile(model, backend="pipefusion", options=options)
         generation(compiled, kwargs, 2)  # compile + first use of every stage graph
-        times = [generation(compiled, kwargs, steps)[0] for _ in range(runs)]
+        times = [generation(compiled, kwargs, steps) for _ in range(runs)]
         (program,) = pipefusion_compile.programs(compiled)
         results[m] = {"times": times, "stats": dict(program.stats),
                       "plan_bytes": program.plan.p2p_bytes_per_step(program.stage_index),
@@ -114,7 +116,9 @@ def main(argv=None):
     parser.add_argument("--timeline-png", default="benchmarks/results/timeline_n2_m8.png")
     args = parser.parse_args(argv)
 
-    serial_times = serial(args.runs, args.steps)
+    serial_runs = serial(args.runs, args.steps)
+    serial_times = [total for total, _ in serial_runs]
+    serial_step = [statistics.median(steps[1:]) for _, steps in serial_runs]
     ranks = launch(2, args.patches, args.runs, args.steps)
     memory = {n: launch(n, [n], 1, 2) for n in (2, 4)}
 
@@ -127,18 +131,23 @@ def main(argv=None):
         f"Serial (1 process x 1 thread): median {statistics.median(serial_times):.2f} s per generation "
         f"(min {min(serial_times):.2f}, max {max(serial_times):.2f}).",
         "",
-        "| N=2 ranks x 1 thread | median s | speedup min / median / max | per-step bound 2M/(M+1) | "
-        "bytes sent per step (rank 0) | = plan |",
-        "|---|---|---|---|---|---|",
+        "| N=2 ranks x 1 thread | generation s (median) | generation speedup min / median / max | "
+        "pipelined-step speedup min / median / max | per-step bound 2M/(M+1) | bytes sent per step (rank 0) "
+        "| = plan |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in args.patches:
-        times = [max(r[m]["times"][i] for r in ranks) for i in range(args.runs)]
+        times = [max(r[m]["times"][i][0] for r in ranks) for i in range(args.runs)]
+        steps = [statistics.median(max(r[m]["times"][i][1][k] for r in ranks) for k in range(1, args.steps))
+                 for i in range(args.runs)]
         ratios = sorted(s / t for s, t in zip(serial_times, times))
+        step_ratios = sorted(s / t for s, t in zip(serial_step, steps))
         r0 = ranks[0][m]
         bound = 2 * m / (m + 1)
         lines.append(
             f"| M={m} | {statistics.median(times):.2f} | {ratios[0]:.2f} / {statistics.median(ratios):.2f} / "
-            f"{ratios[-1]:.2f} | {bound:.2f} | {r0['stats']['bytes_sent'] / 2**20:.2f} MiB | "
+            f"{ratios[-1]:.2f} | {step_ratios[0]:.2f} / {statistics.median(step_ratios):.2f} / "
+            f"{step_ratios[-1]:.2f} | {bound:.2f} | {r0['stats']['bytes_sent'] / 2**20:.2f} MiB | "
             f"{r0['stats']['bytes_sent'] == r0['plan_bytes']} |"
         )
     tokens, hidden, layers, elem = 1024, 384, 12, 4

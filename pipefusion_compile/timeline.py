@@ -66,7 +66,7 @@ def gantt_png(events: list[dict], path: str, title: str = "") -> None:
     stages = sorted({e["stage"] for e in events})
     patches = sorted({e["patch"] for e in events if e["kind"] == "compute"})
     cmap = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.6 * len(stages)))
+    fig, ax = plt.subplots(figsize=(11, 1.8 + 0.6 * len(stages)))
     for e in events:
         y = e["stage"]
         start, width = (e["start"] - t0) * 1e3, (e["end"] - e["start"]) * 1e3
@@ -83,9 +83,9 @@ def gantt_png(events: list[dict], path: str, title: str = "") -> None:
     ax.set_xlabel("time (ms)")
     handles = [Patch(facecolor=cmap(i % 10), label=f"patch {p}") for i, p in enumerate(patches)]
     handles.append(Patch(facecolor="lightgrey", hatch="///", label="waiting (recv / sends / output)"))
-    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=min(len(handles), 9),
-              fontsize=8, frameon=False)
-    ax.set_title(title or "PipeFusion timeline", pad=24)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.3 - 0.1 / len(stages)),
+              ncol=min(len(handles), 9), fontsize=8, frameon=False)
+    ax.set_title(title or "PipeFusion timeline")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
