@@ -11,9 +11,17 @@ from helpers import call_model, sample_loop
 from pipefusion_compile.models import BUILTIN
 
 
+def factory(name):
+    if name == "toy:skips":
+        from toy_models import make_skips
+
+        return make_skips
+    return BUILTIN[name]
+
+
 def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
     torch._dynamo.reset()
-    model, kwargs = BUILTIN[model_name](**factory_kwargs)
+    model, kwargs = factory(model_name)(**factory_kwargs)
     opts = {"stage_backend": "eager", **options}
     if group is not None:
         opts["group"] = group
@@ -24,7 +32,8 @@ def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
     if hasattr(program, "stage_index"):
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         result.update(plan_bytes=program.plan.p2p_bytes_per_step(program.stage_index), param_bytes=total,
-                      stage=program.stage_index, schedule=str(program.schedule_graph(pipelined=True).graph))
+                      stage=program.stage_index, schedule=str(program.schedule_graph(pipelined=True).graph),
+                      routes={k: list(v) for k, v in program._routes.items()})
     return result
 
 

@@ -141,3 +141,17 @@ def test_options_validation():
     opts = PipefusionOptions.from_dict({"num_stages": 3}).resolve()
     assert opts.num_patches == 3
     assert PipefusionOptions.from_dict({"partition": [2, 2]}).resolve().num_stages == 2
+
+
+def test_long_skip_is_priced_on_every_cut_it_crosses():
+    from toy_models import make_skips
+
+    plan = plan_for(make_skips(), num_stages=3, partition="uniform")
+    assert [s.attention_layers for s in plan.stages] == [(0, 1), (2, 3), (4, 5)]
+    skip = next(t for t in plan.crossing if t.consumers == (1, 2))
+    assert skip.producer == 0
+    for cut in plan.cuts:  # the residual stream and the skip in flight
+        assert len(cut.tensors) == 2 and skip in cut.tensors
+    assert "(stage 0->2)" in str(plan)
+    # stage 0 sends the residual and the skip to stage 1 and the skip to stage 2: 3 activations per step
+    assert plan.p2p_bytes_per_step(0) == 3 * 64 * 32 * 4 and plan.p2p_bytes_per_step(2) == 0

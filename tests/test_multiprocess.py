@@ -124,3 +124,18 @@ def test_timeline_records_merge_into_a_trace_and_a_gantt_chart(tmp_path):
         for p in range(4):
             assert first[(1, step, p)]["ts"] >= first[(0, step, p)]["ts"] + first[(0, step, p)]["dur"] - 1
     assert png.stat().st_size > 10_000
+
+
+def test_long_skips_go_straight_to_their_stage_packed_with_the_residual(tmp_path):
+    jobs = [("toy:skips", {}, {"num_patches": 4, "partition": "uniform"})]
+    results = run_ranks(generate, 3, jobs, 6, tmp_path=tmp_path)
+    want = simulate("toy:skips", {}, {"num_patches": 4, "partition": "uniform", "num_stages": 3}, steps=6)
+    routes = results[0]["value"][0]["routes"]
+    # stage 0 -> 1 carries the residual stream and the skip in one packed buffer; the skip also goes 0 -> 2
+    assert len(routes[(0, 1)]) == 2 and len(routes[(0, 2)]) == 1 and len(routes[(1, 2)]) == 1
+    assert routes[(0, 2)][0] in routes[(0, 1)]
+    for res in results:
+        got = res["value"][0]
+        assert_bit_identical(got, want)
+        assert got["stats"]["bytes_sent"] == got["plan_bytes"]
+    assert results[0]["value"][0]["stats"]["bytes_sent"] == 3 * 64 * 32 * 4  # 3 token activations per step

@@ -98,3 +98,14 @@ def test_batch_of_two():
     compiled, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
     got, _ = sample_loop(call_model(compiled), kwargs, steps=3)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_long_skips_stale_kv_equals_eager_reference():
+    from toy_models import make_skips
+
+    model, kwargs = make_skips()
+    reference = ReferencePipeFusion(model, num_patches=4)
+    want, _ = sample_loop(lambda x, t, **kw: reference(x, timestep=t, **kw), kwargs, steps=5)
+    compiled, _ = compile_pf(model, num_stages=3, num_patches=4, partition="uniform", stage_backend="eager")
+    got, _ = sample_loop(call_model(compiled), kwargs, steps=5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

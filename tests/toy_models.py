@@ -69,3 +69,32 @@ class ToyDiTWithGraphBreak(ToyDiT):
                 torch._dynamo.graph_break()
             x = blk(x)
         return self.unpatchify(x, hidden_states.shape, return_dict)
+
+
+class ToyDiTWithSkips(ToyDiT):
+    """Long skip connections (as HunyuanDiT's): block 0's output is read again by a middle and the last block,
+    so with 3 stages one patch carries two values from stage 0 to stage 1 and one straight to stage 2."""
+
+    def __init__(self):
+        super().__init__(ff_mults=(1,) * 6)
+        self.freqs = nn.Parameter(torch.randn(16), requires_grad=False)
+        self.time = nn.Linear(32, 32)
+
+    def forward(self, hidden_states, timestep=None, return_dict=True):
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        t = timestep.float()[:, None] * self.freqs[None]
+        x = x + self.time(torch.cat([t.sin(), t.cos()], dim=-1))[:, None]
+        skip = None
+        for i, blk in enumerate(self.blocks):
+            if i in (3, 5):
+                x = x + 0.5 * skip
+            x = blk(x)
+            if i == 0:
+                skip = x
+        return self.unpatchify(x, hidden_states.shape, return_dict)
+
+
+def make_skips(batch=1, **_):
+    torch.manual_seed(0)
+    return ToyDiTWithSkips().eval(), {"hidden_states": torch.randn(batch, 4, 16, 16),
+                                      "timestep": torch.full((batch,), 500)}

@@ -2,8 +2,10 @@
 
 The per-patch part of the graph is the sequence of token-carrying nodes in topological order. A *cut
 position* i (1 <= i < len) splits it before node i. Candidate cuts are where the fewest token-carrying
-values are live across the cut (found on a networkx view of the dataflow): in a DiT, the residual stream
-between blocks and between the sub-blocks of a block. A cut's price is the bytes of those values.
+values are live across the cut (found on a networkx view of the dataflow), counted separately between each
+pair of consecutive self-attention layers, so that every gap has candidates even when long skip connections
+keep more values live in later gaps: in a DiT, the residual stream between blocks and between the sub-blocks
+of a block (plus the skips in flight). A cut's price is the bytes of those values.
 """
 from __future__ import annotations
 
@@ -68,11 +70,18 @@ def find_cut_candidates(gm: fx.GraphModule) -> CutCandidates:
         live.update(starts.get(i, []))
         live = {v for v in live if last_use[v] >= i}
         live_at[i] = tuple(sorted(live, key=index.get))
-    fewest = min(len(v) for v in live_at.values())
-    positions = tuple(i for i, v in live_at.items() if len(v) == fewest)
+    attn = tuple(i for i, n in enumerate(nodes) if node_meta(n).token.attention == "self")
+    # gaps: before the first self-attention, between consecutive ones, after the last
+    edges = [0, *attn, len(nodes) - 1]
+    positions_set: set[int] = set()
+    for lo, hi in zip(edges, edges[1:]):
+        gap = [i for i in range(lo + 1, hi + 1) if i in live_at]
+        if gap:
+            fewest = min(len(live_at[i]) for i in gap)
+            positions_set.update(i for i in gap if len(live_at[i]) == fewest)
+    positions = tuple(sorted(positions_set))
     by_name = {n.name: n for n in nodes}
     live_bytes = {i: sum(node_meta(by_name[v]).out_bytes for v in live_at[i]) for i in positions}
-    attn = tuple(i for i, n in enumerate(nodes) if node_meta(n).token.attention == "self")
     return CutCandidates(
         order=tuple(n.name for n in nodes),
         positions=positions,
