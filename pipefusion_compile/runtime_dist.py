@@ -94,6 +94,7 @@ class DistributedProgram(PipelineProgram):
         self.stages_all = self.stages
         self.stages = [self.own]  # only this rank's stage computes (its globals too)
         self._routes = self._build_routes(stages)
+        self._nodes_by_name = {n.name: n for n in gm.graph.nodes}
         last = plan.num_stages - 1
         for slot in self._token_outputs:
             producer = next(s.index for s in stages if slot.name in s.outputs or slot.name in _members(s))
@@ -192,8 +193,6 @@ class DistributedProgram(PipelineProgram):
         return next(c for (p, c), names in self._routes.items() if name in names)
 
     def _node(self, name: str) -> fx.Node:
-        if not hasattr(self, "_nodes_by_name"):
-            self._nodes_by_name = {n.name: n for n in self.gm.graph.nodes}
         return self._nodes_by_name[name]
 
     def _build_schedule(self, patches) -> fx.GraphModule:
