@@ -66,10 +66,41 @@ def ltx_video(frames: int = 2, height: int = 8, width: int = 8, num_layers: int 
     return model, kwargs
 
 
+def hunyuan_dit(sample_size: int = 16, num_layers: int = 6, heads: int = 2, head_dim: int = 16, batch: int = 1,
+                seed: int = 0):
+    """HunyuanDiT: long skip connections (block i feeds block L-1-i), two text encoders, 2-D RoPE given by
+    the pipeline as (cos, sin) inputs. `text_len + text_len_t5` is the concatenated prompt length."""
+    from diffusers import HunyuanDiT2DModel
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    torch.manual_seed(seed)
+    hidden = heads * head_dim
+    model = HunyuanDiT2DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, patch_size=2,
+        sample_size=sample_size, hidden_size=hidden, num_layers=num_layers, mlp_ratio=2.0, learn_sigma=True,
+        cross_attention_dim=hidden, cross_attention_dim_t5=hidden, pooled_projection_dim=16, text_len=5,
+        text_len_t5=6, use_style_cond_and_image_meta_size=True,
+    ).eval()
+    grid = sample_size // 2
+    kwargs = dict(
+        hidden_states=torch.randn(batch, 4, sample_size, sample_size),
+        timestep=torch.full((batch,), 500.0),
+        encoder_hidden_states=torch.randn(batch, 5, hidden),
+        text_embedding_mask=torch.ones(batch, 5, dtype=torch.long),
+        encoder_hidden_states_t5=torch.randn(batch, 6, hidden),
+        text_embedding_mask_t5=torch.ones(batch, 6, dtype=torch.long),
+        image_meta_size=torch.tensor([[128.0, 128.0, 128.0, 128.0, 0.0, 0.0]] * batch),
+        style=torch.zeros(batch, dtype=torch.long),
+        image_rotary_emb=get_2d_rotary_pos_embed(head_dim, ((0, 0), (grid, grid)), (grid, grid), output_type="pt"),
+    )
+    return model, kwargs
+
+
 BUILTIN: dict[str, Callable] = {
     "PixArtTransformer2DModel": pixart,
     "DiTTransformer2DModel": dit,
     "LTXVideoTransformer3DModel": ltx_video,
+    "HunyuanDiT2DModel": hunyuan_dit,
 }
 
 

@@ -121,7 +121,7 @@ class PipelinePlan:
             f"image input {self.token_input}: axis {self.token_axis}, {self.input_rows} rows "
             f"= {self.token_rows} token rows x {self.granule}; "
             f"{len(self.self_attention)} self-attention, {len(self.cross_attention)} cross-attention layers"
-            + (f"; positional: {', '.join(self.positional)}" if self.positional else ""),
+            + (f"; positional: {_names(self.positional)}" if self.positional else ""),
             "",
             f"{'stage':>5}  {'attn layers':<12} {'FLOP/step':>10} {'share':>6} {'global FLOP':>12} "
             f"{'KV cache':>10}  modules",
@@ -144,6 +144,12 @@ class PipelinePlan:
                 lines.append(f"{c.after_stage:>3}|{c.after_stage + 1:<1}  {c.after_node:<24} {desc}")
         lines += ["", "patches (token rows): " + ", ".join(f"[{r0}, {r0 + n})" for r0, n in self.patches)]
         return "\n".join(lines)
+
+
+def _names(names: tuple[str, ...], limit: int = 4) -> str:
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{len(names)} tables ({', '.join(names[:limit])}, ...)"
 
 
 def _fmt_flops(n: int) -> str:

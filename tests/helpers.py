@@ -27,10 +27,11 @@ def sample_loop(model_fn, kwargs: dict, steps: int = 10, seed: int = 1):
     latents = torch.randn(kwargs["hidden_states"].shape, generator=g)
     rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "timestep")}
     batch = latents.shape[0]
+    t_dtype = kwargs["timestep"].dtype if "timestep" in kwargs else torch.int64  # as the model's pipeline passes it
     outputs = []
     with torch.no_grad():
         for t in sched.timesteps:
-            out = model_fn(latents, t.expand(batch), **rest)
+            out = model_fn(latents, t.expand(batch).to(t_dtype), **rest)
             outputs.append(out)
             eps = out.chunk(2, dim=1)[0] if out.shape[1] == 2 * latents.shape[1] else out
             latents = sched.step(eps, t, latents).prev_sample
