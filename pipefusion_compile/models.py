@@ -96,11 +96,31 @@ def hunyuan_dit(sample_size: int = 16, num_layers: int = 6, heads: int = 2, head
     return model, kwargs
 
 
+def wan(frames: int = 4, height: int = 8, width: int = 8, num_layers: int = 4, heads: int = 2, head_dim: int = 16,
+        batch: int = 1, prompt_tokens: int = 6, seed: int = 0):
+    """Wan 2.x: video latents [B, C, F, H, W], 3-D RoPE written in place, cross-attention to the prompt."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+        out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=num_layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+    kwargs = dict(
+        hidden_states=torch.randn(batch, 4, frames, height, width),
+        timestep=torch.full((batch,), 500, dtype=torch.int64),
+        encoder_hidden_states=torch.randn(batch, prompt_tokens, 16),
+    )
+    return model, kwargs
+
+
 BUILTIN: dict[str, Callable] = {
     "PixArtTransformer2DModel": pixart,
     "DiTTransformer2DModel": dit,
     "LTXVideoTransformer3DModel": ltx_video,
     "HunyuanDiT2DModel": hunyuan_dit,
+    "WanTransformer3DModel": wan,
 }
 
 

@@ -36,6 +36,10 @@ class ImageLayout:
         if hidden_states.dim() == 3:  # packed tokens [B, S, C]: one token per "row"
             return cls(hidden_states.shape[1], 1, 1, 1)
         p = model.config.patch_size
+        if hidden_states.dim() == 5:  # video [B, C, F, H, W] with (pt, ph, pw) patches: bands of frames
+            pt, ph, pw = p
+            frames, height, width = hidden_states.shape[-3:]
+            return cls(frames // pt, (height // ph) * (width // pw), 2, pt)
         height, width = hidden_states.shape[-2:]
         return cls(height // p, width // p, hidden_states.dim() - 2, p)
 

@@ -7,7 +7,8 @@ import torch
 from dist_utils import run_ranks
 from dist_workers import die_mid_step, generate, generate_in_groups, mismatched_options, run_job
 
-MODELS = ["PixArtTransformer2DModel", "DiTTransformer2DModel", "LTXVideoTransformer3DModel", "HunyuanDiT2DModel"]
+MODELS = ["PixArtTransformer2DModel", "DiTTransformer2DModel", "LTXVideoTransformer3DModel", "HunyuanDiT2DModel",
+          "WanTransformer3DModel"]
 STEPS = 10
 
 

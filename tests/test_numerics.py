@@ -4,10 +4,10 @@ import torch
 
 import pipefusion_compile
 from helpers import call_model, compile_pf, sample_loop
-from pipefusion_compile.models import dit, hunyuan_dit, ltx_video, pixart
+from pipefusion_compile.models import dit, hunyuan_dit, ltx_video, pixart, wan
 from reference_pipefusion import ReferencePipeFusion, bands
 
-MODELS = {"pixart": pixart, "dit": dit, "ltx_video": ltx_video, "hunyuan_dit": hunyuan_dit}
+MODELS = {"pixart": pixart, "dit": dit, "ltx_video": ltx_video, "hunyuan_dit": hunyuan_dit, "wan": wan}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -189,6 +189,34 @@ def test_rule_rope_arithmetic_marks_cos_sin_positional():
     assert len(positional) == 2 and all(node_meta(n).token.axis == 0 for n in positional)
 
 
+def test_rule_inplace_interleaved_rope_write_and_casts():
+    def f(x):
+        t = x.flatten(2).transpose(1, 2)                        # [1, 64, 4] tokens on axis 1
+        freqs = torch.arange(64, dtype=torch.float32)[:, None] * torch.ones(2)   # [64, 2] global table
+        cos, sin = freqs.cos(), freqs.sin()
+        x1, x2 = t[..., 0::2], t[..., 1::2]
+        out = torch.empty_like(t)
+        out[..., 0::2] = x1 * cos - x2 * sin                    # Wan's RoPE: operator.setitem
+        out[..., 1::2] = x1 * sin + x2 * cos
+        out = out.type_as(cos)                                  # cast: only `out` carries tokens
+        return out.transpose(1, 2).reshape(1, 4, 8, 8)
+
+    gm, a = analyze_fn(f)
+    import operator
+
+    writes = [n for n in gm.graph.nodes if n.target is operator.setitem]
+    assert len(writes) == 2 and all(node_meta(n).token.axis == 1 for n in writes)
+    assert {node_meta(n).token.axis for n in _positional(gm)} == {0}
+
+    def bad(x):
+        out = x.clone()
+        out[:, :, :4] = 0.0                                      # writes half of the token rows
+        return out
+
+    with pytest.raises(UnsupportedGraphError, match="in-place write to part of the token axis"):
+        analyze_fn(bad)
+
+
 def test_rule_einsum_contracting_tokens_is_mixing():
     def f(x):
         t = x.flatten(2)

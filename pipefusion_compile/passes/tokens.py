@@ -99,8 +99,9 @@ class _Ctx:
     def fail(self, reason: str) -> UnsupportedGraphError:
         return UnsupportedGraphError(reason, self.node)
 
-    def positional(self, arg, axis: int, out_axis: int) -> None:
-        """Mark GLOBAL `arg` as POSITIONAL along `axis` if it spans the tokens there, else leave it."""
+    def positional(self, arg, axis: int, out_axis: int, expected: int | None = None) -> None:
+        """Mark GLOBAL `arg` as POSITIONAL along `axis` if it spans the tokens there, else leave it.
+        `expected` is the token extent it must have (default: the node's output extent on `out_axis`)."""
         if not isinstance(arg, fx.Node):
             return
         val = example_value(arg)
@@ -109,9 +110,10 @@ class _Ctx:
         extent = int(val.shape[axis])
         if extent == 1:
             return
-        if extent != self.out_shape()[out_axis]:
+        expected = self.out_shape()[out_axis] if expected is None else expected
+        if extent != expected:
             raise self.fail(f"operand {arg.name} has {extent} elements on the token axis, expected "
-                            f"{self.out_shape()[out_axis]} or 1")
+                            f"{expected} or 1")
         self.analysis.mark_positional(arg, axis, self.node)
 
 
@@ -142,6 +144,15 @@ def rule_elementwise(ctx: _Ctx) -> TokenInfo:
             nd = len(_shape(a))
             ctx.positional(a, nd - (len(out) - out_axis), out_axis)
     return ctx.patched(out_axis, "elementwise")
+
+
+def rule_cast(ctx: _Ctx) -> TokenInfo:
+    """`x.type_as(other)` / `x.to(other)`: only `x`'s values matter; `other` only lends its dtype."""
+    x = ctx.node.args[0]
+    info = ctx.info(x)
+    if not info.carries_tokens:
+        return GLOBAL
+    return ctx.patched(info.axis, "cast")
 
 
 def reshape_axis(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, ...]) -> int | None:
@@ -413,6 +424,40 @@ def rule_getitem(ctx: _Ctx) -> TokenInfo:
     return ctx.patched(out_axis, "getitem")
 
 
+def rule_setitem(ctx: _Ctx) -> TokenInfo:
+    """`target[index] = value` (e.g. interleaved RoPE writes `out[..., 0::2] = ...`): allowed when the index
+    leaves the target's token axis whole and the value lines up with it. The node itself has no value; its
+    info is the target's (the mutated tensor keeps its layout)."""
+    target, index, value = ctx.node.args
+    info = ctx.info(target)
+    if not info.carries_tokens:
+        raise ctx.fail("writing image tokens into a global tensor (it would mix them)")
+    shape = _shape(target)
+    items = index if isinstance(index, tuple) else (index,)
+    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    dim = 0
+    for it in items:
+        if it is Ellipsis:
+            dim += len(shape) - consumed
+            continue
+        if it is None:
+            continue
+        if dim == info.axis and not (isinstance(it, slice) and it.indices(shape[dim]) == slice(None).indices(shape[dim])):
+            raise ctx.fail("in-place write to part of the token axis")
+        if not isinstance(it, (int, slice)):
+            raise ctx.fail("in-place write with a tensor index into a token-carrying tensor")
+        dim += 1
+    vinfo = ctx.info(value)
+    if isinstance(value, fx.Node) and isinstance(example_value(value), torch.Tensor):
+        nd = len(_shape(value))
+        axis_in_value = nd - (len(shape) - info.axis)
+        if vinfo.carries_tokens and vinfo.axis != axis_in_value:
+            raise ctx.fail("in-place write of a value whose tokens lie on another axis")
+        if not vinfo.carries_tokens:
+            ctx.positional(value, axis_in_value, info.axis, expected=shape[info.axis])
+    return TokenInfo(info.kind if info.kind is Kind.PATCHED else Kind.PATCHED, info.axis, info.epr, "setitem")
+
+
 def rule_embedding(ctx: _Ctx) -> TokenInfo:
     idx = ctx.node.args[0]
     info = ctx.info(idx)
@@ -442,7 +487,7 @@ _ELEMENTWISE_FUNCS = [
     F.hardswish, F.elu,
 ]
 _ELEMENTWISE_METHODS = [
-    "to", "float", "half", "bfloat16", "double", "type_as", "type", "contiguous", "clone", "detach", "add",
+    "float", "half", "bfloat16", "double", "type", "contiguous", "clone", "detach", "add",
     "sub", "mul", "div", "neg", "pow", "exp", "sin", "cos", "tanh", "sigmoid", "rsqrt", "sqrt", "abs",
     "clamp", "clamp_", "masked_fill", "add_", "mul_", "sub_", "div_", "float_", "bool", "int", "long",
     "square", "erf", "relu", "silu", "gelu", "new_zeros_like", "__add__", "__mul__", "lerp", "addcmul",
@@ -486,7 +531,9 @@ for _t in ("unbind", torch.unbind):
 for _t in (torch.cat, torch.concat, torch.concatenate):
     RULES[_t] = rule_cat
 RULES[torch.stack] = lambda ctx: rule_cat(ctx, stack=True)
+RULES["to"] = RULES["type_as"] = rule_cast
 RULES[operator.getitem] = rule_getitem
+RULES[operator.setitem] = rule_setitem
 for _t in (F.embedding, torch.embedding):
     RULES[_t] = rule_embedding
 for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
