@@ -54,6 +54,8 @@ def dataflow_graph(nodes: Sequence[fx.Node]) -> nx.DiGraph:
 
 
 def find_cut_candidates(gm: fx.GraphModule) -> CutCandidates:
+    """Cut candidates: in each gap between self-attention layers, the positions with the fewest live
+    token-carrying values."""
     nodes = token_nodes(gm)
     if len(nodes) < 2:
         raise PlanError("the graph has fewer than two token-carrying ops: nothing to pipeline")
@@ -91,50 +93,54 @@ def find_cut_candidates(gm: fx.GraphModule) -> CutCandidates:
     )
 
 
-def balanced_cuts(costs: Sequence[int], candidates: CutCandidates, num_stages: int) -> tuple[int, ...]:
-    """Optimal contiguous partition: N-1 cuts among the candidates minimizing the largest stage cost
-    (ties: fewest bytes crossing). Dynamic programming over candidates, O(N * K^2)."""
+def balanced_cuts(costs: Sequence[int], candidates: CutCandidates, num_stages: int,
+                  tolerance: float = 0.01) -> tuple[int, ...]:
+    """Optimal contiguous partition: N-1 cuts among the candidates that minimize the largest stage cost
+    (the pipeline's bottleneck), to within `tolerance`; among those, the ones that maximize the smallest
+    stage (the least idle time), then the fewest bytes crossing. Two dynamic programs, O(N * K^2) each."""
     if num_stages == 1:
         return ()
     prefix = [0]
     for c in costs:
         prefix.append(prefix[-1] + c)
-    total_len = len(costs)
-    cands = list(candidates.positions)
-    if len(cands) < num_stages - 1:
-        raise PlanError(f"only {len(cands)} cut candidates for {num_stages} stages")
+    cands = [0, *candidates.positions, len(costs)]  # cut positions, with the two ends as sentinels
+    if len(cands) - 2 < num_stages - 1:
+        raise PlanError(f"only {len(cands) - 2} cut candidates for {num_stages} stages")
+    nbytes = {p: candidates.live_bytes.get(p, 0) for p in cands}
 
     def seg(a: int, b: int) -> int:
-        return prefix[b] - prefix[a]
+        return prefix[cands[b]] - prefix[cands[a]]
 
-    # best[j][s]: (max stage cost, bytes) for the first j+1 stages with the j-th cut at cands[s]
-    inf = (float("inf"), float("inf"))
-    best = [[inf] * len(cands) for _ in range(num_stages - 1)]
-    back = [[-1] * len(cands) for _ in range(num_stages - 1)]
-    for s, p in enumerate(cands):
-        best[0][s] = (seg(0, p), candidates.live_bytes[p])
-    for j in range(1, num_stages - 1):
-        for s, p in enumerate(cands):
-            for r in range(s):
-                prev = best[j - 1][r]
-                if prev == inf:
-                    continue
-                cand = (max(prev[0], seg(cands[r], p)), prev[1] + candidates.live_bytes[p])
-                if cand < best[j][s]:
-                    best[j][s], back[j][s] = cand, r
-    last = num_stages - 2
-    final = [
-        ((max(best[last][s][0], seg(p, total_len)), best[last][s][1]), s)
-        for s, p in enumerate(cands) if best[last][s] != inf
-    ]
-    if not final:
+    last = len(cands) - 1
+    inf = float("inf")
+    # Phase 1: the smallest achievable largest stage. big[j][b]: j stages covering [0, cands[b]).
+    big = [[inf] * len(cands) for _ in range(num_stages + 1)]
+    big[0][0] = 0
+    for j in range(1, num_stages + 1):
+        for b in range(1, len(cands)):
+            big[j][b] = min((max(big[j - 1][a], seg(a, b)) for a in range(b) if big[j - 1][a] < inf), default=inf)
+    limit = big[num_stages][last]
+    if limit == inf:
         raise PlanError(f"cannot place {num_stages - 1} cuts")
-    _, s = min(final)
-    cuts = []
-    for j in range(last, -1, -1):
-        cuts.append(cands[s])
-        s = back[j][s]
-    return tuple(reversed(cuts))
+    limit = limit * (1 + tolerance)
+    # Phase 2: stages no larger than `limit`; maximize the smallest stage, then minimize bytes crossing.
+    best: list[list[tuple]] = [[(-inf, inf)] * len(cands) for _ in range(num_stages + 1)]
+    back = [[-1] * len(cands) for _ in range(num_stages + 1)]
+    best[0][0] = (inf, 0)  # (smallest stage so far, bytes so far)
+    for j in range(1, num_stages + 1):
+        for b in range(1, len(cands)):
+            for a in range(b):
+                small, spent = best[j - 1][a]
+                if small == -inf or seg(a, b) > limit:
+                    continue
+                cand = (min(small, seg(a, b)), spent + (nbytes[cands[b]] if b != last else 0))
+                if (cand[0], -cand[1]) > (best[j][b][0], -best[j][b][1]):
+                    best[j][b], back[j][b] = cand, a
+    cuts, b = [], last
+    for j in range(num_stages, 0, -1):
+        b = back[j][b]
+        cuts.append(cands[b])
+    return tuple(reversed(cuts[:-1]))
 
 
 def layer_cuts(layers_per_stage: Sequence[int], candidates: CutCandidates) -> tuple[int, ...]:
