@@ -34,7 +34,6 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from . import comm as comm_ops
 from .comm import Comm, PipefusionCommError
 from .errors import PipefusionError, PlanError
 from .kernels import DTYPE_CODE

@@ -6,7 +6,6 @@ from graph_utils import capture_model
 from pipefusion_compile.errors import OptionsError, PlanError
 from pipefusion_compile.models import dit, pixart
 from pipefusion_compile.options import PipefusionOptions
-from pipefusion_compile.passes.cost import node_flops
 from pipefusion_compile.passes.partition import find_cut_candidates
 from pipefusion_compile.plan import build_plan, patch_bands
 from toy_models import make_toy

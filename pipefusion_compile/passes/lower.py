@@ -408,9 +408,7 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis) -> list[LoweredStag
             for u in n.users:
                 if u is out_node or (u.name in position and position[u.name] >= sp.end):
                     later.add(n.name)
-        stage_gm, inputs, caches, outputs = _run_pass(
-            "extract_stage", lambda g: extract_stage(g, members, later, analysis), gm
-        )
+        stage_gm, inputs, caches, outputs = _run_pass("extract_stage", extract_stage, gm, members, later, analysis)
         for ph in stage_gm.graph.find_nodes(op="placeholder"):
             extra = node_meta(ph).extra
             if "cache_of" in extra:
@@ -421,7 +419,7 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis) -> list[LoweredStag
             for leaf in out_node.all_input_nodes:
                 if not node_meta(leaf).token.carries_tokens and leaf not in needed:
                     needed.append(leaf)
-        globals_gm, positions, gouts = _run_pass("extract_globals", lambda g: extract_globals(g, needed), gm)
+        globals_gm, positions, gouts = _run_pass("extract_globals", extract_globals, gm, needed)
 
         def build(rows: int, stage_gm=stage_gm) -> fx.GraphModule:
             graph = fx.Graph()

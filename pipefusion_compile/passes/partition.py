@@ -64,7 +64,7 @@ def find_cut_candidates(gm: fx.GraphModule) -> CutCandidates:
     # Liveness sweep: a value is live across position i if it is defined before i and used at or after i.
     last_use = {v: max((index[u] for u in g.successors(v)), default=index[v]) for v in g.nodes if v != "output"}
     starts: dict[int, list[str]] = {}
-    for v, end in last_use.items():
+    for v in last_use:
         starts.setdefault(index[v] + 1, []).append(v)
     live_at: dict[int, tuple[str, ...]] = {}
     live: set[str] = set()
