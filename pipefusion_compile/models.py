@@ -115,12 +115,60 @@ def wan(frames: int = 4, height: int = 8, width: int = 8, num_layers: int = 4, h
     return model, kwargs
 
 
+def sd3(sample_size: int = 16, num_layers: int = 4, heads: int = 2, head_dim: int = 16, batch: int = 1,
+        prompt_tokens: int = 6, seed: int = 0):
+    """SD3 MM-DiT: joint attention over [image | text] (image first), a context_pre_only last block."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=32, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=16, out_channels=4, pos_embed_max_size=sample_size,
+    ).eval()
+    kwargs = dict(
+        hidden_states=torch.randn(batch, 4, sample_size, sample_size),
+        encoder_hidden_states=torch.randn(batch, prompt_tokens, 32),
+        pooled_projections=torch.randn(batch, 16),
+        timestep=torch.full((batch,), 500, dtype=torch.int64),
+    )
+    return model, kwargs
+
+
+def flux(height: int = 8, width: int = 8, num_layers: int = 2, num_single_layers: int = 4, heads: int = 2,
+         head_dim: int = 16, batch: int = 1, prompt_tokens: int = 6, seed: int = 0):
+    """Flux: packed tokens [B, h * w, C]; double-stream blocks over [text | image] (text first), then
+    single-stream blocks over the concatenated sequence; RoPE tables over text + image."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=16,
+        guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    img_ids = torch.zeros(height, width, 3)
+    img_ids[..., 1] = torch.arange(height)[:, None]
+    img_ids[..., 2] = torch.arange(width)[None, :]
+    kwargs = dict(
+        hidden_states=torch.randn(batch, height * width, 16),
+        encoder_hidden_states=torch.randn(batch, prompt_tokens, 32),
+        pooled_projections=torch.randn(batch, 16),
+        timestep=torch.full((batch,), 0.5),
+        img_ids=img_ids.reshape(height * width, 3),
+        txt_ids=torch.zeros(prompt_tokens, 3),
+    )
+    return model, kwargs
+
+
 BUILTIN: dict[str, Callable] = {
     "PixArtTransformer2DModel": pixart,
     "DiTTransformer2DModel": dit,
     "LTXVideoTransformer3DModel": ltx_video,
     "HunyuanDiT2DModel": hunyuan_dit,
     "WanTransformer3DModel": wan,
+    "SD3Transformer2DModel": sd3,
+    "FluxTransformer2DModel": flux,
 }
 
 

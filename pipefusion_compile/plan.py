@@ -42,7 +42,8 @@ class CrossingTensor:
     producer: int                 # stage that computes it
     consumer: int                 # last stage that reads it (num_stages for the model output)
     consumers: tuple[int, ...] = ()  # every later stage that reads it (each gets it straight from the producer)
-    row_bytes: int = 0            # bytes per token row
+    row_bytes: int = 0            # bytes per token row (image part)
+    text_bytes: int = 0           # bytes of its text tokens (joint sequences), sent once per step
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class PipelinePlan:
         """Bytes stage `stage` sends to later stages per step: every patch of every value it produces, once
         per consuming stage. The same for warmup and pipelined steps (all token rows, once)."""
         return sum(
-            t.row_bytes * self.token_rows * sum(1 for c in t.consumers if c < self.num_stages)
+            (t.row_bytes * self.token_rows + t.text_bytes) * sum(1 for c in t.consumers if c < self.num_stages)
             for t in self.crossing if t.producer == stage
         )
 
@@ -137,8 +138,9 @@ class PipelinePlan:
             lines += ["", f"{'cut':>5}  {'after node':<24} tensors crossing (shape per patch, bytes per patch)"]
             for c in self.cuts:
                 desc = "; ".join(
-                    f"{t.name} {list(t.patch_shape)} {_fmt_bytes(t.patch_bytes)} (stage {t.producer}->"
-                    f"{'out' if t.consumer == self.num_stages else t.consumer})"
+                    f"{t.name} {list(t.patch_shape)} {_fmt_bytes(t.patch_bytes)}"
+                    + (f" + text {_fmt_bytes(t.text_bytes)}/step" if t.text_bytes else "")
+                    + f" (stage {t.producer}->{'out' if t.consumer == self.num_stages else t.consumer})"
                     for t in c.tensors
                 )
                 lines.append(f"{c.after_stage:>3}|{c.after_stage + 1:<1}  {c.after_node:<24} {desc}")
@@ -288,11 +290,13 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
             shape = tuple(val.shape)
             per_row = analysis.per_row(info)
             patch_shape = shape[:info.axis] + (largest * per_row,) + shape[info.axis + 1:]
+            axis_element_bytes = val.element_size() * torch.Size(shape).numel() // shape[info.axis]
             crossing.append(CrossingTensor(
                 name=n.name, shape=shape, patch_shape=patch_shape, dtype=val.dtype,
                 patch_bytes=int(val.element_size() * torch.Size(patch_shape).numel()),
                 producer=producer, consumer=last, consumers=tuple(consumers),
-                row_bytes=int(val.element_size() * torch.Size(shape).numel()) // analysis.token_rows,
+                row_bytes=axis_element_bytes * per_row,
+                text_bytes=axis_element_bytes * (info.prefix + info.suffix),
             ))
     cut_plans = []
     for k, pos in enumerate(cuts):

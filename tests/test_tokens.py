@@ -1,11 +1,13 @@
 """Token analysis: classification of real models' nodes and unit tests of each op rule."""
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from graph_utils import by_name, capture_graphs, capture_model
 from pipefusion_compile.errors import UnsupportedGraphError
-from pipefusion_compile.models import dit, ltx_video, pixart
+from pipefusion_compile.models import dit, flux, ltx_video, pixart, sd3
 from pipefusion_compile.passes.meta import Kind, node_meta
 from pipefusion_compile.passes.tokens import analyze_tokens
 
@@ -151,7 +153,7 @@ def test_rule_split_along_tokens_is_reported():
         top, bottom = x.split(4, dim=2)
         return torch.cat([bottom, top], dim=2)
 
-    with pytest.raises(UnsupportedGraphError, match="split along the token axis"):
+    with pytest.raises(UnsupportedGraphError, match="slicing the token axis through the image tokens"):
         analyze_fn(f)
 
 
@@ -170,7 +172,7 @@ def test_rule_slicing_and_indexing():
     def g(x):
         return x[:, :, 2:] * 1.0
 
-    with pytest.raises(UnsupportedGraphError, match="slicing the token axis"):
+    with pytest.raises(UnsupportedGraphError, match="slicing the token axis through the image tokens"):
         analyze_fn(g)
 
 
@@ -202,8 +204,6 @@ def test_rule_inplace_interleaved_rope_write_and_casts():
         return out.transpose(1, 2).reshape(1, 4, 8, 8)
 
     gm, a = analyze_fn(f)
-    import operator
-
     writes = [n for n in gm.graph.nodes if n.target is operator.setitem]
     assert len(writes) == 2 and all(node_meta(n).token.axis == 1 for n in writes)
     assert {node_meta(n).token.axis for n in _positional(gm)} == {0}
@@ -256,3 +256,63 @@ def test_conv_over_rows_and_unknown_ops_fail_clearly():
     with pytest.raises(UnsupportedGraphError, match="group_norm has no token rule") as err:
         analyze_fn(groupnorm)
     assert "F.group_norm(x, 2)" in str(err.value)
+
+
+def test_rule_joint_sequences_cat_slice_split_token_groups():
+    text = torch.randn(1, 5, 4)   # a prompt: GLOBAL, 5 tokens
+
+    def f(x):
+        img = x.flatten(2).transpose(1, 2)                     # [1, 64, 4] image tokens
+        joint = torch.cat([img, text], dim=1)                  # SD3 order: image first, then text
+        joint = joint * 2.0
+        image_part, text_part = joint[:, :64], joint[:, 64:]   # back to the groups
+        both = torch.cat([text_part, image_part], dim=1)       # Flux order: text first
+        t2, i2 = both.split_with_sizes([5, 64], dim=1)
+        return i2.transpose(1, 2).reshape(1, 4, 8, 8)
+
+    gm, a = analyze_fn(f)
+    info = {n.name: node_meta(n).token for n in gm.graph.nodes if n.op != "output"}
+    cats = [n.name for n in gm.graph.nodes if n.target is torch.cat]
+    assert (info[cats[0]].prefix, info[cats[0]].suffix) == (0, 5)          # [image | text]
+    assert (info[cats[1]].prefix, info[cats[1]].suffix) == (5, 0)          # [text | image]
+    getitems = [n for n in gm.graph.nodes if n.target is operator.getitem and node_meta(n.args[0]).token.joint]
+    image_part, text_part = (info[n.name] for n in getitems[:2])
+    assert not image_part.joint and image_part.epr == 8                   # 8 tokens per input row
+    assert text_part.epr == 0 and text_part.prefix == 5                    # text only: no image part
+    split = next(n for n in gm.graph.nodes if n.target == "split_with_sizes")
+    t2, i2 = info[split.name].elements
+    assert (t2.epr, t2.prefix) == (0, 5) and (i2.prefix, i2.suffix) == (0, 0)
+    assert a.granule == 1 and a.token_rows == 8
+
+
+def test_rule_joint_slice_through_the_image_fails():
+    text = torch.randn(1, 5, 4)
+
+    def f(x):
+        joint = torch.cat([text, x.flatten(2).transpose(1, 2)], dim=1)   # [1, 69, 4]
+        half = joint[:, :30]                                            # 5 text + 25 image tokens
+        return x + half.mean()
+
+    with pytest.raises(UnsupportedGraphError, match="through the image tokens"):
+        analyze_fn(f)
+
+
+@pytest.mark.parametrize("factory", [sd3, flux])
+def test_mmdit_joint_attention_is_analyzed_and_planned_but_not_lowered_yet(factory):
+    from pipefusion_compile.options import PipefusionOptions
+    from pipefusion_compile.plan import build_plan
+
+    model, kwargs = factory()
+    gm, ex = capture_model(model, kwargs)
+    a = analyze_tokens(gm, ex)
+    assert len(a.self_attention) >= 4 and not a.cross_attention
+    for name in a.self_attention:  # joint attention: query, keys and values hold text and image tokens
+        n = by_name(gm)[name]
+        assert node_meta(n).token.joint and node_meta(n).token.attention == "self"
+    plan = build_plan(gm, ex, PipefusionOptions(num_stages=2).resolve(), a)[0]
+    assert plan.max_min_ratio <= 1.10
+    assert any(t.text_bytes for c in plan.cuts for t in c.tensors)  # the text stream crosses the cut
+    compiled = torch.compile(model, backend="pipefusion", options={"num_stages": 2})
+    with pytest.raises(Exception, match="joint text\\+image sequence"):
+        with torch.no_grad():
+            compiled(**kwargs)

@@ -33,6 +33,13 @@ class TokenInfo:
     rule: str = ""
     attention: str | None = None       # "self" or "cross" on attention nodes
     elements: tuple["TokenInfo", ...] | None = None  # for tuple-valued nodes (chunk, split, unbind)
+    prefix: int = 0   # elements along `axis` before the image part that belong to another token group (text)
+    suffix: int = 0   # ... and after it. A text-only value has prefix = its extent and no image part.
+
+    @property
+    def joint(self) -> bool:
+        """Holds tokens of another group (the text of a joint text+image sequence) along its axis."""
+        return bool(self.prefix or self.suffix)
 
     @property
     def carries_tokens(self) -> bool:

@@ -94,15 +94,32 @@ class _Ctx:
         return _shape(self.node)
 
     def patched(self, axis: int, rule: str, **kw) -> TokenInfo:
+        """Info for the output with tokens on `axis`. Unless given, the text groups (prefix/suffix) come
+        from the first token-carrying operand, scaled by how the axis extent changed (reshapes)."""
+        if "prefix" not in kw:
+            src = _token_operands(self)
+            if src:
+                a, info = src[0]
+                if info.joint:
+                    ratio = Fraction(self.out_shape()[axis], _shape(a)[info.axis])
+                    prefix, suffix = info.prefix * ratio, info.suffix * ratio
+                    if prefix.denominator != 1 or suffix.denominator != 1:
+                        raise self.fail("reshape splits a text token of a joint sequence")
+                    kw.update(prefix=int(prefix), suffix=int(suffix))
         return self.analysis.make_info(self.node, axis, rule, **kw)
 
     def fail(self, reason: str) -> UnsupportedGraphError:
         return UnsupportedGraphError(reason, self.node)
 
-    def positional(self, arg, axis: int, out_axis: int, expected: int | None = None) -> None:
+    def positional(self, arg, axis: int, out_axis: int, expected: int | None = None,
+                   like: TokenInfo | None = None) -> None:
         """Mark GLOBAL `arg` as POSITIONAL along `axis` if it spans the tokens there, else leave it.
-        `expected` is the token extent it must have (default: the node's output extent on `out_axis`)."""
+        `expected` is the token extent it must have (default: the node's output extent on `out_axis`);
+        `like` is the token-carrying operand it is combined with (its text groups apply to `arg` too).
+        Combined with a text-only value, `arg` is the text group itself: it stays GLOBAL."""
         if not isinstance(arg, fx.Node):
+            return
+        if like is not None and like.epr == 0:
             return
         val = example_value(arg)
         if not isinstance(val, torch.Tensor) or axis < 0 or axis >= val.dim():
@@ -114,7 +131,7 @@ class _Ctx:
         if extent != expected:
             raise self.fail(f"operand {arg.name} has {extent} elements on the token axis, expected "
                             f"{expected} or 1")
-        self.analysis.mark_positional(arg, axis, self.node)
+        self.analysis.mark_positional(arg, axis, self.node, like.prefix if like else 0, like.suffix if like else 0)
 
 
 def _token_operands(ctx: _Ctx) -> list[tuple[fx.Node, TokenInfo]]:
@@ -134,15 +151,19 @@ def rule_elementwise(ctx: _Ctx) -> TokenInfo:
     """Broadcasting op: token axes align from the right; GLOBAL operands spanning the axis are POSITIONAL."""
     out = ctx.out_shape()
     out_axis = None
+    groups = None
     for a, info in _token_operands(ctx):
         cand = len(out) - len(_shape(a)) + info.axis
         if out_axis is not None and cand != out_axis:
             raise ctx.fail(f"operands carry tokens on different axes ({out_axis} vs {cand})")
-        out_axis = cand
+        if groups is not None and groups != (info.prefix, info.suffix):
+            raise ctx.fail("operands hold different token groups (text/image) along the token axis")
+        out_axis, groups = cand, (info.prefix, info.suffix)
+    like = _token_operands(ctx)[0][1]
     for a in ctx.node.all_input_nodes:
         if not ctx.info(a).carries_tokens and isinstance(example_value(a), torch.Tensor):
             nd = len(_shape(a))
-            ctx.positional(a, nd - (len(out) - out_axis), out_axis)
+            ctx.positional(a, nd - (len(out) - out_axis), out_axis, like=like)
     return ctx.patched(out_axis, "elementwise")
 
 
@@ -230,9 +251,10 @@ def rule_einsum(ctx: _Ctx) -> TokenInfo:
             if letter is not None and sub[info.axis] != letter:
                 raise ctx.fail("einsum operands carry tokens on different letters")
             letter = sub[info.axis]
+    like = next(ctx.info(op) for op in operands if ctx.info(op).carries_tokens)
     for sub, op in zip(subs, operands):
         if not ctx.info(op).carries_tokens and letter in sub:
-            ctx.positional(op, sub.index(letter), out.index(letter) if letter in out else 0)
+            ctx.positional(op, sub.index(letter), out.index(letter) if letter in out else 0, like=like)
     if letter not in out:
         raise ctx.fail(f"einsum '{eq}' sums over the token axis '{letter}' (mixes tokens)")
     return ctx.patched(out.index(letter), "einsum")
@@ -327,7 +349,7 @@ def rule_sdpa(ctx: _Ctx) -> TokenInfo:
     if iq.axis != nq - 2:
         raise ctx.fail("attention query carries tokens off the sequence axis")
     if isinstance(mask, fx.Node):
-        ctx.positional(mask, len(_shape(mask)) - 2, nq - 2)
+        ctx.positional(mask, len(_shape(mask)) - 2, nq - 2, like=iq)
     if ik.carries_tokens != iv.carries_tokens:
         raise ctx.fail("attention with only one of K/V carrying image tokens")
     if not ik.carries_tokens:
@@ -338,15 +360,38 @@ def rule_sdpa(ctx: _Ctx) -> TokenInfo:
     return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING)
 
 
+def _select_range(ctx: _Ctx, info: TokenInfo, extent: int, lo: int, hi: int, out_axis: int,
+                  shape: tuple[int, ...]) -> TokenInfo:
+    """Info of elements [lo, hi) of a token axis of `extent` elements whose image part is
+    [info.prefix, extent - info.suffix): the whole image part with some text around it, or text only.
+    A range that cuts through the image part has no rule (it would split image tokens by position)."""
+    img_lo, img_hi = info.prefix, extent - info.suffix
+    if img_hi == img_lo or hi <= img_lo or lo >= img_hi:    # text only
+        return ctx.analysis.make_info(None, out_axis, "text-group", shape=shape, prefix=hi - lo)
+    if lo <= img_lo and hi >= img_hi:
+        return ctx.analysis.make_info(None, out_axis, "token-group", shape=shape, prefix=img_lo - lo,
+                                      suffix=hi - img_hi)
+    raise ctx.fail("slicing the token axis through the image tokens (only whole token groups, e.g. the "
+                   "text and image parts of a joint sequence, can be selected)")
+
+
 def _split_like(ctx: _Ctx, dim_index: int, drop_dim: bool) -> TokenInfo:
     (a, info), = _token_operands(ctx)
     nd = len(_shape(a))
     dim = _norm_dim(ctx.arg(dim_index, "dim", 0), nd)
-    if dim == info.axis:
-        raise ctx.fail("split along the token axis (joint sequences) has no rule yet")
     val = example_value(ctx.node)
+    if dim == info.axis:
+        if drop_dim:
+            raise ctx.fail("unbind along the token axis (one tensor per token) has no rule")
+        extent, lo, elements = _shape(a)[dim], 0, []
+        for v in val:
+            hi = lo + int(v.shape[dim])
+            elements.append(_select_range(ctx, info, extent, lo, hi, dim, tuple(v.shape)))
+            lo = hi
+        return TokenInfo(Kind.PATCHED, rule="split-groups", elements=tuple(elements))
     axis = info.axis - (1 if drop_dim and dim < info.axis else 0)
-    elements = tuple(ctx.analysis.make_info(None, axis, "split", shape=tuple(v.shape)) for v in val)
+    elements = tuple(ctx.analysis.make_info(None, axis, "split", shape=tuple(v.shape), prefix=info.prefix,
+                                            suffix=info.suffix) for v in val)
     return TokenInfo(Kind.PATCHED, rule="split", elements=elements)
 
 
@@ -372,13 +417,37 @@ def rule_cat(ctx: _Ctx, stack: bool = False) -> TokenInfo:
             axis = info.axis
     out_axis = axis + (1 if stack and dim <= axis else 0)
     if not stack and dim == axis:
-        raise ctx.fail("concatenation along the token axis (joint text+image sequences) has no rule yet")
+        return _cat_groups(ctx, tensors, axis)
     for t in tensors:
         if not ctx.info(t).carries_tokens:
             if isinstance(t, fx.Node) and len(_shape(t)) == nd_in and _shape(t)[axis] != out[out_axis]:
                 raise ctx.fail(f"{t.name} does not span the token axis of the other concatenated tensors")
-            ctx.positional(t, axis, out_axis)
+            ctx.positional(t, axis, out_axis, like=next(ctx.info(x) for x in tensors if ctx.info(x).carries_tokens))
     return ctx.patched(out_axis, "stack" if stack else "cat")
+
+
+def _cat_groups(ctx: _Ctx, tensors, axis: int) -> TokenInfo:
+    """Concatenation along the token axis: a joint text+image sequence. At most one operand holds image
+    tokens; the others (GLOBAL text, or text-only values) become the text groups before and after it."""
+    before = after = 0
+    image = None
+    for t in tensors:
+        info = ctx.info(t)
+        extent = _shape(t)[axis]
+        has_image = info.carries_tokens and extent - info.prefix - info.suffix > 0
+        if has_image:
+            if image is not None:
+                raise ctx.fail("concatenating two tensors that both hold image tokens")
+            image = info
+            before += info.prefix
+            after += info.suffix
+        elif image is None:
+            before += extent
+        else:
+            after += extent
+    if image is None:  # text only (e.g. two text groups)
+        return ctx.patched(axis, "cat-text", prefix=before + after, suffix=0)
+    return ctx.patched(axis, "cat-joint", prefix=before, suffix=after)
 
 
 def rule_getitem(ctx: _Ctx) -> TokenInfo:
@@ -393,6 +462,7 @@ def rule_getitem(ctx: _Ctx) -> TokenInfo:
     consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
     in_dim = out_dim = 0
     out_axis = None
+    selected = None
     for it in items:
         if it is None:
             out_dim += 1
@@ -411,9 +481,11 @@ def rule_getitem(ctx: _Ctx) -> TokenInfo:
             continue
         if isinstance(it, slice):
             if in_dim == info.axis:
-                full = slice(None).indices(in_shape[in_dim]) == it.indices(in_shape[in_dim])
-                if not full:
-                    raise ctx.fail("slicing the token axis (joint sequences) has no rule yet")
+                lo, hi, step = it.indices(in_shape[in_dim])
+                if step != 1:
+                    raise ctx.fail("strided slicing of the token axis")
+                if (lo, hi) != (0, in_shape[in_dim]):
+                    selected = (lo, hi)
                 out_axis = out_dim
             in_dim += 1
             out_dim += 1
@@ -421,6 +493,9 @@ def rule_getitem(ctx: _Ctx) -> TokenInfo:
         raise ctx.fail("advanced (tensor) indexing of a token-carrying tensor")
     if out_axis is None:
         out_axis = out_dim + (info.axis - in_dim)
+    if selected is not None:
+        choice = _select_range(ctx, info, in_shape[info.axis], *selected, out_axis, ctx.out_shape())
+        return ctx.patched(out_axis, "getitem-group", prefix=choice.prefix, suffix=choice.suffix)
     return ctx.patched(out_axis, "getitem")
 
 
@@ -454,7 +529,7 @@ def rule_setitem(ctx: _Ctx) -> TokenInfo:
         if vinfo.carries_tokens and vinfo.axis != axis_in_value:
             raise ctx.fail("in-place write of a value whose tokens lie on another axis")
         if not vinfo.carries_tokens:
-            ctx.positional(value, axis_in_value, info.axis, expected=shape[info.axis])
+            ctx.positional(value, axis_in_value, info.axis, expected=shape[info.axis], like=info)
     return TokenInfo(info.kind if info.kind is Kind.PATCHED else Kind.PATCHED, info.axis, info.epr, "setitem")
 
 
@@ -565,22 +640,25 @@ class _Analyzer:
         self.axis = axis
         self.positional: dict[str, fx.Node] = {}
 
-    def make_info(self, node, axis, rule, kind=Kind.PATCHED, attention=None, extra=None, shape=None):
+    def make_info(self, node, axis, rule, kind=Kind.PATCHED, attention=None, extra=None, shape=None,
+                  prefix=0, suffix=0):
         shape = shape if shape is not None else _shape(node)
         if axis is None or not 0 <= axis < len(shape):
             raise UnsupportedGraphError(f"token axis lost by rule {rule}", node)
-        epr = Fraction(shape[axis], self.input_rows)
-        info = TokenInfo(kind, axis, epr, rule, attention)
+        epr = Fraction(shape[axis] - prefix - suffix, self.input_rows)
+        info = TokenInfo(kind, axis, epr, rule, attention, prefix=prefix, suffix=suffix)
         if extra and node is not None:
             node_meta(node).extra.update(extra)
         return info
 
-    def mark_positional(self, node: fx.Node, axis: int, user: fx.Node) -> None:
+    def mark_positional(self, node: fx.Node, axis: int, user: fx.Node, prefix: int = 0, suffix: int = 0) -> None:
         meta = node_meta(node)
-        epr = Fraction(_shape(node)[axis], self.input_rows)
-        new = TokenInfo(Kind.POSITIONAL, axis, epr, f"positional (used by {user.name})")
+        epr = Fraction(_shape(node)[axis] - prefix - suffix, self.input_rows)
+        new = TokenInfo(Kind.POSITIONAL, axis, epr, f"positional (used by {user.name})", prefix=prefix,
+                        suffix=suffix)
         old = meta.token
-        if old is not None and old.kind is Kind.POSITIONAL and (old.axis, old.epr) != (axis, epr):
+        if old is not None and old.kind is Kind.POSITIONAL and (old.axis, old.epr, old.prefix) != (
+                axis, epr, prefix):
             raise UnsupportedGraphError(
                 f"{node.name} is used token-wise along two different axes ({old.axis} and {axis})", user
             )
