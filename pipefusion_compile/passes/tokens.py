@@ -418,6 +418,8 @@ def rule_cat(ctx: _Ctx, stack: bool = False) -> TokenInfo:
     out_axis = axis + (1 if stack and dim <= axis else 0)
     if not stack and dim == axis:
         return _cat_groups(ctx, tensors, axis)
+    if len({(ctx.info(t).prefix, ctx.info(t).suffix) for t in tensors if ctx.info(t).carries_tokens}) > 1:
+        raise ctx.fail("concatenated tensors hold different token groups (text/image) along the token axis")
     for t in tensors:
         if not ctx.info(t).carries_tokens:
             if isinstance(t, fx.Node) and len(_shape(t)) == nd_in and _shape(t)[axis] != out[out_axis]:
