@@ -128,7 +128,10 @@ class DistributedProgram(PipelineProgram):
 
     def _check_fingerprint(self) -> None:
         mine = self.fingerprint()
-        local = torch.tensor([int(mine[:15], 16)], dtype=torch.int64)
+        # NCCL only moves CUDA tensors; gloo takes CPU ones
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+            else torch.device("cpu")
+        local = torch.tensor([int(mine[:15], 16)], dtype=torch.int64, device=device)
         gathered = [torch.zeros_like(local) for _ in self.stage_ranks]
         work = dist.all_gather(gathered, local, group=self.group, async_op=True)
         self.comm._wait(work, "exchanging plan fingerprints with the other ranks", -1)
@@ -164,12 +167,12 @@ class DistributedProgram(PipelineProgram):
                  resident / 2**20, released / 2**20)
 
     # ------------------------------------------------------------------------------------------ schedule
-    def schedule_graph(self, pipelined: bool = True) -> fx.GraphModule:
-        """The FX graph this rank runs for one step (warmup or pipelined)."""
+    def schedule_graph(self, pipelined: bool = True, device: torch.device | str = "cpu") -> fx.GraphModule:
+        """The FX graph this rank runs for one step (warmup or pipelined); receive buffers on `device`."""
         patches = self.plan.patches if pipelined else ((0, self.plan.token_rows),)
-        key = tuple(patches)
+        key = (tuple(patches), str(device))
         if key not in self._schedules:
-            self._schedules[key] = self._build_schedule(patches)
+            self._schedules[key] = self._build_schedule(patches, torch.device(device))
         return self._schedules[key]
 
     def _inputs_of(self, *sources: str):
@@ -194,7 +197,7 @@ class DistributedProgram(PipelineProgram):
     def _node(self, name: str) -> fx.Node:
         return self._nodes_by_name[name]
 
-    def _build_schedule(self, patches) -> fx.GraphModule:
+    def _build_schedule(self, patches, device: torch.device) -> fx.GraphModule:
         k, last = self.stage_index, self.plan.num_stages - 1
         channel = self.comm.name
         root = torch.nn.Module()
@@ -211,7 +214,7 @@ class DistributedProgram(PipelineProgram):
         for j, (_, rows) in enumerate(patches):           # post every receive of the step ahead of time
             for p in incoming:
                 *_, nbytes = self._message_layout(self._routes[(p, k)], rows)
-                buf = g.call_function(torch.empty, ((nbytes,),), {"dtype": torch.uint8})
+                buf = g.call_function(torch.empty, ((nbytes,),), {"dtype": torch.uint8, "device": device})
                 buf.name = f"buf_{j}_from{p}"
                 g.call_function(torch.ops.pipefusion.irecv.default, (buf, p, j, channel))
                 bufs[(j, p)] = buf
@@ -265,7 +268,7 @@ class DistributedProgram(PipelineProgram):
         sliced = [self._resolve(inp, args, gmap, None, row0, rows)
                   for row0, rows in patches for inp in self._inputs_of("positional", "image")]
         row_starts = [torch.tensor(row0, dtype=torch.int64) for row0, _ in patches]
-        schedule = self.schedule_graph(pipelined=not warmup)
+        schedule = self.schedule_graph(pipelined=not warmup, device=device)
         try:
             schedule(*row_starts, hoisted, *sliced, *self._caches(inst, s, device), *outs.values())
         except PipefusionCommError:
