@@ -137,15 +137,18 @@ class PipelinePlan:
         if self.cuts:
             lines += ["", f"{'cut':>5}  {'after node':<24} tensors crossing (shape per patch, bytes per patch)"]
             for c in self.cuts:
-                desc = "; ".join(
-                    f"{t.name} {list(t.patch_shape)} {_fmt_bytes(t.patch_bytes)}"
-                    + (f" + text {_fmt_bytes(t.text_bytes)}/step" if t.text_bytes else "")
-                    + f" (stage {t.producer}->{'out' if t.consumer == self.num_stages else t.consumer})"
-                    for t in c.tensors
-                )
+                desc = "; ".join(_describe_crossing(t, self.num_stages) for t in c.tensors)
                 lines.append(f"{c.after_stage:>3}|{c.after_stage + 1:<1}  {c.after_node:<24} {desc}")
         lines += ["", "patches (token rows): " + ", ".join(f"[{r0}, {r0 + n})" for r0, n in self.patches)]
         return "\n".join(lines)
+
+
+def _describe_crossing(t: CrossingTensor, num_stages: int) -> str:
+    route = f"(stage {t.producer}->{'out' if t.consumer == num_stages else t.consumer})"
+    if not t.patch_bytes and t.text_bytes:  # the text stream of a joint sequence: once per step
+        return f"{t.name} text {list(t.shape)} {_fmt_bytes(t.text_bytes)}/step {route}"
+    text = f" + text {_fmt_bytes(t.text_bytes)}/step" if t.text_bytes else ""
+    return f"{t.name} {list(t.patch_shape)} {_fmt_bytes(t.patch_bytes)}{text} {route}"
 
 
 def _names(names: tuple[str, ...], limit: int = 4) -> str:
