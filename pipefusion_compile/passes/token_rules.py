@@ -1,0 +1,592 @@
+"""Token rules: for each op, how its operands' token axes map to its output's (or why it mixes tokens).
+
+A rule is `(ctx) -> TokenInfo`, called by the token analysis (`tokens.py`) only when some operand carries
+image tokens. `ctx` gives the node, its operands' infos, and ways to record a POSITIONAL operand or fail with
+the op, node and source line. `RULES` maps op identity (a torch function, an operator, or a Tensor method
+name) to its rule; an op on token-carrying data that is not in it is an error, never a guess.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from fractions import Fraction
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..errors import UnsupportedGraphError
+from .meta import Kind, TokenInfo, example_value, node_meta
+from .sdpa import SDPA_TARGETS
+
+GLOBAL = TokenInfo(Kind.GLOBAL, rule="global")
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers shared by the rules
+
+
+def shape_of(node) -> tuple[int, ...]:
+    val = example_value(node) if isinstance(node, fx.Node) else node
+    if not isinstance(val, torch.Tensor):
+        raise TypeError(f"{node} has no tensor example value")
+    return tuple(int(s) for s in val.shape)
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+class RuleContext:
+    """What a rule sees: the node, its operands' token infos, and ways to record or fail."""
+
+    def __init__(self, analysis, node: fx.Node):  # analysis: tokens._Analyzer (make_info, mark_positional)
+        self.analysis = analysis
+        self.node = node
+
+    def info(self, arg) -> TokenInfo:
+        if isinstance(arg, fx.Node):
+            return node_meta(arg).token or GLOBAL
+        return GLOBAL
+
+    def arg(self, i: int, name: str, default=None):
+        if len(self.node.args) > i:
+            return self.node.args[i]
+        return self.node.kwargs.get(name, default)
+
+    def out_shape(self) -> tuple[int, ...]:
+        return shape_of(self.node)
+
+    def patched(self, axis: int, rule: str, **kw) -> TokenInfo:
+        """Info for the output with tokens on `axis`. Unless given, the text groups (prefix/suffix) come
+        from the first token-carrying operand, scaled by how the axis extent changed (reshapes)."""
+        if "prefix" not in kw:
+            src = token_operands(self)
+            if src:
+                a, info = src[0]
+                if info.joint:
+                    ratio = Fraction(self.out_shape()[axis], shape_of(a)[info.axis])
+                    prefix, suffix = info.prefix * ratio, info.suffix * ratio
+                    if prefix.denominator != 1 or suffix.denominator != 1:
+                        raise self.fail("reshape splits a text token of a joint sequence")
+                    kw.update(prefix=int(prefix), suffix=int(suffix))
+        return self.analysis.make_info(self.node, axis, rule, **kw)
+
+    def fail(self, reason: str) -> UnsupportedGraphError:
+        return UnsupportedGraphError(reason, self.node)
+
+    def positional(self, arg, axis: int, out_axis: int, expected: int | None = None,
+                   like: TokenInfo | None = None) -> None:
+        """Mark GLOBAL `arg` as POSITIONAL along `axis` if it spans the tokens there, else leave it.
+        `expected` is the token extent it must have (default: the node's output extent on `out_axis`);
+        `like` is the token-carrying operand it is combined with (its text groups apply to `arg` too).
+        Combined with a text-only value, `arg` is the text group itself: it stays GLOBAL."""
+        if not isinstance(arg, fx.Node):
+            return
+        if like is not None and like.epr == 0:
+            return
+        val = example_value(arg)
+        if not isinstance(val, torch.Tensor) or axis < 0 or axis >= val.dim():
+            return
+        extent = int(val.shape[axis])
+        if extent == 1:
+            return
+        expected = self.out_shape()[out_axis] if expected is None else expected
+        if extent != expected:
+            raise self.fail(f"operand {arg.name} has {extent} elements on the token axis, expected "
+                            f"{expected} or 1")
+        self.analysis.mark_positional(arg, axis, self.node, like.prefix if like else 0, like.suffix if like else 0)
+
+
+def token_operands(ctx: RuleContext) -> list[tuple[fx.Node, TokenInfo]]:
+    found = []
+    for a in ctx.node.all_input_nodes:
+        info = ctx.info(a)
+        if info.carries_tokens:
+            found.append((a, info))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules: (ctx) -> TokenInfo for the node's output. Called only when some operand carries tokens.
+
+
+def rule_elementwise(ctx: RuleContext) -> TokenInfo:
+    """Broadcasting op: token axes align from the right; GLOBAL operands spanning the axis are POSITIONAL."""
+    out = ctx.out_shape()
+    out_axis = None
+    groups = None
+    for a, info in token_operands(ctx):
+        cand = len(out) - len(shape_of(a)) + info.axis
+        if out_axis is not None and cand != out_axis:
+            raise ctx.fail(f"operands carry tokens on different axes ({out_axis} vs {cand})")
+        if groups is not None and groups != (info.prefix, info.suffix):
+            raise ctx.fail("operands hold different token groups (text/image) along the token axis")
+        out_axis, groups = cand, (info.prefix, info.suffix)
+    like = token_operands(ctx)[0][1]
+    for a in ctx.node.all_input_nodes:
+        if not ctx.info(a).carries_tokens and isinstance(example_value(a), torch.Tensor):
+            nd = len(shape_of(a))
+            ctx.positional(a, nd - (len(out) - out_axis), out_axis, like=like)
+    return ctx.patched(out_axis, "elementwise")
+
+
+def rule_cast(ctx: RuleContext) -> TokenInfo:
+    """`x.type_as(other)` / `x.to(other)`: only `x`'s values matter; `other` only lends its dtype."""
+    x = ctx.node.args[0]
+    info = ctx.info(x)
+    if not info.carries_tokens:
+        return GLOBAL
+    return ctx.patched(info.axis, "cast")
+
+
+def reshape_axis(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, ...]) -> int | None:
+    """Where the token axis of `in_shape` lands after a reshape to `out_shape`, or None if it is merged
+    with dims before it (then a row band is no longer a contiguous range of one dim).
+
+    The dims before the token axis must be reproduced exactly as a prefix; the innermost such split wins, so
+    size-1 dims do not capture the axis.
+    """
+    outer = math.prod(in_shape[:axis])
+    best = None
+    for b in range(len(out_shape)):
+        if math.prod(out_shape[:b]) == outer and out_shape[b] > 1:
+            best = b
+    return best
+
+
+def rule_reshape(ctx: RuleContext) -> TokenInfo:
+    (a, info), = token_operands(ctx)
+    if ctx.node.args[0] is not a:
+        raise ctx.fail("the shape argument of a reshape depends on the image tokens")
+    b = reshape_axis(shape_of(a), info.axis, ctx.out_shape())
+    if b is None:
+        raise ctx.fail("reshape merges the token axis with the dims before it (e.g. batch), so a patch is "
+                       "no longer a contiguous range of one axis")
+    return ctx.patched(b, "reshape", extra={"shape_arg": True})
+
+
+def rule_expand(ctx: RuleContext) -> TokenInfo:
+    (a, info), = token_operands(ctx)
+    return ctx.patched(len(ctx.out_shape()) - len(shape_of(a)) + info.axis, "expand", extra={"shape_arg": True})
+
+
+def rule_permute(ctx: RuleContext) -> TokenInfo:
+    (a, info), = token_operands(ctx)
+    nd = len(shape_of(a))
+    target = ctx.node.target
+    if target == "permute" or target is torch.permute:
+        dims = ctx.node.args[1:]   # x.permute(0, 2, 1), x.permute((0, 2, 1)), torch.permute(x, (0, 2, 1))
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        if not dims:
+            dims = ctx.node.kwargs.get("dims")
+        dims = [_norm_dim(d, nd) for d in dims]
+        return ctx.patched(dims.index(info.axis), "permute")
+    if target == "t":
+        d0, d1 = 0, 1
+    elif target == "mT":
+        d0, d1 = nd - 2, nd - 1
+    elif target == "movedim" or target is torch.movedim:
+        src, dst = _norm_dim(ctx.arg(1, "source"), nd), _norm_dim(ctx.arg(2, "destination"), nd)
+        order = [d for d in range(nd) if d != src]
+        order.insert(dst, src)
+        return ctx.patched(order.index(info.axis), "movedim")
+    else:
+        d0, d1 = _norm_dim(ctx.arg(1, "dim0"), nd), _norm_dim(ctx.arg(2, "dim1"), nd)
+    ax = info.axis
+    ax = d1 if ax == d0 else d0 if ax == d1 else ax
+    return ctx.patched(ax, "transpose")
+
+
+def rule_einsum(ctx: RuleContext) -> TokenInfo:
+    eq = ctx.node.args[0]
+    operands = ctx.node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
+        operands = operands[0]
+    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
+        raise ctx.fail("einsum without an explicit output (or with '...') has no token rule")
+    lhs, out = eq.replace(" ", "").split("->")
+    subs = lhs.split(",")
+    letter = None
+    for sub, op in zip(subs, operands):
+        info = ctx.info(op)
+        if info.carries_tokens:
+            if letter is not None and sub[info.axis] != letter:
+                raise ctx.fail("einsum operands carry tokens on different letters")
+            letter = sub[info.axis]
+    like = next(ctx.info(op) for op in operands if ctx.info(op).carries_tokens)
+    for sub, op in zip(subs, operands):
+        if not ctx.info(op).carries_tokens and letter in sub:
+            ctx.positional(op, sub.index(letter), out.index(letter) if letter in out else 0, like=like)
+    if letter not in out:
+        raise ctx.fail(f"einsum '{eq}' sums over the token axis '{letter}' (mixes tokens)")
+    return ctx.patched(out.index(letter), "einsum")
+
+
+def rule_linear(ctx: RuleContext) -> TokenInfo:
+    x = ctx.node.args[0]
+    info = ctx.info(x)
+    if not info.carries_tokens or any(ctx.info(w).carries_tokens for w in ctx.node.all_input_nodes if w is not x):
+        raise ctx.fail("linear whose weight carries image tokens mixes tokens")
+    if info.axis == len(shape_of(x)) - 1:
+        raise ctx.fail("linear contracts over the token axis (mixes tokens)")
+    return ctx.patched(info.axis, "linear")
+
+
+def rule_matmul(ctx: RuleContext) -> TokenInfo:
+    a, b = ctx.node.args[0], ctx.node.args[1]
+    ia, ib = ctx.info(a), ctx.info(b)
+    if ib.carries_tokens or not ia.carries_tokens or ia.axis >= len(shape_of(a)) - 1:
+        raise ctx.fail("matmul over the token axis mixes tokens (only attention may)")
+    return ctx.patched(len(ctx.out_shape()) - len(shape_of(a)) + ia.axis, "matmul")
+
+
+def rule_norm(ctx: RuleContext) -> TokenInfo:
+    x = ctx.node.args[0]
+    info = ctx.info(x)
+    normalized = ctx.arg(1, "normalized_shape")
+    n = len(normalized) if isinstance(normalized, (tuple, list)) else 1
+    if not info.carries_tokens or info.axis >= len(shape_of(x)) - n:
+        raise ctx.fail("normalization over the token axis mixes tokens")
+    return ctx.patched(info.axis, "norm")
+
+
+def rule_reduce(ctx: RuleContext) -> TokenInfo:
+    x = ctx.node.args[0]
+    info = ctx.info(x)
+    nd = len(shape_of(x))
+    dim = ctx.arg(1, "dim")
+    if isinstance(dim, torch.dtype):
+        dim = None
+    dims = [] if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+    dims = [_norm_dim(d, nd) for d in dims]
+    if not dims or info.axis in dims:
+        raise ctx.fail("reduction over the token axis mixes tokens")
+    out_nd = len(ctx.out_shape())
+    shift = 0 if out_nd == nd else sum(1 for d in dims if d < info.axis)
+    return ctx.patched(info.axis - shift, "reduce")
+
+
+def rule_conv(ctx: RuleContext) -> TokenInfo:
+    """A conv with kernel == stride, no padding and no dilation on the token axis is a patch embedding."""
+    x, w = ctx.node.args[0], ctx.arg(1, "weight")
+    info = ctx.info(x)
+    if not info.carries_tokens or ctx.info(w).carries_tokens:
+        raise ctx.fail("conv whose weight carries image tokens")
+    nd = len(shape_of(x))
+    k = len(shape_of(w)) - 2
+    sd = info.axis - (nd - k)
+    if sd < 0:
+        raise ctx.fail("conv over the channels of a token-carrying tensor")
+
+    def at(value, default):
+        if value is None:
+            return default
+        return value[sd] if isinstance(value, (tuple, list)) else value
+
+    kernel = shape_of(w)[2 + sd]
+    stride = at(ctx.arg(3, "stride"), 1)
+    padding = at(ctx.arg(4, "padding"), 0)
+    dilation = at(ctx.arg(5, "dilation"), 1)
+    if isinstance(padding, str):
+        padding = 0 if padding == "valid" else -1
+    if stride != kernel or padding != 0 or dilation != 1:
+        raise ctx.fail(
+            f"conv over token rows (kernel {kernel}, stride {stride}, padding {padding}) mixes neighbouring "
+            "rows; only patch embeddings (kernel == stride, no padding) are supported (halo rows are not)"
+        )
+    return ctx.patched(info.axis, "conv-patch-embed")
+
+
+def rule_sdpa(ctx: RuleContext) -> TokenInfo:
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    iq, ik, iv = ctx.info(q), ctx.info(k), ctx.info(v)
+    mask = ctx.arg(3, "attn_mask")
+    if isinstance(mask, fx.Node) and ctx.info(mask).carries_tokens:
+        raise ctx.fail("attention mask computed from the image tokens")
+    if ctx.arg(5, "is_causal", False):
+        raise ctx.fail("causal attention over image tokens cannot use stale K/V")
+    if not iq.carries_tokens:
+        raise ctx.fail("attention whose query is global but whose keys carry image tokens (pools tokens)")
+    nq = len(shape_of(q))
+    if iq.axis != nq - 2:
+        raise ctx.fail("attention query carries tokens off the sequence axis")
+    if isinstance(mask, fx.Node):
+        ctx.positional(mask, len(shape_of(mask)) - 2, nq - 2, like=iq)
+    if ik.carries_tokens != iv.carries_tokens:
+        raise ctx.fail("attention with only one of K/V carrying image tokens")
+    if not ik.carries_tokens:
+        return ctx.patched(iq.axis, "cross-attention", attention="cross")
+    for t, it in ((k, ik), (v, iv)):
+        if it.axis != len(shape_of(t)) - 2 or it.epr != iq.epr:
+            raise ctx.fail("self-attention whose K/V token layout differs from its query's")
+    return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING)
+
+
+def _select_range(ctx: RuleContext, info: TokenInfo, extent: int, lo: int, hi: int, out_axis: int,
+                  shape: tuple[int, ...]) -> TokenInfo:
+    """Info of elements [lo, hi) of a token axis of `extent` elements whose image part is
+    [info.prefix, extent - info.suffix): the whole image part with some text around it, or text only.
+    A range that cuts through the image part has no rule (it would split image tokens by position)."""
+    img_lo, img_hi = info.prefix, extent - info.suffix
+    if img_hi == img_lo or hi <= img_lo or lo >= img_hi:    # text only
+        return ctx.analysis.make_info(None, out_axis, "text-group", shape=shape, prefix=hi - lo)
+    if lo <= img_lo and hi >= img_hi:
+        return ctx.analysis.make_info(None, out_axis, "token-group", shape=shape, prefix=img_lo - lo,
+                                      suffix=hi - img_hi)
+    raise ctx.fail("slicing the token axis through the image tokens (only whole token groups, e.g. the "
+                   "text and image parts of a joint sequence, can be selected)")
+
+
+def _split_like(ctx: RuleContext, dim_index: int, drop_dim: bool) -> TokenInfo:
+    (a, info), = token_operands(ctx)
+    nd = len(shape_of(a))
+    dim = _norm_dim(ctx.arg(dim_index, "dim", 0), nd)
+    val = example_value(ctx.node)
+    if dim == info.axis:
+        if drop_dim:
+            raise ctx.fail("unbind along the token axis (one tensor per token) has no rule")
+        extent, lo, elements = shape_of(a)[dim], 0, []
+        for v in val:
+            hi = lo + int(v.shape[dim])
+            elements.append(_select_range(ctx, info, extent, lo, hi, dim, tuple(v.shape)))
+            lo = hi
+        return TokenInfo(Kind.PATCHED, rule="split-groups", elements=tuple(elements))
+    axis = info.axis - (1 if drop_dim and dim < info.axis else 0)
+    elements = tuple(ctx.analysis.make_info(None, axis, "split", shape=tuple(v.shape), prefix=info.prefix,
+                                            suffix=info.suffix) for v in val)
+    return TokenInfo(Kind.PATCHED, rule="split", elements=elements)
+
+
+def rule_chunk_split(ctx: RuleContext) -> TokenInfo:
+    return _split_like(ctx, 2, drop_dim=False)
+
+
+def rule_unbind(ctx: RuleContext) -> TokenInfo:
+    return _split_like(ctx, 1, drop_dim=True)
+
+
+def rule_cat(ctx: RuleContext, stack: bool = False) -> TokenInfo:
+    tensors = ctx.arg(0, "tensors")
+    out = ctx.out_shape()
+    nd_in = len(out) - (1 if stack else 0)
+    dim = _norm_dim(ctx.arg(1, "dim", 0), len(out) if stack else nd_in)
+    axis = None
+    for t in tensors:
+        info = ctx.info(t)
+        if info.carries_tokens:
+            if axis is not None and info.axis != axis:
+                raise ctx.fail("concatenated tensors carry tokens on different axes")
+            axis = info.axis
+    out_axis = axis + (1 if stack and dim <= axis else 0)
+    if not stack and dim == axis:
+        return _cat_groups(ctx, tensors, axis)
+    if len({(ctx.info(t).prefix, ctx.info(t).suffix) for t in tensors if ctx.info(t).carries_tokens}) > 1:
+        raise ctx.fail("concatenated tensors hold different token groups (text/image) along the token axis")
+    for t in tensors:
+        if not ctx.info(t).carries_tokens:
+            if isinstance(t, fx.Node) and len(shape_of(t)) == nd_in and shape_of(t)[axis] != out[out_axis]:
+                raise ctx.fail(f"{t.name} does not span the token axis of the other concatenated tensors")
+            ctx.positional(t, axis, out_axis, like=next(ctx.info(x) for x in tensors if ctx.info(x).carries_tokens))
+    return ctx.patched(out_axis, "stack" if stack else "cat")
+
+
+def _cat_groups(ctx: RuleContext, tensors, axis: int) -> TokenInfo:
+    """Concatenation along the token axis: a joint text+image sequence. At most one operand holds image
+    tokens; the others (GLOBAL text, or text-only values) become the text groups before and after it."""
+    before = after = 0
+    image = None
+    for t in tensors:
+        info = ctx.info(t)
+        extent = shape_of(t)[axis]
+        has_image = info.carries_tokens and extent - info.prefix - info.suffix > 0
+        if has_image:
+            if image is not None:
+                raise ctx.fail("concatenating two tensors that both hold image tokens")
+            image = info
+            before += info.prefix
+            after += info.suffix
+        elif image is None:
+            before += extent
+        else:
+            after += extent
+    if image is None:  # text only (e.g. two text groups)
+        return ctx.patched(axis, "cat-text", prefix=before + after, suffix=0)
+    return ctx.patched(axis, "cat-joint", prefix=before, suffix=after)
+
+
+def rule_getitem(ctx: RuleContext) -> TokenInfo:
+    src, index = ctx.node.args
+    info = ctx.info(src)
+    if info.elements is not None:
+        return info.elements[index]
+    if not isinstance(example_value(src), torch.Tensor):
+        raise ctx.fail("indexing a non-tensor that carries tokens")
+    in_shape = shape_of(src)
+    items = index if isinstance(index, tuple) else (index,)
+    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    in_dim = out_dim = 0
+    out_axis = None
+    selected = None
+    for it in items:
+        if it is None:
+            out_dim += 1
+            continue
+        if it is Ellipsis:
+            skip = len(in_shape) - consumed
+            if in_dim <= info.axis < in_dim + skip:
+                out_axis = out_dim + (info.axis - in_dim)
+            in_dim += skip
+            out_dim += skip
+            continue
+        if isinstance(it, int):
+            if in_dim == info.axis:
+                raise ctx.fail("indexing a single token row")
+            in_dim += 1
+            continue
+        if isinstance(it, slice):
+            if in_dim == info.axis:
+                lo, hi, step = it.indices(in_shape[in_dim])
+                if step != 1:
+                    raise ctx.fail("strided slicing of the token axis")
+                if (lo, hi) != (0, in_shape[in_dim]):
+                    selected = (lo, hi)
+                out_axis = out_dim
+            in_dim += 1
+            out_dim += 1
+            continue
+        raise ctx.fail("advanced (tensor) indexing of a token-carrying tensor")
+    if out_axis is None:
+        out_axis = out_dim + (info.axis - in_dim)
+    if selected is not None:
+        choice = _select_range(ctx, info, in_shape[info.axis], *selected, out_axis, ctx.out_shape())
+        return ctx.patched(out_axis, "getitem-group", prefix=choice.prefix, suffix=choice.suffix)
+    return ctx.patched(out_axis, "getitem")
+
+
+def rule_setitem(ctx: RuleContext) -> TokenInfo:
+    """`target[index] = value` (e.g. interleaved RoPE writes `out[..., 0::2] = ...`): allowed when the index
+    leaves the target's token axis whole and the value lines up with it. The node itself has no value; its
+    info is the target's (the mutated tensor keeps its layout)."""
+    target, index, value = ctx.node.args
+    info = ctx.info(target)
+    if not info.carries_tokens:
+        raise ctx.fail("writing image tokens into a global tensor (it would mix them)")
+    shape = shape_of(target)
+    items = index if isinstance(index, tuple) else (index,)
+    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    dim = 0
+    for it in items:
+        if it is Ellipsis:
+            dim += len(shape) - consumed
+            continue
+        if it is None:
+            continue
+        if dim == info.axis and not (isinstance(it, slice) and it.indices(shape[dim]) == slice(None).indices(shape[dim])):
+            raise ctx.fail("in-place write to part of the token axis")
+        if not isinstance(it, (int, slice)):
+            raise ctx.fail("in-place write with a tensor index into a token-carrying tensor")
+        dim += 1
+    vinfo = ctx.info(value)
+    if isinstance(value, fx.Node) and isinstance(example_value(value), torch.Tensor):
+        nd = len(shape_of(value))
+        axis_in_value = nd - (len(shape) - info.axis)
+        if vinfo.carries_tokens and vinfo.axis != axis_in_value:
+            raise ctx.fail("in-place write of a value whose tokens lie on another axis")
+        if not vinfo.carries_tokens:
+            ctx.positional(value, axis_in_value, info.axis, expected=shape[info.axis], like=info)
+    return TokenInfo(info.kind if info.kind is Kind.PATCHED else Kind.PATCHED, info.axis, info.epr, "setitem")
+
+
+def rule_embedding(ctx: RuleContext) -> TokenInfo:
+    idx = ctx.node.args[0]
+    info = ctx.info(idx)
+    if not info.carries_tokens:
+        raise ctx.fail("embedding table carries image tokens")
+    return ctx.patched(info.axis, "embedding")
+
+
+def rule_shape_query(ctx: RuleContext) -> TokenInfo:
+    raise ctx.fail("reading the size of a token-carrying tensor at run time (the size changes per patch)")
+
+
+_ELEMENTWISE_FUNCS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.iadd,
+    operator.imul, operator.isub, operator.itruediv, operator.floordiv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.exp, torch.sin, torch.cos, torch.tanh,
+    torch.sigmoid, torch.rsqrt, torch.sqrt, torch.abs, torch.where, torch.clamp, torch.pow, torch.erf,
+    torch.square, torch.relu, torch.maximum, torch.minimum, torch.lerp, torch.addcmul, torch.nan_to_num,
+    torch.view_as_real, torch.view_as_complex, torch.real, torch.imag, torch.zeros_like, torch.ones_like,
+    torch.empty_like, torch.full_like, torch.randn_like,
+    F.silu, F.gelu, torch._C._nn.gelu, F.relu, F.dropout, F.mish, F.softplus, F.sigmoid, F.tanh, F.leaky_relu,
+    F.hardswish, F.elu,
+]
+_ELEMENTWISE_METHODS = [
+    "float", "half", "bfloat16", "double", "type", "contiguous", "clone", "detach", "add",
+    "sub", "mul", "div", "neg", "pow", "exp", "sin", "cos", "tanh", "sigmoid", "rsqrt", "sqrt", "abs",
+    "clamp", "clamp_", "masked_fill", "add_", "mul_", "sub_", "div_", "float_", "bool", "int", "long",
+    "square", "erf", "relu", "silu", "gelu", "new_zeros_like", "__add__", "__mul__", "lerp", "addcmul",
+    "zero_", "fill_", "copy_", "where", "nan_to_num",
+]
+
+RULES: dict[object, Callable[[RuleContext], TokenInfo]] = {}
+for _f in _ELEMENTWISE_FUNCS:
+    RULES[_f] = rule_elementwise
+for _m in _ELEMENTWISE_METHODS:
+    RULES[_m] = rule_elementwise
+for _t in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+           torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten):
+    RULES[_t] = rule_reshape
+for _t in ("expand", "expand_as", "broadcast_to", torch.broadcast_to):
+    RULES[_t] = rule_expand
+for _t in ("permute", "transpose", "swapaxes", "t", "mT", "movedim",
+           torch.permute, torch.transpose, torch.swapaxes, torch.movedim):
+    RULES[_t] = rule_permute
+for _t in (torch.einsum, torch.functional.einsum):
+    RULES[_t] = rule_einsum
+for _t in (torch._C._nn.linear, F.linear):
+    RULES[_t] = rule_linear
+for _t in (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__"):
+    RULES[_t] = rule_matmul
+for _t in (F.layer_norm, torch.layer_norm, torch.rms_norm, getattr(F, "rms_norm", torch.rms_norm)):
+    RULES[_t] = rule_norm
+for _t in ("mean", "sum", "amax", "amin", "max", "min", "softmax", "log_softmax", "var", "std", "norm",
+           "any", "all", "argmax", torch.mean, torch.sum, torch.softmax, F.softmax, F.log_softmax,
+           torch.amax, torch.var, torch.std, torch.norm, torch.linalg.vector_norm):
+    RULES[_t] = rule_reduce
+for _t in (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d):
+    RULES[_t] = rule_conv
+for _t in SDPA_TARGETS:
+    RULES[_t] = rule_sdpa
+for _t in ("chunk", "split", "split_with_sizes", "tensor_split", torch.chunk, torch.split,
+           torch.functional.split, torch.tensor_split):
+    RULES[_t] = rule_chunk_split
+for _t in ("unbind", torch.unbind):
+    RULES[_t] = rule_unbind
+for _t in (torch.cat, torch.concat, torch.concatenate):
+    RULES[_t] = rule_cat
+RULES[torch.stack] = lambda ctx: rule_cat(ctx, stack=True)
+RULES["to"] = RULES["type_as"] = rule_cast
+RULES[operator.getitem] = rule_getitem
+RULES[operator.setitem] = rule_setitem
+for _t in (F.embedding, torch.embedding):
+    RULES[_t] = rule_embedding
+for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
+    RULES[_t] = rule_shape_query
+
+
+def rule_for(node: fx.Node) -> Callable[[RuleContext], TokenInfo] | None:
+    try:
+        return RULES.get(node.target)
+    except TypeError:  # unhashable target
+        return None
+
+
+def op_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return f"Tensor.{t}"
+    return f"{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', str(t))}".lstrip(".")
+
+
