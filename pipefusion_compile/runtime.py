@@ -152,14 +152,8 @@ class PipelineProgram:
     @torch.no_grad()
     def __call__(self, *args):
         """One diffusion step (inference only: runs under no_grad)."""
-        inst = self._instance(args)
-        self._update_generation(inst, args)
-        warmup = inst.state.step < self.options.warmup_steps
-        patches = ((0, self.plan.token_rows),) if warmup else self.plan.patches
-        self.stats["warmup_calls" if warmup else "pipelined_calls"] += 1
+        inst, patches, device, outputs = self._start_step(args)
         globals_ = [self._globals(s, args) for s in self.stages]
-        device = args[self._placeholder_index[self.plan.token_input]].device
-        outputs = {o.name: torch.empty(o.shape, dtype=o.dtype, device=device) for o in self._token_outputs}
         for row0, rows in patches:
             row_start = torch.tensor(row0, dtype=torch.int64)
             carry: dict[str, torch.Tensor] = {}
@@ -171,10 +165,25 @@ class PipelineProgram:
                 carry.update(zip(s.lowered.outputs, result))
             for o in self._token_outputs:
                 outputs[o.name].narrow(o.axis, row0 * o.per_row, rows * o.per_row).copy_(carry[o.name])
+        return self._finish_step(inst, outputs, dict(zip(self.stages[-1].lowered.global_outputs, globals_[-1])))
+
+    def _start_step(self, args):
+        """Step bookkeeping shared by both runtimes: which weights, which generation, warmup or not, the
+        patches to run, the device, and empty full-size buffers for the model outputs."""
+        inst = self._instance(args)
+        self._update_generation(inst, args)
+        warmup = inst.state.step < self.options.warmup_steps
+        self.stats["warmup_calls" if warmup else "pipelined_calls"] += 1
+        patches = ((0, self.plan.token_rows),) if warmup else self.plan.patches
+        device = args[self._placeholder_index[self.plan.token_input]].device
+        outputs = {o.name: torch.empty(o.shape, dtype=o.dtype, device=device) for o in self._token_outputs}
+        return inst, patches, device, outputs
+
+    def _finish_step(self, inst: _Instance, outputs: dict, global_values: dict):
+        """Advance the step and return the outputs in the structure the dynamo graph returns."""
         inst.state.step += 1
-        last_globals = dict(zip(self.stages[-1].lowered.global_outputs, globals_[-1]))
         return pytree.tree_map(
-            lambda a: (outputs.get(a.name, last_globals.get(a.name)) if isinstance(a, fx.Node) else a),
+            lambda a: (outputs.get(a.name, global_values.get(a.name)) if isinstance(a, fx.Node) else a),
             self._out_spec,
         )
 

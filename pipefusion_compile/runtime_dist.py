@@ -32,7 +32,6 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from .comm import Comm, PipefusionCommError
 from .errors import PipefusionError, PlanError
@@ -169,7 +168,9 @@ class DistributedProgram(PipelineProgram):
     # ------------------------------------------------------------------------------------------ schedule
     def schedule_graph(self, pipelined: bool = True, device: torch.device | str = "cpu") -> fx.GraphModule:
         """The FX graph this rank runs for one step (warmup or pipelined); receive buffers on `device`."""
-        patches = self.plan.patches if pipelined else ((0, self.plan.token_rows),)
+        return self._schedule_for(self.plan.patches if pipelined else ((0, self.plan.token_rows),), device)
+
+    def _schedule_for(self, patches, device) -> fx.GraphModule:
         key = (tuple(patches), str(device))
         if key not in self._schedules:
             self._schedules[key] = self._build_schedule(patches, torch.device(device))
@@ -254,36 +255,25 @@ class DistributedProgram(PipelineProgram):
     # ------------------------------------------------------------------------------------------ run
     @torch.no_grad()
     def __call__(self, *args):
-        inst = self._instance(args)
-        self._update_generation(inst, args)
-        warmup = inst.state.step < self.options.warmup_steps
-        self.stats["warmup_calls" if warmup else "pipelined_calls"] += 1
-        patches = ((0, self.plan.token_rows),) if warmup else self.plan.patches
+        inst, patches, device, outs = self._start_step(args)
         self.comm.new_step(inst.state.step)
         s = self.own
         gmap = dict(zip(s.lowered.global_outputs, self._globals(s, args)))
-        device = args[self._placeholder_index[self.plan.token_input]].device
-        outs = {o.name: torch.empty(o.shape, dtype=o.dtype, device=device) for o in self._token_outputs}
         hoisted = [gmap[inp.name] for inp in self._inputs_of("global")]
         sliced = [self._resolve(inp, args, gmap, None, row0, rows)
                   for row0, rows in patches for inp in self._inputs_of("positional", "image")]
         row_starts = [torch.tensor(row0, dtype=torch.int64) for row0, _ in patches]
-        schedule = self.schedule_graph(pipelined=not warmup, device=device)
+        schedule = self._schedule_for(patches, device)
         try:
             schedule(*row_starts, hoisted, *sliced, *self._caches(inst, s, device), *outs.values())
         except PipefusionCommError:
             raise
         except Exception as e:
             raise PipefusionError(f"{self.comm.where()}: {type(e).__name__}: {e}") from e
-        inst.state.step += 1
         self.stats["bytes_sent"] = self.comm.bytes_sent
         self.stats["output_bytes"] = self.comm.output_bytes
         self._flush_timeline()
-        last_globals = gmap if self.stage_index == self.plan.num_stages - 1 else {}
-        return pytree.tree_map(
-            lambda a: (outs.get(a.name, last_globals.get(a.name)) if isinstance(a, fx.Node) else a),
-            self._out_spec,
-        )
+        return self._finish_step(inst, outs, gmap if self.stage_index == self.plan.num_stages - 1 else {})
 
     def _flush_timeline(self) -> None:
         if self.options.timeline is None or not self.comm.timeline:
