@@ -183,7 +183,7 @@ class DistributedProgram(PipelineProgram):
         shapes, ranks, dtypes, nbytes = [], [], [], 0
         for name in names:
             inp = next(i for i in self.stages_all[self._consumer_of(name)].lowered.inputs if i.name == name)
-            val = example_value(self._node(name))
+            val = example_value(self._nodes_by_name[name])
             shape = list(val.shape)
             shape[inp.axis] = inp.per_row * rows
             shapes += shape
@@ -194,9 +194,6 @@ class DistributedProgram(PipelineProgram):
 
     def _consumer_of(self, name: str) -> int:
         return next(c for (p, c), names in self._routes.items() if name in names)
-
-    def _node(self, name: str) -> fx.Node:
-        return self._nodes_by_name[name]
 
     def _build_schedule(self, patches, device: torch.device) -> fx.GraphModule:
         k, last = self.stage_index, self.plan.num_stages - 1

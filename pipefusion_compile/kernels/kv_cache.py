@@ -17,11 +17,11 @@ def kv_cache_update_reference(
     Any layout works ([B, H, S, D], [B, S, H, D], strided views): the copy goes through `narrow`.
     """
     length = k.shape[axis]
-    if k.shape != v.shape and (k.shape[axis] != v.shape[axis]):
+    if k.shape[axis] != v.shape[axis]:
         raise ValueError(f"k and v disagree on the token axis: {tuple(k.shape)} vs {tuple(v.shape)}")
     if start < 0 or start + length > cache_k.shape[axis]:
         raise IndexError(
             f"patch range [{start}, {start + length}) outside the cache's {cache_k.shape[axis]} tokens"
         )
     cache_k.narrow(axis, start, length).copy_(k)
-    cache_v.narrow(axis, start, v.shape[axis]).copy_(v)
+    cache_v.narrow(axis, start, length).copy_(v)
