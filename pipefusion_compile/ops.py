@@ -20,16 +20,20 @@ def kv_cache_update(
     row_start: torch.Tensor,
     axis: int,
     per_row: int,
+    offset: int = 0,
 ) -> None:
-    """Write fresh K/V of one patch into the caches at token range starting `row_start * per_row`.
+    """Write fresh K/V of one patch into the caches at token range starting `offset + row_start * per_row`.
+
+    `offset` is where the patch's token group starts in a joint sequence (e.g. after the text tokens in
+    Flux); 0 for image-only sequences and for a text piece placed first.
 
     `row_start` is a 0-d int64 CPU tensor (not an int) so that one compiled stage graph serves every
     patch of the same size: inductor would otherwise bake the patch offset into the code.
     """
-    start = int(row_start) * per_row
+    start = offset + int(row_start) * per_row
     kv_cache_update_reference(cache_k, cache_v, k, v, start, axis)
 
 
 @kv_cache_update.register_fake
-def _(cache_k, cache_v, k, v, row_start, axis, per_row):  # noqa: ANN001 - fake impl mirrors the op
+def _(cache_k, cache_v, k, v, row_start, axis, per_row, offset=0):  # noqa: ANN001 - fake impl mirrors the op
     return None

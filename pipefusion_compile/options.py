@@ -66,7 +66,7 @@ class PipefusionOptions:
 
         positive_int("num_stages", self.num_stages, 1)
         positive_int("num_patches", self.num_patches, 1)
-        positive_int("warmup_steps", self.warmup_steps, 1)
+        positive_int("warmup_steps", self.warmup_steps, 0)
         if self.token_axis is not None:
             positive_int("token_axis", self.token_axis, 1)
         p = self.partition

@@ -226,7 +226,12 @@ class PipelineProgram:
 
 
 def _reset_instance(inst: _Instance) -> None:
+    """New generation: step 0 again, and K/V caches back to zeros (with `warmup_steps=0` the first step
+    attends to them before any fresh K/V was written)."""
     inst.state = StepState(generation=inst.state.generation + 1)
+    for caches in inst.caches.values():
+        for c in caches:
+            c.zero_()
 
 
 def programs(compiled_model) -> list[PipelineProgram]:

@@ -68,6 +68,7 @@ class ReferencePipeFusion:
 
     def reset(self):
         self.step = 0
+        self.previous = []
 
     @contextlib.contextmanager
     def _stale_attention(self, num_tokens: int, lo: int, hi: int, warmup: bool):
@@ -84,7 +85,8 @@ class ReferencePipeFusion:
             ck[..., lo:hi, :] = key[..., lo:hi, :]
             cv[..., lo:hi, :] = value[..., lo:hi, :]
             if not warmup:
-                pk, pv = self.previous[layer]
+                # warmup_steps=0: the first step's "previous" K/V are the zero-initialised caches
+                pk, pv = self.previous[layer] if self.previous else (torch.zeros_like(ck), torch.zeros_like(cv))
                 key = torch.cat([ck[..., :hi, :], pk[..., hi:, :]], dim=-2)
                 value = torch.cat([cv[..., :hi, :], pv[..., hi:, :]], dim=-2)
             layer += 1

@@ -134,7 +134,8 @@ def test_options_validation():
     with pytest.raises(OptionsError, match="has 2 stages but num_stages=3"):
         PipefusionOptions.from_dict({"partition": [1, 2], "num_stages": 3})
     with pytest.raises(OptionsError, match="warmup_steps"):
-        PipefusionOptions.from_dict({"warmup_steps": 0})
+        PipefusionOptions.from_dict({"warmup_steps": -1})
+    assert PipefusionOptions.from_dict({"warmup_steps": 0}).warmup_steps == 0
     opts = PipefusionOptions.from_dict({}).resolve()
     assert (opts.num_stages, opts.num_patches, opts.warmup_steps, opts.simulate) == (1, 1, 1, True)
     opts = PipefusionOptions.from_dict({"num_stages": 3}).resolve()

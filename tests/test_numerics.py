@@ -31,6 +31,25 @@ def test_warmup_covering_all_steps_equals_plain_model(name):
     assert programs[0].stats["pipelined_calls"] == 0
 
 
+def test_warmup_zero_attends_to_zero_caches_first():
+    """warmup_steps=0: step 0 is already pipelined; K/V not computed yet are the zero-initialised caches.
+    A second generation starts from zero caches again (not from the last generation's K/V)."""
+    model, kwargs = MODELS["pixart"]()
+    reference = ReferencePipeFusion(model, num_patches=4, warmup_steps=0)
+
+    def ref_fn(latents, t, **kw):
+        return reference(latents, timestep=t, **kw)
+
+    want_final, want_steps = sample_loop(ref_fn, kwargs, steps=4)
+    compiled, programs = compile_pf(model, num_stages=2, num_patches=4, warmup_steps=0, stage_backend="eager")
+    for _ in range(2):  # the second loop is a new generation (timestep goes up): caches zeroed again
+        got_final, got_steps = sample_loop(call_model(compiled), kwargs, steps=4)
+        for got, want in zip(got_steps, want_steps):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_final, want_final, rtol=1e-4, atol=1e-5)
+    assert (programs[0].stats["warmup_calls"], programs[0].stats["pipelined_calls"]) == (0, 8)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("patches", [2, 4])
 def test_stale_kv_equals_eager_reference(name, patches):
