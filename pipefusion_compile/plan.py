@@ -24,6 +24,7 @@ from .passes.partition import (
     token_nodes,
     uniform_layers,
 )
+from .passes.pieces import BAND, FULL, TEXT, Piece
 from .passes.sdpa import sdpa_qkv
 from .passes.tokens import TokenAnalysis, analyze_tokens
 
@@ -90,6 +91,20 @@ class PipelinePlan:
     positional: tuple[str, ...]
     order: tuple[str, ...] = field(repr=False, default=())
     crossing: tuple[CrossingTensor, ...] = field(repr=False, default=())
+    text: str | None = None   # joint text+image sequence: "first" or "last" (where the text lies); None: image only
+
+    def pieces(self, pipelined: bool) -> tuple[Piece, ...]:
+        """The pieces one step runs, in order. Warmup: the whole sequence. Pipelined: the M image bands, plus
+        for a joint text+image sequence the text piece at its place in the sequence (with M = 1 the whole
+        joint sequence is the one patch, so a pipelined step equals the plain model)."""
+        if not pipelined or (self.text and self.num_patches == 1):
+            return (Piece(FULL, 0, self.token_rows) if self.text else Piece(BAND, 0, self.token_rows),)
+        bands = tuple(Piece(BAND, r0, n) for r0, n in self.patches)
+        if self.text == "first":
+            return (Piece(TEXT), *bands)
+        if self.text == "last":
+            return (*bands, Piece(TEXT))
+        return bands
 
     def p2p_bytes_per_step(self, stage: int) -> int:
         """Bytes stage `stage` sends to later stages per step: every patch of every value it produces, once
@@ -140,6 +155,12 @@ class PipelinePlan:
                 desc = "; ".join(_describe_crossing(t, self.num_stages) for t in c.tensors)
                 lines.append(f"{c.after_stage:>3}|{c.after_stage + 1:<1}  {c.after_node:<24} {desc}")
         lines += ["", "patches (token rows): " + ", ".join(f"[{r0}, {r0 + n})" for r0, n in self.patches)]
+        if self.text:
+            lines.append(
+                f"joint text+image sequence (text {self.text} along the token axis): the text is one more patch, "
+                f"run once per pipelined step {'before' if self.text == 'first' else 'after'} the image bands"
+                + (" (M=1: the whole joint sequence is one patch)" if self.num_patches == 1 else "")
+            )
         return "\n".join(lines)
 
 
@@ -323,4 +344,20 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         positional=tuple(analysis.positional),
         order=tuple(n.name for n in nodes),
         crossing=tuple(crossing),
+        text=_text_side(nodes),
     )
+
+
+def _text_side(nodes: list[fx.Node]) -> str | None:
+    """Where the text group of a joint sequence lies along the self-attention's token axis (None: no text)."""
+    sides = set()
+    for n in nodes:
+        if node_meta(n).token.attention == "self":
+            info = node_meta(sdpa_qkv(n)[1]).token
+            if info.prefix:
+                sides.add("first")
+            if info.suffix:
+                sides.add("last")
+    if len(sides) > 1:
+        raise PlanError("self-attention layers disagree on where the text tokens lie (before / after the image)")
+    return sides.pop() if sides else None

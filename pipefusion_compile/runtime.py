@@ -20,8 +20,9 @@ import torch.utils._pytree as pytree
 
 from .errors import PipefusionError
 from .options import PipefusionOptions
-from .passes.lower import LoweredStage, StageInput
+from .passes.lower import LoweredStage, PieceGraph, StageInput
 from .passes.meta import example_value, node_meta
+from .passes.pieces import FULL, TEXT, Piece
 from .plan import PipelinePlan
 
 log = logging.getLogger("pipefusion_compile")
@@ -84,6 +85,10 @@ class _OutputSlot:
     def of(cls, node: fx.Node, token_rows: int) -> "_OutputSlot":
         val, axis = example_value(node), node_meta(node).token.axis
         return cls(node.name, tuple(val.shape), val.dtype, axis, val.shape[axis] // token_rows)
+
+    def band(self, out: torch.Tensor, piece: Piece) -> torch.Tensor:
+        """The part of the full output `out` that `piece` computes (model outputs hold image tokens only)."""
+        return out.narrow(self.axis, piece.row0 * self.per_row, piece.rows * self.per_row)
 
 
 class PipelineProgram:
@@ -152,19 +157,21 @@ class PipelineProgram:
     @torch.no_grad()
     def __call__(self, *args):
         """One diffusion step (inference only: runs under no_grad)."""
-        inst, patches, device, outputs = self._start_step(args)
+        inst, pieces, device, outputs = self._start_step(args)
         globals_ = [self._globals(s, args) for s in self.stages]
-        for row0, rows in patches:
-            row_start = torch.tensor(row0, dtype=torch.int64)
+        for piece in pieces:
+            row_start = torch.tensor(piece.row0, dtype=torch.int64)
             carry: dict[str, torch.Tensor] = {}
             for s in self.stages:
+                pg = s.lowered.piece_graph(piece)
                 caches = self._caches(inst, s, device)
-                inputs = [row_start, *self._stage_inputs(s, args, globals_[s.lowered.index], carry, row0, rows),
+                inputs = [row_start, *self._stage_inputs(s, pg, args, globals_[s.lowered.index], carry, piece),
                           *caches]
-                result = self._stage_fn(s, rows, inputs)(*inputs)
-                carry.update(zip(s.lowered.outputs, result))
-            for o in self._token_outputs:
-                outputs[o.name].narrow(o.axis, row0 * o.per_row, rows * o.per_row).copy_(carry[o.name])
+                result = self._stage_fn(s, piece, inputs)(*inputs)
+                carry.update(zip(pg.outputs, result))
+            if piece.kind != TEXT:
+                for o in self._token_outputs:
+                    o.band(outputs[o.name], piece).copy_(carry[o.name])
         return self._finish_step(inst, outputs, dict(zip(self.stages[-1].lowered.global_outputs, globals_[-1])))
 
     def _start_step(self, args):
@@ -174,10 +181,10 @@ class PipelineProgram:
         self._update_generation(inst, args)
         warmup = inst.state.step < self.options.warmup_steps
         self.stats["warmup_calls" if warmup else "pipelined_calls"] += 1
-        patches = ((0, self.plan.token_rows),) if warmup else self.plan.patches
+        pieces = self.plan.pieces(pipelined=not warmup)
         device = args[self._placeholder_index[self.plan.token_input]].device
         outputs = {o.name: torch.empty(o.shape, dtype=o.dtype, device=device) for o in self._token_outputs}
-        return inst, patches, device, outputs
+        return inst, pieces, device, outputs
 
     def _finish_step(self, inst: _Instance, outputs: dict, global_values: dict):
         """Advance the step and return the outputs in the structure the dynamo graph returns."""
@@ -191,17 +198,19 @@ class PipelineProgram:
         # Hoisted GLOBAL work is small and runs once per step: it stays eager.
         return s.lowered.globals_gm(*[args[i] for i in s.lowered.global_inputs])
 
-    def _stage_inputs(self, s: _StageRuntime, args, globals_, carry, row0: int, rows: int) -> list:
+    def _stage_inputs(self, s: _StageRuntime, pg: PieceGraph, args, globals_, carry, piece: Piece) -> list:
         gmap = dict(zip(s.lowered.global_outputs, globals_))
-        return [self._resolve(inp, args, gmap, carry, row0, rows) for inp in s.lowered.inputs]
+        return [self._resolve(inp, args, gmap, carry, piece) for inp in pg.inputs]
 
-    def _resolve(self, inp: StageInput, args, gmap, carry, row0: int, rows: int):
+    def _resolve(self, inp: StageInput, args, gmap, carry, piece: Piece):
         if inp.source == "global":
             return gmap[inp.name]
         if inp.source == "recv":
             return carry[inp.name]
         full = gmap[inp.name] if inp.source == "positional" else args[self._placeholder_index[inp.name]]
-        return full.narrow(inp.axis, row0 * inp.per_row, rows * inp.per_row)
+        if piece.kind == FULL:
+            return full
+        return full.narrow(inp.axis, *inp.token_range(self.plan.token_rows, piece))
 
     @staticmethod
     def _caches(inst: _Instance, s: _StageRuntime, device: torch.device) -> list[torch.Tensor]:
@@ -212,16 +221,17 @@ class PipelineProgram:
             ]
         return caches
 
-    def _stage_fn(self, s: _StageRuntime, rows: int, inputs: list):
-        fn = s.compiled.get(rows)
+    def _stage_fn(self, s: _StageRuntime, piece: Piece, inputs: list):
+        fn = s.compiled.get(piece.key)
         if fn is None:
             t0 = time.perf_counter()
-            fn = compile_stage_graph(s.lowered.patch_graph(rows), inputs, self.options.stage_backend)
+            fn = compile_stage_graph(s.lowered.piece_graph(piece).gm, inputs, self.options.stage_backend)
             elapsed = time.perf_counter() - t0
             self.stats["compile_s"] += elapsed
-            s.compiled[rows] = fn
-            log.info("pipefusion: stage %d, patch of %d token rows: compiled with %s in %.2fs",
-                     s.lowered.index, rows, self.options.stage_backend, elapsed)
+            s.compiled[piece.key] = fn
+            what = "the text piece" if piece.kind == TEXT else f"a {piece.kind} piece of {piece.rows} token rows"
+            log.info("pipefusion: stage %d, %s: compiled with %s in %.2fs",
+                     s.lowered.index, what, self.options.stage_backend, elapsed)
         return fn
 
 

@@ -12,6 +12,10 @@ within the forward); its K/V are assembled as PipeFusion defines them:
 For each patch of a step the *whole* model runs on the full sequence, and only the patch's rows of the
 output are kept. Warmup steps run the model plainly and record all K/V. Slow (M full forwards per step)
 and obviously right, which is the point.
+
+Joint text+image attention (SD3, Flux): the attention sequence is [image | text] or [text | image]; the
+text is one more patch at its place in that sequence (run once per step, in sequence order with the
+bands, only to refresh its K/V), and with one patch the whole joint sequence is that patch.
 """
 from __future__ import annotations
 
@@ -58,10 +62,13 @@ def bands(rows: int, num_patches: int) -> list[tuple[int, int]]:
 class ReferencePipeFusion:
     """Call it like the model's forward (returns the output tensor): one call = one diffusion step."""
 
-    def __init__(self, model, num_patches: int, warmup_steps: int = 1):
+    def __init__(self, model, num_patches: int, warmup_steps: int = 1, text_tokens: int = 0,
+                 text_first: bool = False):
         self.model = model
         self.num_patches = num_patches
         self.warmup_steps = warmup_steps
+        self.text_tokens = text_tokens  # text tokens in the joint attention sequence (0: image only)
+        self.text_first = text_first
         self.step = 0
         self.previous: list[tuple[torch.Tensor, torch.Tensor]] = []  # per self-attention layer, last step
         self.current: list[tuple[torch.Tensor, torch.Tensor]] = []   # per layer, being filled this step
@@ -101,16 +108,27 @@ class ReferencePipeFusion:
     @torch.no_grad()
     def __call__(self, hidden_states, **kwargs):
         layout = ImageLayout.of(self.model, hidden_states)
-        num_tokens = layout.rows * layout.tokens_per_row
+        image_tokens = layout.rows * layout.tokens_per_row
+        num_tokens = image_tokens + self.text_tokens
+        image_at = self.text_tokens if self.text_first else 0  # where the image tokens start in the sequence
         warmup = self.step < self.warmup_steps
-        patches = [(0, layout.rows)] if warmup else bands(layout.rows, self.num_patches)
+        one_patch = warmup or (self.text_tokens and self.num_patches == 1)
+        # (first row, rows, token range in the attention sequence), in sequence order; rows None = text
+        pieces = [(row0, n, image_at + row0 * layout.tokens_per_row, image_at + (row0 + n) * layout.tokens_per_row)
+                  for row0, n in ([(0, layout.rows)] if one_patch else bands(layout.rows, self.num_patches))]
+        if one_patch:
+            pieces = [(0, layout.rows, 0, num_tokens)]
+        elif self.text_tokens:
+            text = (None, None, 0, self.text_tokens) if self.text_first else (None, None, image_tokens, num_tokens)
+            pieces = [text, *pieces] if self.text_first else [*pieces, text]
         result = None
-        for row0, n in patches:
-            lo, hi = row0 * layout.tokens_per_row, (row0 + n) * layout.tokens_per_row
+        for row0, n, lo, hi in pieces:
             with self._stale_attention(num_tokens, lo, hi, warmup):
                 out = self.model(hidden_states, **kwargs, return_dict=False)[0]
             if result is None:
                 result = torch.empty_like(out)
+            if row0 is None:
+                continue  # the text piece only refreshes the text K/V
             a, k = layout.out_axis, layout.out_per_row
             result.narrow(a, row0 * k, n * k).copy_(out.narrow(a, row0 * k, n * k))
         self.previous = [(k.clone(), v.clone()) for k, v in self.current]

@@ -4,19 +4,27 @@ import torch
 
 import pipefusion_compile
 from helpers import call_model, compile_pf, sample_loop
-from pipefusion_compile.models import dit, hunyuan_dit, ltx_video, pixart, wan
+from pipefusion_compile.models import dit, flux, hunyuan_dit, ltx_video, pixart, sd3, wan
 from reference_pipefusion import ReferencePipeFusion, bands
 
-MODELS = {"pixart": pixart, "dit": dit, "ltx_video": ltx_video, "hunyuan_dit": hunyuan_dit, "wan": wan}
+MODELS = {"pixart": pixart, "dit": dit, "ltx_video": ltx_video, "hunyuan_dit": hunyuan_dit, "wan": wan,
+          "sd3": sd3, "flux": flux}
+TEXT_FIRST = {"sd3": False, "flux": True}  # joint attention: [image | text] (SD3) or [text | image] (Flux)
+
+
+def make_reference(name, model, kwargs, patches, warmup_steps=1):
+    text = kwargs["encoder_hidden_states"].shape[1] if name in TEXT_FIRST else 0
+    return ReferencePipeFusion(model, num_patches=patches, warmup_steps=warmup_steps, text_tokens=text,
+                               text_first=TEXT_FIRST.get(name, False))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
 def test_one_patch_equals_plain_model_every_step(name, stages):
     model, kwargs = MODELS[name]()
-    _, ref_steps = sample_loop(call_model(model), kwargs, steps=4)
+    _, ref_steps = sample_loop(call_model(model), kwargs, steps=5)
     compiled, _ = compile_pf(model, num_stages=stages, num_patches=1, stage_backend="eager")
-    _, steps = sample_loop(call_model(compiled), kwargs, steps=4)
+    _, steps = sample_loop(call_model(compiled), kwargs, steps=5)
     for got, want in zip(steps, ref_steps):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -54,13 +62,14 @@ def test_warmup_zero_attends_to_zero_caches_first():
 @pytest.mark.parametrize("patches", [2, 4])
 def test_stale_kv_equals_eager_reference(name, patches):
     model, kwargs = MODELS[name]()
-    reference = ReferencePipeFusion(model, num_patches=patches, warmup_steps=1)
+    reference = make_reference(name, model, kwargs, patches)
 
     def ref_fn(latents, t, **kw):
         return reference(latents, timestep=t, **kw)
 
     want_final, want_steps = sample_loop(ref_fn, kwargs, steps=10)
-    compiled, programs = compile_pf(model, num_stages=2, num_patches=patches, stage_backend="eager")
+    stages = 4 if name in TEXT_FIRST else 2
+    compiled, programs = compile_pf(model, num_stages=stages, num_patches=patches, stage_backend="eager")
     got_final, got_steps = sample_loop(call_model(compiled), kwargs, steps=10)
     assert programs[0].plan.patches == tuple(bands(programs[0].plan.token_rows, patches))
     assert (programs[0].stats["warmup_calls"], programs[0].stats["pipelined_calls"]) == (1, 9)

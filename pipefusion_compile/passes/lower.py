@@ -3,16 +3,19 @@
 For stage k this module builds
   * a *globals* graph: the GLOBAL/POSITIONAL values the stage reads, hoisted out of the patch loop
     (computed once per step from the model inputs), and
-  * a *patch* graph per patch size (full sequence for warmup, one per distinct band height), composed of
-    three passes, each a function over a GraphModule:
+  * a *piece* graph per kind of piece (`pieces.py`: the full sequence for warmup, one per distinct band
+    height, the text of a joint sequence), composed of passes, each a function over a GraphModule:
 
         extract_stage          copy the stage's token-carrying nodes; everything they read from outside
                                becomes a placeholder (received value, hoisted global, sliced positional
                                table, sliced image input); self-attention gets two cache placeholders
+        select_group           keep, of every value, the token group the piece holds (image band or text):
+                               `cat` of text and image along the token axis -> the piece's operand, slices
+                               that select a group -> their input, values without the group -> removed
         rewrite_stale_attention   sdpa(q, k, v)  ->  pipefusion.kv_cache_update(ck, cv, k, v, row_start)
                                                      sdpa(q, ck, cv)
         rewrite_token_sizes    sizes dynamo baked into reshape/view/expand/unflatten, at the axis the token
-                               analysis says carries tokens, become `rows * per_row`
+                               analysis says carries tokens, become the piece's extent (`rows * per_row`)
 
   then `propagate_patch_shapes` runs the patch graph on fake tensors and checks every token-carrying value
   has the patch's shape (a constant that measures tokens and was missed fails here, at compile time).
@@ -20,6 +23,7 @@ For stage k this module builds
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,6 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .. import ops  # noqa: F401  (registers torch.ops.pipefusion.*)
 from ..errors import PipefusionError, UnsupportedGraphError
 from .meta import Kind, TokenInfo, example_value, node_meta
+from .pieces import BAND, FULL, TEXT, Piece, extent, holds, token_range
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
 from .tokens import TokenAnalysis
 
@@ -45,6 +50,12 @@ class StageInput:
     source: str                 # "recv" (earlier stage), "global", "positional" or "image" (sliced input)
     axis: int | None = None     # token axis, for "recv"/"positional"/"image"
     per_row: int | None = None  # elements per token row along `axis`
+    prefix: int = 0             # text elements before / after the image part along `axis` (joint sequences)
+    suffix: int = 0
+
+    def token_range(self, token_rows: int, piece: Piece) -> tuple[int, int]:
+        """(start, length) of the full-sequence value that `piece` reads."""
+        return token_range(self.prefix, self.suffix, self.per_row, token_rows, piece)
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,17 @@ class CacheSpec:
     dtype: torch.dtype
     axis: int
     per_row: int
+    prefix: int = 0   # text elements before / after the image part (joint attention)
+    suffix: int = 0
+
+
+@dataclass(frozen=True)
+class PieceGraph:
+    """The stage's graph for one kind of piece: called as `gm(row_start, *inputs, *caches)`."""
+
+    gm: fx.GraphModule
+    inputs: tuple[StageInput, ...]   # the stage inputs this piece reads (a subset, in stage-input order)
+    outputs: tuple[str, ...]         # the stage outputs this piece produces
 
 
 @dataclass
@@ -69,24 +91,22 @@ class LoweredStage:
     outputs: tuple[str, ...]
     stage_gm: fx.GraphModule         # full-sequence stage graph before the rewrites (for inspection)
     token_rows: int
-    _build: Callable[[int], fx.GraphModule] = field(repr=False, default=None)
-    _patch_graphs: dict[int, fx.GraphModule] = field(default_factory=dict, repr=False)
+    _build: Callable[[Piece], PieceGraph] = field(repr=False, default=None)
+    _piece_graphs: dict[tuple, PieceGraph] = field(default_factory=dict, repr=False)
+
+    def piece_graph(self, piece: Piece) -> PieceGraph:
+        """The stage's graph for pieces like `piece` (built once per kind and size)."""
+        if piece.key not in self._piece_graphs:
+            self._piece_graphs[piece.key] = self._build(piece)
+        return self._piece_graphs[piece.key]
 
     def patch_graph(self, rows: int) -> fx.GraphModule:
-        """The stage's graph for a patch of `rows` token rows (built once per size)."""
-        if rows not in self._patch_graphs:
-            self._patch_graphs[rows] = self._build(rows)
-        return self._patch_graphs[rows]
+        """The stage's graph for an image band of `rows` token rows."""
+        return self.piece_graph(Piece(BAND, 0, rows)).gm
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Pass 1: extract a stage
-
-
-def _scaled_shape(shape, axis: int, per_row: int, rows: int) -> tuple[int, ...]:
-    shape = list(shape)
-    shape[axis] = per_row * rows
-    return tuple(shape)
 
 
 def extract_stage(
@@ -111,10 +131,11 @@ def extract_stage(
     for a in seen:
         info = node_meta(a).token
         if info.kind is Kind.POSITIONAL:
-            inputs.append(StageInput(a.name, "positional", info.axis, analysis.per_row(info)))
+            inputs.append(StageInput(a.name, "positional", info.axis, analysis.per_row(info), info.prefix,
+                                     info.suffix))
         elif info.carries_tokens:
             source = "image" if a.op == "placeholder" else "recv"
-            inputs.append(StageInput(a.name, source, info.axis, analysis.per_row(info)))
+            inputs.append(StageInput(a.name, source, info.axis, analysis.per_row(info), info.prefix, info.suffix))
         else:
             inputs.append(StageInput(a.name, "global"))
     caches = []
@@ -124,7 +145,8 @@ def extract_stage(
             _, k, _ = sdpa_qkv(n)
             kinfo = node_meta(k).token
             val = example_value(k)
-            caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, kinfo.axis, analysis.per_row(kinfo)))
+            caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, kinfo.axis, analysis.per_row(kinfo),
+                                    kinfo.prefix, kinfo.suffix))
 
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -140,7 +162,8 @@ def extract_stage(
     for c in caches:
         for which in ("k", "v"):
             ph = g.placeholder(f"{c.attention}_cache_{which}")
-            node_meta(ph).extra["cache_of"] = (c.attention, which, c.axis, c.per_row)
+            node_meta(ph).extra["cache_of"] = c
+            node_meta(ph).extra["cache_which"] = which
     for n in members:
         new = g.node_copy(n, lambda a: env[a])
         new.meta["pipefusion"] = node_meta(n)
@@ -152,16 +175,100 @@ def extract_stage(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pass 2: stale-K/V attention
+# Pass 2: the piece's token group
 
 
-def rewrite_stale_attention(gm: fx.GraphModule) -> fx.GraphModule:
+def _image_operand(info: TokenInfo) -> bool:
+    return info is not None and info.carries_tokens and info.epr > 0
+
+
+def _group_extent(info: TokenInfo, kind: str) -> tuple[int, ...]:
+    """What of a value's token axis belongs to pieces of `kind`, to compare a selection with its input."""
+    return (info.epr,) if kind == BAND else (info.prefix + info.suffix,)
+
+
+def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
+    """Keep, of every value, the part that pieces of `kind` (BAND: image rows, TEXT: the text group) hold.
+
+    Before (Flux, text first):                     After, BAND:                  After, TEXT:
+        %q = cat([%txt_q, %img_q], 1)  [txt|img]       (uses of %q -> %img_q)        (uses of %q -> %txt_q)
+        %o = sdpa(%q, %k, %v)          [txt|img]       %o = sdpa(%img_q, ...)        %o = sdpa(%txt_q, ...)
+        %s = split_with_sizes(%o', [6, 64], 1)         (removed)                     (removed)
+        %t = getitem(%s, 0)            text            (removed)                     (uses of %t -> %o')
+        %i = getitem(%s, 1)            image           (uses of %i -> %o')           (removed)
+        %x = gelu(%t)                  text            (removed)                     %x = gelu(%o')
+    A FULL piece keeps everything. Sizes are rewritten afterwards (`rewrite_token_sizes`); the outputs the
+    piece does not hold are dropped from the graph output.
+    """
+    if kind == FULL:
+        return gm
+    g = gm.graph
+
+    def replace(n: fx.Node, by: fx.Node) -> None:
+        n.replace_all_uses_with(by)
+        g.erase_node(n)
+
+    for n in list(g.nodes):
+        if n.op not in ("call_function", "call_method"):
+            continue
+        info = node_meta(n).token
+        if info is None or not holds(info, kind):
+            continue
+        if info.rule == "cat-joint":
+            tensors = n.args[0] if n.args else n.kwargs["tensors"]
+            keep = [t for t in tensors if isinstance(t, fx.Node) and (
+                _image_operand(node_meta(t).token) if kind == BAND else holds(node_meta(t).token, TEXT)
+                or not node_meta(t).token.carries_tokens)]
+            if len(keep) != 1:
+                raise UnsupportedGraphError(
+                    f"concatenation along the token axis with {len(keep)} operands holding the "
+                    f"{'image' if kind == BAND else 'text'} group (one expected)", n)
+            replace(n, keep[0])
+        elif info.rule == "getitem-group":
+            src = n.args[0]
+            src_info = node_meta(src).token
+            if src_info.joint and src_info.epr > 0:  # selects the piece's group out of a joint value
+                if _group_extent(info, kind) != _group_extent(src_info, kind):
+                    raise UnsupportedGraphError("selecting part of the text group of a joint sequence", n)
+                replace(n, src)
+        elif n.target is operator.getitem and node_meta(n.args[0]).token.rule == "split-groups":
+            split = n.args[0]
+            src = split.args[0] if split.args else split.kwargs["input"]
+            if _group_extent(info, kind) != _group_extent(node_meta(src).token, kind):
+                raise UnsupportedGraphError("selecting part of the text group of a joint sequence", n)
+            replace(n, src)
+    out = next(iter(g.find_nodes(op="output")))
+    outs = out.args[0]
+    out.args = (tuple(o for o in outs if holds(node_meta(o).token, kind)),)
+    for n in reversed(list(g.nodes)):
+        if n.op in ("call_function", "call_method") and not holds(node_meta(n).token, kind) or (
+                node_meta(n).token is not None and node_meta(n).token.rule == "split-groups" and not n.users):
+            if n.users:
+                raise UnsupportedGraphError(
+                    f"internal: {n.name} has no part in the {kind} piece but {next(iter(n.users)).name} reads it", n)
+            g.erase_node(n)
+    for ph in list(g.find_nodes(op="placeholder")):
+        extra = node_meta(ph).extra
+        if not ph.users and not extra.get("row_start") and "cache_of" not in extra:
+            g.erase_node(ph)
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pass 3: stale-K/V attention
+
+
+def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphModule:
     """Every self-attention writes its fresh K/V into the caches, then attends over the whole caches.
 
     Before:                                        After:
         %attn = sdpa(%q, %k, %v)                       %u = pipefusion.kv_cache_update(%a_cache_k, %a_cache_v,
-                                                                %k, %v, %row_start, 2, 4)
+                                                                %k, %v, %row_start, 2, 4, 0)
                                                        %attn = sdpa(%q, %a_cache_k, %a_cache_v)
+    The write lands at `offset + row_start * per_row`: an image band after the text that precedes it (Flux:
+    offset = text length), the text piece at the text's place, the full sequence at 0.
     Cross-attention (GLOBAL K/V over the prompt) is left as it is.
     """
     caches: dict[tuple[str, str], fx.Node] = {}
@@ -169,8 +276,7 @@ def rewrite_stale_attention(gm: fx.GraphModule) -> fx.GraphModule:
     for ph in gm.graph.find_nodes(op="placeholder"):
         extra = node_meta(ph).extra
         if "cache_of" in extra:
-            name, which, axis, per_row = extra["cache_of"]
-            caches[(name, which)] = ph
+            caches[(extra["cache_of"].attention, extra["cache_which"])] = ph
         if extra.get("row_start"):
             row_start = ph
     for n in list(gm.graph.nodes):
@@ -179,11 +285,18 @@ def rewrite_stale_attention(gm: fx.GraphModule) -> fx.GraphModule:
         if node_meta(n).token.attention != "self":
             continue
         ck, cv = caches[(n.name, "k")], caches[(n.name, "v")]
-        _, _, axis, per_row = node_meta(ck).extra["cache_of"]
+        spec: CacheSpec = node_meta(ck).extra["cache_of"]
+        if kind == BAND:
+            offset = spec.prefix
+        elif kind == TEXT:
+            offset = 0 if spec.prefix else spec.shape[spec.axis] - spec.suffix
+        else:
+            offset = 0
         _, k, v = sdpa_qkv(n)
         with gm.graph.inserting_before(n):
             upd = gm.graph.call_function(
-                torch.ops.pipefusion.kv_cache_update.default, (ck, cv, k, v, row_start, axis, per_row)
+                torch.ops.pipefusion.kv_cache_update.default,
+                (ck, cv, k, v, row_start, spec.axis, spec.per_row, offset),
             )
             upd.meta["stack_trace"] = n.meta.get("stack_trace")
         set_sdpa_kv(n, ck, cv)
@@ -193,7 +306,7 @@ def rewrite_stale_attention(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pass 3: sizes that measure the token axis
+# Pass 4: sizes that measure the token axis
 
 
 _SIZE_ARG_TARGETS = {"view", "reshape", "expand", "broadcast_to", torch.reshape, torch.broadcast_to}
@@ -215,13 +328,15 @@ def _sizes_location(node: fx.Node):
     return None
 
 
-def rewrite_token_sizes(gm: fx.GraphModule, rows: int, analysis: TokenAnalysis) -> fx.GraphModule:
-    """Rewrite the baked-in sizes of token-carrying shape ops for a patch of `rows` token rows.
+def rewrite_token_sizes(gm: fx.GraphModule, piece: Piece, analysis: TokenAnalysis) -> fx.GraphModule:
+    """Rewrite the baked-in sizes of token-carrying shape ops for `piece` (e.g. a band of `rows` token rows).
 
     Before (full sequence, 4 token rows of 4 tokens):     After (rows=2):
         %r = reshape(%h, shape=(-1, 4, 4, 2, 2, 8))           %r = reshape(%h, shape=(-1, 2, 4, 2, 2, 8))
         %o = reshape(%e, shape=(-1, 8, 8, 8))                 %o = reshape(%e, shape=(-1, 8, 4, 8))
-    Only the size at the axis the token analysis assigned to the node's output changes; -1 stays -1.
+    Only the size at the axis the token analysis assigned to the node's output changes; -1 stays -1. For a
+    joint sequence the size counts the text too (70 = 6 text + 64 image): a band gets its rows' image part,
+    the text piece the text part.
     """
     for n in gm.graph.nodes:
         if n.op not in ("call_function", "call_method"):
@@ -233,7 +348,8 @@ def rewrite_token_sizes(gm: fx.GraphModule, rows: int, analysis: TokenAnalysis) 
         if loc is None:
             continue
         per_row = analysis.per_row(info)
-        full, new = per_row * analysis.token_rows, per_row * rows
+        full = extent(info, per_row, analysis.token_rows, Piece(FULL))
+        new = extent(info, per_row, analysis.token_rows, piece)
         kind, key = loc
         if kind == "unflatten":
             dim = n.args[1] if len(n.args) > 1 else n.kwargs["dim"]
@@ -284,41 +400,43 @@ def _replace_size(node: fx.Node, old, full: int, new: int):
 # Verification
 
 
-def _expected(info: TokenInfo, val, rows: int, analysis: TokenAnalysis):
+def _expected(info: TokenInfo, val, piece: Piece, analysis: TokenAnalysis):
     if info is None or not (info.carries_tokens or info.kind is Kind.POSITIONAL):
         return tuple(val.shape) if isinstance(val, torch.Tensor) else None
     if info.elements is not None:
-        return tuple(_expected(e, v, rows, analysis) for e, v in zip(info.elements, val))
-    return _scaled_shape(val.shape, info.axis, analysis.per_row(info), rows)
+        return tuple(_expected(e, v, piece, analysis) for e, v in zip(info.elements, val))
+    shape = list(val.shape)
+    shape[info.axis] = extent(info, analysis.per_row(info), analysis.token_rows, piece)
+    return tuple(shape)
 
 
-def propagate_patch_shapes(gm: fx.GraphModule, rows: int, analysis: TokenAnalysis) -> fx.GraphModule:
-    """Run the patch graph on fake tensors of the patch's input shapes and check that every token-carrying
-    value has the patch's shape. The graph is returned unchanged."""
+def propagate_patch_shapes(gm: fx.GraphModule, piece: Piece, analysis: TokenAnalysis) -> fx.GraphModule:
+    """Run the piece graph on fake tensors of the piece's input shapes and check that every token-carrying
+    value has the piece's shape. The graph is returned unchanged."""
     with FakeTensorMode():
         args = []
         for ph in gm.graph.find_nodes(op="placeholder"):
             extra = node_meta(ph).extra
             if extra.get("row_start"):
                 args.append(torch.empty((), dtype=torch.int64))
-            elif "cache_spec" in extra:
-                shape, dtype = extra["cache_spec"]
-                args.append(torch.empty(shape, dtype=dtype))
+            elif "cache_of" in extra:
+                spec = extra["cache_of"]
+                args.append(torch.empty(spec.shape, dtype=spec.dtype))
             else:
                 val = example_value(ph)
                 if isinstance(val, torch.Tensor):
-                    shape = _expected(node_meta(ph).token, val, rows, analysis)
+                    shape = _expected(node_meta(ph).token, val, piece, analysis)
                     args.append(torch.empty(shape, dtype=val.dtype, device=val.device))
                 else:
                     args.append(val)
-        _CheckingInterpreter(gm, rows, analysis).run(*args)
+        _CheckingInterpreter(gm, piece, analysis).run(*args)
     return gm
 
 
 class _CheckingInterpreter(fx.Interpreter):
-    def __init__(self, gm, rows, analysis):
+    def __init__(self, gm, piece, analysis):
         super().__init__(gm)
-        self.rows = rows
+        self.piece = piece
         self.analysis = analysis
 
     def run_node(self, n):
@@ -326,13 +444,13 @@ class _CheckingInterpreter(fx.Interpreter):
         if n.op in ("call_function", "call_method"):
             info = node_meta(n).token
             if info is not None and info.carries_tokens and n.meta.get("example_value") is not None:
-                want = _expected(info, n.meta["example_value"], self.rows, self.analysis)
+                want = _expected(info, n.meta["example_value"], self.piece, self.analysis)
                 got = tuple(result.shape) if isinstance(result, torch.Tensor) else tuple(
                     tuple(r.shape) for r in result)
                 if want != got:
                     raise UnsupportedGraphError(
-                        f"per-patch lowering produced shape {got}, expected {want} for a patch of "
-                        f"{self.rows} token rows (a size that measures tokens was not rewritten)",
+                        f"per-patch lowering produced shape {got}, expected {want} for the piece "
+                        f"{self.piece.index_name} (a size that measures tokens was not rewritten)",
                         n,
                     )
         return result
@@ -395,20 +513,24 @@ def _run_pass(name: str, fn, gm: fx.GraphModule, *args) -> fx.GraphModule:
 
 
 def check_lowerable(gm: fx.GraphModule, plan) -> None:
-    """Joint text+image sequences are analyzed and planned, but not lowered per patch yet: refuse them."""
+    """What the piece lowering cannot express yet, refused with the node that shows it: a value with text on
+    both sides of the image part, and a model output that holds text tokens."""
+    out = next(iter(gm.graph.find_nodes(op="output")))
     for n in gm.graph.nodes:
         info = node_meta(n).token if n.op != "output" else None
-        if info is not None and info.carries_tokens and (info.joint or info.epr == 0):
-            raise UnsupportedGraphError(
-                "joint text+image sequence: this graph concatenates text tokens with the image tokens along the "
-                "token axis (MM-DiT attention). Its analysis and plan work (`pipefusion-compile plan`), but "
-                "running text as its own patch of the joint sequence is not implemented yet",
-                n,
-            )
+        if info is None or not (info.carries_tokens or info.kind is Kind.POSITIONAL):
+            continue
+        for i in info.elements or (info,):
+            if i.prefix and i.suffix:
+                raise UnsupportedGraphError(
+                    "text tokens on both sides of the image tokens along the token axis (one text group, before "
+                    "or after the image, is supported)", n)
+        if n in out.all_input_nodes and info.carries_tokens and (info.joint or info.epr == 0):
+            raise UnsupportedGraphError("a model output that holds text tokens of a joint sequence", n)
 
 
 def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis) -> list[LoweredStage]:
-    """Build the globals graph and the patch-graph factory of every stage of `plan`."""
+    """Build the globals graph and the piece-graph factory of every stage of `plan`."""
     check_lowerable(gm, plan)
     nodes_by_name = {n.name: n for n in gm.graph.nodes}
     order = [nodes_by_name[name] for name in plan.order]
@@ -423,11 +545,6 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis) -> list[LoweredStag
                 if u is out_node or (u.name in position and position[u.name] >= sp.end):
                     later.add(n.name)
         stage_gm, inputs, caches, outputs = _run_pass("extract_stage", extract_stage, gm, members, later, analysis)
-        for ph in stage_gm.graph.find_nodes(op="placeholder"):
-            extra = node_meta(ph).extra
-            if "cache_of" in extra:
-                spec = next(c for c in caches if c.attention == extra["cache_of"][0])
-                extra["cache_spec"] = (spec.shape, spec.dtype)
         needed = [nodes_by_name[i.name] for i in inputs if i.source in ("global", "positional")]
         if sp.index == len(plan.stages) - 1:
             for leaf in out_node.all_input_nodes:
@@ -435,14 +552,18 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis) -> list[LoweredStag
                     needed.append(leaf)
         globals_gm, positions, gouts = _run_pass("extract_globals", extract_globals, gm, needed)
 
-        def build(rows: int, stage_gm=stage_gm) -> fx.GraphModule:
+        def build(piece: Piece, stage_gm=stage_gm, inputs=inputs) -> PieceGraph:
             graph = fx.Graph()
             graph.output(graph.graph_copy(stage_gm.graph, {}))
             g = fx.GraphModule(stage_gm, graph)
-            g = _run_pass("rewrite_stale_attention", rewrite_stale_attention, g)
-            g = _run_pass("rewrite_token_sizes", rewrite_token_sizes, g, rows, analysis)
-            g = _run_pass("propagate_patch_shapes", propagate_patch_shapes, g, rows, analysis)
-            return g
+            g = _run_pass("select_group", select_group, g, piece.kind)
+            g = _run_pass("rewrite_stale_attention", rewrite_stale_attention, g, piece.kind)
+            g = _run_pass("rewrite_token_sizes", rewrite_token_sizes, g, piece, analysis)
+            g = _run_pass("propagate_patch_shapes", propagate_patch_shapes, g, piece, analysis)
+            kept = {ph.name for ph in g.graph.find_nodes(op="placeholder")}
+            out = next(iter(g.graph.find_nodes(op="output")))
+            return PieceGraph(g, tuple(i for i in inputs if i.name in kept),
+                              tuple(o.name for o in out.args[0]))
 
         stages.append(LoweredStage(
             index=sp.index, globals_gm=globals_gm, global_inputs=positions, global_outputs=gouts,
