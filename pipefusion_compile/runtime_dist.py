@@ -37,8 +37,9 @@ from .comm import Comm, PipefusionCommError
 from .errors import PipefusionError, PlanError
 from .kernels import DTYPE_CODE
 from .options import PipefusionOptions
-from .passes.lower import LoweredStage
+from .passes.lower import LoweredStage, StageInput
 from .passes.meta import example_value
+from .passes.pieces import TEXT, Piece
 from .plan import PipelinePlan
 from .runtime import PipelineProgram
 
@@ -46,27 +47,26 @@ log = logging.getLogger("pipefusion_compile")
 
 
 class _StageCall(torch.nn.Module):
-    """The compiled stage for one patch size, as a submodule of the schedule graph.
+    """The compiled stage for one kind of piece, as a submodule of the schedule graph.
 
-    Called as `stage(patch, row_start, hoisted, *per_patch, *caches)`: `patch` is the patch index (for
-    errors and the timeline), `hoisted` the list of the stage's GLOBAL inputs (the same for every patch),
-    `per_patch` its received and sliced inputs, in stage-input order.
+    Called as `stage(patch, row_start, hoisted, *per_patch, *caches)`: `patch` is the piece's index in the
+    step (for errors and the timeline), `hoisted` the dict of the stage's GLOBAL inputs (the same for every
+    piece), `per_patch` the piece's received and sliced inputs, in piece-input order.
     """
 
-    def __init__(self, program: "DistributedProgram", rows: int):
+    def __init__(self, program: "DistributedProgram", piece: Piece):
         super().__init__()
-        self.rows = rows
+        self.piece = piece
         self._program = [program]  # a list, so nn.Module does not register the program as a child
 
     def forward(self, patch: int, row_start, hoisted, *rest):
         program = self._program[0]
         program.comm.patch = patch
-        stage_inputs = program.own.lowered.inputs
-        hoisted_iter, rest_iter = iter(hoisted), iter(rest)
-        inputs = [row_start] + [next(hoisted_iter) if i.source == "global" else next(rest_iter)
-                                for i in stage_inputs] + list(rest_iter)
+        rest_iter = iter(rest)
+        inputs = [row_start] + [hoisted[i.name] if i.source == "global" else next(rest_iter)
+                                for i in program.own.lowered.piece_graph(self.piece).inputs] + list(rest_iter)
         t0 = time.perf_counter()
-        result = program._stage_fn(program.own, self.rows, inputs)(*inputs)
+        result = program._stage_fn(program.own, self.piece, inputs)(*inputs)
         program.comm.record("compute", t0)
         return result
 
@@ -91,7 +91,7 @@ class DistributedProgram(PipelineProgram):
         self.own = self.stages[self.stage_index]
         self.stages_all = self.stages
         self.stages = [self.own]  # only this rank's stage computes (its globals too)
-        self._routes = self._build_routes(stages)
+        self._producer_of = {name: st.index for st in stages for name in st.outputs}
         self._nodes_by_name = {n.name: n for n in gm.graph.nodes}
         last = plan.num_stages - 1
         for slot in self._token_outputs:
@@ -110,15 +110,13 @@ class DistributedProgram(PipelineProgram):
             self._release_params(example_inputs)
 
     # ------------------------------------------------------------------------------------------ setup
-    @staticmethod
-    def _build_routes(stages: list[LoweredStage]) -> dict[tuple[int, int], list[str]]:
-        """(producer, consumer) -> names of the values one patch carries, in the consumer's input order."""
-        producer_of = {name: s.index for s in stages for name in s.outputs}
-        routes: dict[tuple[int, int], list[str]] = {}
-        for s in stages:
-            for inp in s.inputs:
+    def _routes(self, piece: Piece) -> dict[tuple[int, int], list[StageInput]]:
+        """(producer, consumer) -> the values one piece of this kind carries, in the consumer's input order."""
+        routes: dict[tuple[int, int], list[StageInput]] = {}
+        for st in self.stages_all:
+            for inp in st.lowered.piece_graph(piece).inputs:
                 if inp.source == "recv":
-                    routes.setdefault((producer_of[inp.name], s.index), []).append(inp.name)
+                    routes.setdefault((self._producer_of[inp.name], st.lowered.index), []).append(inp)
         return routes
 
     def fingerprint(self) -> str:
@@ -168,79 +166,74 @@ class DistributedProgram(PipelineProgram):
     # ------------------------------------------------------------------------------------------ schedule
     def schedule_graph(self, pipelined: bool = True, device: torch.device | str = "cpu") -> fx.GraphModule:
         """The FX graph this rank runs for one step (warmup or pipelined); receive buffers on `device`."""
-        return self._schedule_for(self.plan.patches if pipelined else ((0, self.plan.token_rows),), device)
+        return self._schedule_for(self.plan.pieces(pipelined), device)
 
-    def _schedule_for(self, patches, device) -> fx.GraphModule:
-        key = (tuple(patches), str(device))
+    def _schedule_for(self, pieces, device) -> fx.GraphModule:
+        key = (tuple(pieces), str(device))
         if key not in self._schedules:
-            self._schedules[key] = self._build_schedule(patches, torch.device(device))
+            self._schedules[key] = self._build_schedule(pieces, torch.device(device))
         return self._schedules[key]
 
-    def _inputs_of(self, *sources: str):
-        return [inp for inp in self.own.lowered.inputs if inp.source in sources]
+    def _sliced_inputs(self, piece: Piece) -> list[StageInput]:
+        return [inp for inp in self.own.lowered.piece_graph(piece).inputs if inp.source in ("positional", "image")]
 
-    def _message_layout(self, names: list[str], rows: int):
+    def _message_layout(self, inputs: list[StageInput], piece: Piece):
         shapes, ranks, dtypes, nbytes = [], [], [], 0
-        for name in names:
-            inp = next(i for i in self.stages_all[self._consumer_of(name)].lowered.inputs if i.name == name)
-            val = example_value(self._nodes_by_name[name])
+        for inp in inputs:
+            val = example_value(self._nodes_by_name[inp.name])
             shape = list(val.shape)
-            shape[inp.axis] = inp.per_row * rows
+            shape[inp.axis] = inp.token_range(self.plan.token_rows, piece)[1]
             shapes += shape
             ranks.append(len(shape))
             dtypes.append(DTYPE_CODE[val.dtype])
             nbytes += torch.Size(shape).numel() * val.element_size()
         return shapes, ranks, dtypes, nbytes
 
-    def _consumer_of(self, name: str) -> int:
-        return next(c for (p, c), names in self._routes.items() if name in names)
-
-    def _build_schedule(self, patches, device: torch.device) -> fx.GraphModule:
+    def _build_schedule(self, pieces, device: torch.device) -> fx.GraphModule:
         k, last = self.stage_index, self.plan.num_stages - 1
         channel = self.comm.name
         root = torch.nn.Module()
         g = fx.Graph()
-        row_start = [g.placeholder(f"row_start_{j}") for j in range(len(patches))]
+        row_start = [g.placeholder(f"row_start_{j}") for j in range(len(pieces))]
         hoisted = g.placeholder("hoisted")  # the stage's GLOBAL inputs, computed once per step
-        sliced = [{inp.name: g.placeholder(f"{inp.name}_patch{j}") for inp in self._inputs_of("positional", "image")}
-                  for j in range(len(patches))]
+        sliced = [{inp.name: g.placeholder(f"{inp.name}_patch{j}") for inp in self._sliced_inputs(piece)}
+                  for j, piece in enumerate(pieces)]
         caches = [g.placeholder(f"cache_{c.attention}_{w}") for c in self.own.lowered.caches for w in ("k", "v")]
         outs = [g.placeholder(f"out_{o.name}") for o in self._token_outputs]
-        incoming = sorted(p for (p, c) in self._routes if c == k)
-        outgoing = sorted(c for (p, c) in self._routes if p == k)
+        routes = [self._routes(piece) for piece in pieces]
         bufs = {}
-        for j, (_, rows) in enumerate(patches):           # post every receive of the step ahead of time
-            for p in incoming:
-                *_, nbytes = self._message_layout(self._routes[(p, k)], rows)
+        for j, piece in enumerate(pieces):           # post every receive of the step ahead of time
+            for p in sorted(p for (p, c) in routes[j] if c == k):
+                *_, nbytes = self._message_layout(routes[j][(p, k)], piece)
                 buf = g.call_function(torch.empty, ((nbytes,),), {"dtype": torch.uint8, "device": device})
                 buf.name = f"buf_{j}_from{p}"
                 g.call_function(torch.ops.pipefusion.irecv.default, (buf, p, j, channel))
                 bufs[(j, p)] = buf
-        for j, (row0, rows) in enumerate(patches):
+        for j, piece in enumerate(pieces):
             values = {}
-            for p in incoming:
-                names = self._routes[(p, k)]
-                shapes, ranks, dtypes, _ = self._message_layout(names, rows)
+            for p in sorted(p for (p, c) in routes[j] if c == k):
+                inputs = routes[j][(p, k)]
+                shapes, ranks, dtypes, _ = self._message_layout(inputs, piece)
                 g.call_function(torch.ops.pipefusion.wait.default, (bufs[(j, p)], channel))
                 unpacked = g.call_function(torch.ops.pipefusion.unpack.default, (bufs[(j, p)], shapes, ranks, dtypes))
-                for i, name in enumerate(names):
-                    values[name] = g.call_function(operator.getitem, (unpacked, i))
+                for i, inp in enumerate(inputs):
+                    values[inp.name] = g.call_function(operator.getitem, (unpacked, i))
             available = {**sliced[j], **values}
-            args = [j, row_start[j], hoisted] + [available[i.name] for i in self.own.lowered.inputs
-                                               if i.source != "global"] + caches
-            target = f"stage_rows{rows}"
+            pg = self.own.lowered.piece_graph(piece)
+            args = [j, row_start[j], hoisted] + [available[i.name] for i in pg.inputs if i.source != "global"] + caches
+            target = "stage_text" if piece.kind == TEXT else f"stage_{piece.kind}{piece.rows}"
             if not hasattr(root, target):
-                root.add_module(target, _StageCall(self, rows))
+                root.add_module(target, _StageCall(self, piece))
             result = g.call_module(target, tuple(args))
-            produced = {name: g.call_function(operator.getitem, (result, i))
-                        for i, name in enumerate(self.own.lowered.outputs)}
-            for c in outgoing:
-                packed = g.call_function(torch.ops.pipefusion.pack.default, ([produced[n] for n in self._routes[(k, c)]],))
+            produced = {name: g.call_function(operator.getitem, (result, i)) for i, name in enumerate(pg.outputs)}
+            for c in sorted(c for (p, c) in routes[j] if p == k):
+                packed = g.call_function(torch.ops.pipefusion.pack.default,
+                                         ([produced[i.name] for i in routes[j][(k, c)]],))
                 g.call_function(torch.ops.pipefusion.isend.default, (packed, c, j, channel))
-            if k == last:
+            if k == last and piece.kind != TEXT:
                 for slot, out in zip(self._token_outputs, outs):
                     g.call_function(torch.ops.pipefusion.write_band.default,
-                                    (out, produced[slot.name], slot.axis, row0 * slot.per_row))
+                                    (out, produced[slot.name], slot.axis, piece.row0 * slot.per_row))
         token = outs[0] if outs else caches[0]
         g.call_function(torch.ops.pipefusion.wait_sends.default, (token, channel))
         for out in outs:
@@ -252,15 +245,15 @@ class DistributedProgram(PipelineProgram):
     # ------------------------------------------------------------------------------------------ run
     @torch.no_grad()
     def __call__(self, *args):
-        inst, patches, device, outs = self._start_step(args)
+        inst, pieces, device, outs = self._start_step(args)
         self.comm.new_step(inst.state.step)
         s = self.own
         gmap = dict(zip(s.lowered.global_outputs, self._globals(s, args)))
-        hoisted = [gmap[inp.name] for inp in self._inputs_of("global")]
-        sliced = [self._resolve(inp, args, gmap, None, row0, rows)
-                  for row0, rows in patches for inp in self._inputs_of("positional", "image")]
-        row_starts = [torch.tensor(row0, dtype=torch.int64) for row0, _ in patches]
-        schedule = self._schedule_for(patches, device)
+        hoisted = {inp.name: gmap[inp.name] for inp in s.lowered.inputs if inp.source == "global"}
+        sliced = [self._resolve(inp, args, gmap, None, piece)
+                  for piece in pieces for inp in self._sliced_inputs(piece)]
+        row_starts = [torch.tensor(piece.row0, dtype=torch.int64) for piece in pieces]
+        schedule = self._schedule_for(pieces, device)
         try:
             schedule(*row_starts, hoisted, *sliced, *self._caches(inst, s, device), *outs.values())
         except PipefusionCommError:

@@ -33,7 +33,7 @@ def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         result.update(plan_bytes=program.plan.p2p_bytes_per_step(program.stage_index), param_bytes=total,
                       stage=program.stage_index, schedule=str(program.schedule_graph(pipelined=True).graph),
-                      routes={k: list(v) for k, v in program._routes.items()})
+                      routes={k: [i.name for i in v] for k, v in program._routes(program.plan.pieces(True)[-1]).items()})
     return result
 
 

@@ -9,6 +9,7 @@ from dist_workers import die_mid_step, generate, generate_in_groups, mismatched_
 
 MODELS = ["PixArtTransformer2DModel", "DiTTransformer2DModel", "LTXVideoTransformer3DModel", "HunyuanDiT2DModel",
           "WanTransformer3DModel"]
+JOINT = ["SD3Transformer2DModel", "FluxTransformer2DModel"]  # joint text+image attention: text is one more piece
 STEPS = 10
 
 
@@ -31,7 +32,7 @@ def assert_bit_identical(got, want):
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ranks_equal_each_other_and_simulate_bit_for_bit(world, tmp_path):
-    jobs = [(name, {}, {"num_patches": m}) for name in MODELS for m in (1, 4)]
+    jobs = [(name, {}, {"num_patches": m}) for name in MODELS + (JOINT if world != 3 else []) for m in (1, 4)]
     if world == 2:
         jobs.append(("PixArtTransformer2DModel", {"batch": 2}, {"num_patches": 4}))  # classifier-free guidance
     results = run_ranks(generate, world, jobs, STEPS, tmp_path=tmp_path, timeout=600)
@@ -70,6 +71,15 @@ def test_schedule_graph_shows_the_comm_ops(tmp_path):
     assert last.count("pipefusion.write_band") == 2 and "pipefusion.isend" not in last
     for text in (first, middle, last):
         assert "pipefusion.broadcast" in text and "pipefusion.wait_sends" in text
+
+
+def test_joint_schedule_sends_the_text_piece_once_per_step(tmp_path):
+    """Flux (text first): a pipelined step is [text, band 0, band 1]; each piece crosses the cut once."""
+    results = run_ranks(generate, 2, [("FluxTransformer2DModel", {}, {"num_patches": 2})], 2, tmp_path=tmp_path)
+    first, last = (r["value"][0]["schedule"] for r in results)
+    assert first.count("pipefusion.isend") == 3 and last.count("pipefusion.irecv") == 3
+    assert first.index("stage_text") < first.index("stage_band")
+    assert last.count("pipefusion.write_band") == 2  # the text piece writes no model output
 
 
 def test_two_pipelines_of_two_in_a_world_of_four(tmp_path):
