@@ -158,7 +158,8 @@ def test_long_skip_is_priced_on_every_cut_it_crosses():
 
 
 @pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "DiTTransformer2DModel", "LTXVideoTransformer3DModel",
-                                  "WanTransformer3DModel", "HunyuanDiT2DModel"])
+                                  "WanTransformer3DModel", "HunyuanDiT2DModel", "SD3Transformer2DModel",
+                                  "FluxTransformer2DModel"])
 def test_flops_partition_balance_on_every_builtin_model(name):
     from pipefusion_compile.models import BUILTIN
 
@@ -183,3 +184,24 @@ def test_balanced_cuts_prefers_the_larger_smallest_stage_among_equal_bottlenecks
     bounds = [0, *cuts, 5]
     stages = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
     assert max(stages) == 8 and min(stages) == 4
+
+
+def test_flux_partition_by_cost_never_has_a_larger_bottleneck_than_by_block_count():
+    """Flux mixes double-stream and single-stream blocks. In diffusers' Flux both cost 12 D^2 FLOPs per token
+    (double: qkv 3 + out 1 + MLP 8 per stream; single: fused qkv+MLP-in 7 + out 5), so balancing by cost
+    and by block count agree up to the embedders and the final layer, which only the cost partition sees:
+    its bottleneck stage is never larger, and its balance better where the split falls unevenly."""
+    from pipefusion_compile.models import flux
+
+    strictly_better = 0
+    for double, single in ((2, 4), (2, 8), (3, 6)):
+        model, kwargs = flux(num_layers=double, num_single_layers=single)
+        gm, ex = capture_model(model, kwargs)
+        for stages in (2, 4):
+            by_cost = build_plan(gm, ex, PipefusionOptions(num_stages=stages).resolve())[0]
+            by_count = build_plan(gm, ex, PipefusionOptions(num_stages=stages, partition="uniform").resolve())[0]
+            # the cost partition's bottleneck is optimal to within its 1 % tolerance (which it spends on a
+            # larger smallest stage)
+            assert max(s.flops for s in by_cost.stages) <= 1.01 * max(s.flops for s in by_count.stages)
+            strictly_better += by_cost.max_min_ratio < by_count.max_min_ratio - 0.01
+    assert strictly_better >= 1

@@ -93,3 +93,28 @@ def test_stage_boundaries_carry_only_the_planned_values():
     assert [i.name for i in image] == ["l_hidden_states_"] and image[0].per_row == 2
     pos = [i for i in program.stages[0].lowered.inputs if i.source == "positional"]
     assert len(pos) == 1 and pos[0].axis == 1 and pos[0].per_row == 8
+
+
+def test_joint_pieces_keep_their_token_group_and_write_kv_at_its_offset():
+    """Flux: [text (6) | image (64)] along the attention's token axis; SD3: [image (64) | text (6)]."""
+    from pipefusion_compile.models import flux, sd3
+    from pipefusion_compile.passes.pieces import BAND, TEXT, Piece
+
+    for factory, band_offset, text_offset in ((flux, 6, 0), (sd3, 0, 64)):
+        program = build_program(factory, num_stages=2, num_patches=2)
+        assert [p.kind for p in program.plan.pieces(pipelined=True)].count(TEXT) == 1
+        for stage in program.stages:
+            band = stage.lowered.piece_graph(Piece(BAND, 0, 4 if factory is sd3 else 32))
+            text = stage.lowered.piece_graph(Piece(TEXT))
+            for pg, offset in ((band, band_offset), (text, text_offset)):
+                updates = [n for n in pg.gm.graph.nodes if n.target is KV_UPDATE]
+                assert updates and all(u.args[7] == offset for u in updates), (factory.__name__, offset)
+                # no concatenation along the token axis is left: each piece holds one token group
+                assert not [n for n in pg.gm.graph.nodes if node_meta(n).token is not None
+                            and node_meta(n).token.rule == "cat-joint"]
+            # the band never reads the text stream and the text piece never reads the image input
+            assert "l_kwargs_hidden_states_" not in {i.name for i in text.inputs}
+            assert not {i.name for i in band.inputs if i.source == "recv"} & {
+                i.name for i in text.inputs if i.source == "recv" and i.prefix + i.suffix and i.per_row == 0}
+            if stage.lowered.index == 1:  # the last stage's band writes the model output; the text piece none
+                assert band.outputs and not text.outputs

@@ -298,7 +298,7 @@ def test_rule_joint_slice_through_the_image_fails():
 
 
 @pytest.mark.parametrize("factory", [sd3, flux])
-def test_mmdit_joint_attention_is_analyzed_and_planned_but_not_lowered_yet(factory):
+def test_mmdit_joint_attention_is_analyzed_planned_and_lowered(factory):
     from pipefusion_compile.options import PipefusionOptions
     from pipefusion_compile.plan import build_plan
 
@@ -312,7 +312,7 @@ def test_mmdit_joint_attention_is_analyzed_and_planned_but_not_lowered_yet(facto
     plan = build_plan(gm, ex, PipefusionOptions(num_stages=2).resolve(), a)[0]
     assert plan.max_min_ratio <= 1.10
     assert any(t.text_bytes for c in plan.cuts for t in c.tensors)  # the text stream crosses the cut
-    compiled = torch.compile(model, backend="pipefusion", options={"num_stages": 2})
-    with pytest.raises(Exception, match="joint text\\+image sequence"):
-        with torch.no_grad():
-            compiled(**kwargs)
+    assert plan.text == ("first" if factory is flux else "last")
+    assert [p.kind for p in plan.pieces(pipelined=True)] == (
+        ["text", "band", "band"] if factory is flux else ["band", "band", "text"])
+    assert [p.kind for p in plan.pieces(pipelined=False)] == ["full"]
