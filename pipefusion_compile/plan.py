@@ -92,6 +92,20 @@ class PipelinePlan:
     order: tuple[str, ...] = field(repr=False, default=())
     crossing: tuple[CrossingTensor, ...] = field(repr=False, default=())
     text: str | None = None   # joint text+image sequence: "first" or "last" (where the text lies); None: image only
+    input_shape: tuple[int, ...] = ()  # the image input's shape (to say what a patch is)
+
+    @property
+    def split(self) -> str:
+        """Which axis the patches split, and why that makes each patch a contiguous token range."""
+        if len(self.input_shape) == 5 and self.token_axis == 2:
+            return ("bands of whole latent frames (axis 2 of the [B, C, F, H, W] video latent): tokens run "
+                    "frame by frame, so whole frames are a contiguous token range (rows inside a frame are "
+                    "not split yet, so M <= frames)")
+        if len(self.input_shape) == 3:
+            return (f"bands of the packed token sequence (axis {self.token_axis}): tokens are in raster order, "
+                    "so a band of rows is a contiguous range")
+        return (f"bands of latent rows (axis {self.token_axis}): tokens are in raster order, so a band of rows "
+                "is a contiguous token range")
 
     def pieces(self, pipelined: bool) -> tuple[Piece, ...]:
         """The pieces one step runs, in order. Warmup: the whole sequence. Pipelined: the M image bands, plus
@@ -154,7 +168,8 @@ class PipelinePlan:
             for c in self.cuts:
                 desc = "; ".join(_describe_crossing(t, self.num_stages) for t in c.tensors)
                 lines.append(f"{c.after_stage:>3}|{c.after_stage + 1:<1}  {c.after_node:<24} {desc}")
-        lines += ["", "patches (token rows): " + ", ".join(f"[{r0}, {r0 + n})" for r0, n in self.patches)]
+        lines += ["", "patches (token rows): " + ", ".join(f"[{r0}, {r0 + n})" for r0, n in self.patches),
+                  f"split: {self.split}"]
         if self.text:
             lines.append(
                 f"joint text+image sequence (text {self.text} along the token axis): the text is one more patch, "
@@ -345,6 +360,7 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         order=tuple(n.name for n in nodes),
         crossing=tuple(crossing),
         text=_text_side(nodes),
+        input_shape=tuple(example_value(next(n for n in gm.graph.nodes if n.name == analysis.token_input)).shape),
     )
 
 

@@ -205,3 +205,15 @@ def test_flux_partition_by_cost_never_has_a_larger_bottleneck_than_by_block_coun
             assert max(s.flops for s in by_cost.stages) <= 1.01 * max(s.flops for s in by_count.stages)
             strictly_better += by_cost.max_min_ratio < by_count.max_min_ratio - 0.01
     assert strictly_better >= 1
+
+
+def test_plan_says_which_axis_the_patches_split():
+    from pipefusion_compile.models import ltx_video, pixart, wan
+
+    expected = {wan: "whole latent frames (axis 2", pixart: "bands of latent rows (axis 2)",
+                ltx_video: "packed token sequence (axis 1)"}
+    for factory, text in expected.items():
+        model, kwargs = factory()
+        gm, ex = capture_model(model, kwargs)
+        plan = build_plan(gm, ex, PipefusionOptions(num_stages=2).resolve())[0]
+        assert text in plan.split and f"split: {plan.split}" in str(plan)
