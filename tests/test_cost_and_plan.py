@@ -165,10 +165,11 @@ def test_flops_partition_balance_on_every_builtin_model(name):
 
     model, kwargs = BUILTIN[name](num_layers=16)
     gm, ex = capture_model(model, kwargs)
-    # HunyuanDiT's second half has one cut point per block (its skips are consumed right before the
-    # attention), and those blocks cost more: block granularity bounds its balance.
-    bound = 1.15 if name == "HunyuanDiT2DModel" else 1.10
+    # HunyuanDiT at N=4: its skip blocks cost more and each sub-block is a large step (attention, MLP), so the
+    # best cuts of 16 blocks reach 1.136; at N=2 it balances like the others (cut points inside skip blocks:
+    # skips in flight do not price a position).
     for stages in (2, 4):
+        bound = 1.15 if (name, stages) == ("HunyuanDiT2DModel", 4) else 1.10
         plan = build_plan(gm, ex, PipefusionOptions(num_stages=stages).resolve())[0]
         assert plan.max_min_ratio <= bound, str(plan)
 

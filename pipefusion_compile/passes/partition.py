@@ -5,10 +5,14 @@ position* i (1 <= i < len) splits it before node i. Candidate cuts are where the
 values are live across the cut (found on a networkx view of the dataflow), counted separately between each
 pair of consecutive self-attention layers, so that every gap has candidates even when long skip connections
 keep more values live in later gaps: in a DiT, the residual stream between blocks and between the sub-blocks
-of a block (plus the skips in flight). A cut's price is the bytes of those values.
+of a block. Values in flight on a long skip (two or more attention layers since their definition or until their
+next use) are not counted when comparing positions within a gap: they travel from producer to consumer
+whatever the cut. A cut's price is the bytes of all the
+values live across it.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -73,14 +77,31 @@ def find_cut_candidates(gm: fx.GraphModule) -> CutCandidates:
         live = {v for v in live if last_use[v] >= i}
         live_at[i] = tuple(sorted(live, key=index.get))
     attn = tuple(i for i, n in enumerate(nodes) if node_meta(n).token.attention == "self")
+    # A value in flight on a long skip at position i (two or more self-attention layers between its definition
+    # and i, or between i and its next use, e.g. HunyuanDiT's skips) travels from its producer to its consumer
+    # wherever the cuts lie, so it does not make one position of a gap dearer than another: positions are
+    # compared by the other live values.
+    uses = {v: sorted(index[u] for u in g.successors(v)) for v in last_use}
+
+    def attention_between(a: int, b: int) -> int:
+        return bisect.bisect_left(attn, b) - bisect.bisect_right(attn, a)
+
+    def in_flight(v: str, i: int) -> bool:
+        next_use = uses[v][bisect.bisect_left(uses[v], i)]
+        return attention_between(index[v], i) >= 2 or attention_between(i - 1, next_use) >= 2
+
     # gaps: before the first self-attention, between consecutive ones, after the last
     edges = [0, *attn, len(nodes) - 1]
     positions_set: set[int] = set()
+
+    def count(i: int) -> int:
+        return sum(1 for v in live_at[i] if not in_flight(v, i))
+
     for lo, hi in zip(edges, edges[1:]):
         gap = [i for i in range(lo + 1, hi + 1) if i in live_at]
         if gap:
-            fewest = min(len(live_at[i]) for i in gap)
-            positions_set.update(i for i in gap if len(live_at[i]) == fewest)
+            fewest = min(count(i) for i in gap)
+            positions_set.update(i for i in gap if count(i) == fewest)
     positions = tuple(sorted(positions_set))
     by_name = {n.name: n for n in nodes}
     live_bytes = {i: sum(node_meta(by_name[v]).out_bytes for v in live_at[i]) for i in positions}
