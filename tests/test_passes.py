@@ -118,3 +118,35 @@ def test_joint_pieces_keep_their_token_group_and_write_kv_at_its_offset():
                 i.name for i in text.inputs if i.source == "recv" and i.prefix + i.suffix and i.per_row == 0}
             if stage.lowered.index == 1:  # the last stage's band writes the model output; the text piece none
                 assert band.outputs and not text.outputs
+
+
+def test_joint_layouts_the_lowering_cannot_express_are_clear_errors():
+    """Text on both sides of the image along the token axis, or a model output holding text tokens."""
+    import pytest
+    import torch.nn.functional as F
+
+    from toy_models import ToyDiT
+
+    class JointToy(ToyDiT):
+        def __init__(self, both_sides: bool):
+            super().__init__(ff_mults=(1, 1))
+            self.both_sides = both_sides
+
+        def forward(self, hidden_states, encoder_hidden_states, return_dict=True):
+            x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+            t = encoder_hidden_states
+            for blk in self.blocks:
+                parts = [t, x, t] if self.both_sides else [x, t]
+                joint = torch.cat(parts, dim=1)[:, None]
+                joint = F.scaled_dot_product_attention(joint, joint, joint)[:, 0]
+                x = x + joint[:, t.shape[1]:t.shape[1] + x.shape[1]] if self.both_sides else x + joint[:, :x.shape[1]]
+                t = t + joint[:, -t.shape[1]:]
+            out = self.unpatchify(x, hidden_states.shape, return_dict=False)[0]
+            return (out, t) if not self.both_sides else (out,)
+
+    for both_sides, message in ((True, "both sides of the image"), (False, "model output that holds text")):
+        torch.manual_seed(0)
+        model = JointToy(both_sides).eval()
+        compiled, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
+        with pytest.raises(Exception, match=f"UnsupportedGraphError: .*{message}"), torch.no_grad():
+            compiled(torch.randn(1, 4, 8, 8), torch.randn(1, 3, 32))
