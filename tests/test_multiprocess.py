@@ -32,7 +32,9 @@ def assert_bit_identical(got, want):
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ranks_equal_each_other_and_simulate_bit_for_bit(world, tmp_path):
-    jobs = [(name, {}, {"num_patches": m}) for name in MODELS + (JOINT if world != 3 else []) for m in (1, 4)]
+    jobs = [(name, {}, {"num_patches": m}) for name in MODELS for m in (1, 4)]
+    if world != 3:  # joint attention: the warmup step already runs the full-sequence piece on every rank
+        jobs += [(name, {}, {"num_patches": 4}) for name in JOINT]
     if world == 2:
         jobs.append(("PixArtTransformer2DModel", {"batch": 2}, {"num_patches": 4}))  # classifier-free guidance
     results = run_ranks(generate, world, jobs, STEPS, tmp_path=tmp_path, timeout=600)
