@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 
 from .errors import PipefusionError
 from .options import PipefusionOptions
+from .passes.kernels import select_kernels
 from .passes.lower import LoweredStage, StageInput
 from .passes.meta import example_value, node_meta
 from .plan import PipelinePlan
@@ -164,7 +165,8 @@ class PipelineProgram:
                 result = self._stage_fn(s, rows, inputs)(*inputs)
                 carry.update(zip(s.lowered.outputs, result))
             for o in self._token_outputs:
-                outputs[o.name].narrow(o.axis, row0 * o.per_row, rows * o.per_row).copy_(carry[o.name])
+                torch.ops.pipefusion.write_band(outputs[o.name], carry[o.name], o.axis, row0 * o.per_row,
+                                                kernels=self.options.kernels)
         return self._finish_step(inst, outputs, dict(zip(self.stages[-1].lowered.global_outputs, globals_[-1])))
 
     def _start_step(self, args):
@@ -216,7 +218,8 @@ class PipelineProgram:
         fn = s.compiled.get(rows)
         if fn is None:
             t0 = time.perf_counter()
-            fn = compile_stage_graph(s.lowered.patch_graph(rows), inputs, self.options.stage_backend)
+            gm = select_kernels(s.lowered.patch_graph(rows), self.options.kernels)
+            fn = compile_stage_graph(gm, inputs, self.options.stage_backend)
             elapsed = time.perf_counter() - t0
             self.stats["compile_s"] += elapsed
             s.compiled[rows] = fn

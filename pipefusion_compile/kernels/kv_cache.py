@@ -49,11 +49,8 @@ def kv_cache_update_triton(
         raise KernelError(f"row_start must be a 0-d int64 tensor, got {row_start.dtype} {tuple(row_start.shape)}")
     if length > cache_k.shape[axis]:
         raise KernelError(f"a patch of {length} tokens does not fit the cache's {cache_k.shape[axis]}")
-    multi_copy(
-        [(k, cache_k.narrow(axis, 0, length), cache_k.stride(axis)),
-         (v, cache_v.narrow(axis, 0, length), cache_v.stride(axis))],
-        shift=(row_start, offset, per_row),
-    )
+    multi_copy([(k, cache_k, cache_k.stride(axis)), (v, cache_v, cache_v.stride(axis))],
+               shift=(row_start, offset, per_row))
 
 
 def _check(cache_k, cache_v, k, v, axis: int) -> int:

@@ -167,7 +167,10 @@ def multi_copy(jobs: list[tuple[torch.Tensor, torch.Tensor, int]],
     """Copy every `(src, dst, dst_shift_stride)` job, `MAX_JOBS` per launch.
 
     With `shift=(row_start, offset, per_row)` each destination starts
-    `(offset + row_start * per_row) * dst_shift_stride` elements further, `row_start` read on the device.
+    `(offset + row_start * per_row) * dst_shift_stride` elements further, `row_start` read on the device;
+    `dst` is then the whole tensor written into (e.g. a K/V cache, larger than `src` on the token axis), never
+    a view of the part written: under functionalization a kernel argument stands for exactly the memory it
+    may write.
     """
     if not jobs:
         return
@@ -179,7 +182,10 @@ def _multi_copy_launch(jobs, shift) -> None:
     args, tiles, block_c_of = [], [], []
     geometry = []
     for src, dst, shift_stride in jobs:
-        _check_pair(src, dst)
+        if shift is None:
+            _check_pair(src, dst)
+        elif src.dim() != dst.dim() or src.dtype != dst.dtype:
+            raise KernelError(f"copy {src.dtype} {tuple(src.shape)} into {dst.dtype} {tuple(dst.shape)}")
         sizes, (a, b) = coalesce(src.shape, src.stride(), dst.stride())
         if len(sizes) > 4:
             raise KernelError(f"multi-copy job of rank {len(sizes)} after coalescing (at most 4): "
@@ -193,7 +199,8 @@ def _multi_copy_launch(jobs, shift) -> None:
         tiles.append(math.ceil(math.prod(sizes[:-1]) / block_r) * math.ceil(sizes[-1] / block_c))
         args += [src, dst, *sizes, *a, *b, d]
     n_jobs = len(geometry)
-    args += args[:15] * (MAX_JOBS - n_jobs)          # unused slots: never read (N_JOBS is a constexpr)
+    src0 = geometry[0][0]                            # unused slots: never touched (N_JOBS is a constexpr);
+    args += [src0, src0, *[1] * 12, 0] * (MAX_JOBS - n_jobs)   # a read-only tensor, so no one sees a write
     if max(tiles) == 0:
         return
     if shift is None:
