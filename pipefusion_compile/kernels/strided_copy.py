@@ -109,7 +109,7 @@ def _multi_copy_kernel(
 def coalesce(shape, *strides) -> tuple[list[int], list[list[int]]]:
     """Drop size-1 dims and merge neighbours that are contiguous in every view; same element order.
 
-    `coalesce((2, 3, 4), (12, 4, 1), (24, 8, 1))` -> `([2, 12], [[12, 1], [24, 1]])`.
+    `coalesce((2, 3, 4), (12, 4, 1), (24, 8, 1))` -> `([6, 4], [[4, 1], [8, 1]])` (rows of 4 of a wider buffer).
     """
     dims = [(size, [st[d] for st in strides]) for d, size in enumerate(shape) if size != 1]
     if not dims:
