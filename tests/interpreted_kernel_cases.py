@@ -132,6 +132,7 @@ def test_write_unpatchified(dtype, batch):
 # ---------------------------------------------------------------------------------------------- end to end
 def test_pipeline_with_kernels_equals_reference():
     from helpers import call_model, compile_pf, sample_loop
+
     from pipefusion_compile.models import pixart
 
     results = {}

@@ -30,7 +30,7 @@ def test_triton_kernels_equal_references_under_the_interpreter():
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "log_level=WARNING",
          os.path.join(HERE, "interpreted_kernel_cases.py")],
-        env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=600,
+        env=env, cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
