@@ -4,6 +4,8 @@ The multi-process schedule (`runtime_dist.py`) is an FX graph whose nodes call t
 `print(program.schedule_graph())` shows every irecv, wait, pack, isend and broadcast in order. The ops take
 a `channel` string naming the `Comm` that owns the process group, the pending requests, the byte counters and
 the timeline of one program; the program creates it and the table below only lets ops find it by name.
+The data-movement ops the schedules also call (`pack`, `unpack`, `write_band`, with Triton kernels) live in
+`ops.py`.
 
 Every wait has a timeout; a failure names the rank, stage, patch and step and what was being waited for.
 """
@@ -17,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from . import ops  # noqa: F401  (registers pack/unpack/write_band, which the schedule graphs call)
 from .errors import PipefusionError
-from .kernels import DTYPES, pack_reference, unpack_reference
 
 _CHANNELS: "weakref.WeakValueDictionary[str, Comm]" = weakref.WeakValueDictionary()
 
@@ -156,31 +158,3 @@ def wait_sends(token: torch.Tensor, channel: str) -> None:
 def broadcast(out: torch.Tensor, src_stage: int, channel: str) -> None:
     """Every rank gets the last stage's `out` (the model output, small: a latent, not hidden states)."""
     comm(channel).broadcast(out, src_stage)
-
-
-@torch.library.custom_op("pipefusion::pack", mutates_args=())
-def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors crossing one cut for one patch, as one contiguous byte buffer (one message)."""
-    return pack_reference(tensors)
-
-
-@pack.register_fake
-def _(tensors):
-    return torch.empty(sum(t.numel() * t.element_size() for t in tensors), dtype=torch.uint8,
-                       device=tensors[0].device)
-
-
-@torch.library.custom_op("pipefusion::unpack", mutates_args=())
-def unpack(buf: torch.Tensor, shapes: list[int], ranks: list[int], dtypes: list[int]) -> list[torch.Tensor]:
-    """Inverse of `pack`: shapes are flattened (`ranks[i]` dims each), dtypes are codes into `DTYPES`."""
-    nested, i = [], 0
-    for r in ranks:
-        nested.append(list(shapes[i:i + r]))
-        i += r
-    return unpack_reference(buf, nested, [DTYPES[d] for d in dtypes])
-
-
-@torch.library.custom_op("pipefusion::write_band", mutates_args=("out",))
-def write_band(out: torch.Tensor, band: torch.Tensor, axis: int, start: int) -> None:
-    """Write one patch's output rows into the full output tensor."""
-    out.narrow(axis, start, band.shape[axis]).copy_(band)

@@ -9,6 +9,7 @@ from typing import Any, Sequence, Union
 import torch.distributed as dist
 
 from .errors import OptionsError
+from .kernels import HAS_TRITON
 
 Partition = Union[str, tuple[int, ...]]
 
@@ -39,8 +40,12 @@ class PipefusionOptions:
     """Multi-process mode: free the storage of parameters this rank's stage never reads."""
     timeline: str | None = None
     """Directory to write this rank's timeline to (`rank<R>.jsonl`); env PIPEFUSION_TIMELINE also sets it."""
+    kernels: str = "auto"
+    """Data-movement kernels (K/V cache update, pack/unpack, patch output): "auto" (Triton on CUDA, the torch
+    reference on CPU), "triton" (also on CPU, only under TRITON_INTERPRET=1) or "torch"."""
 
     _KNOWN_BACKENDS = ("inductor", "eager")
+    _KERNEL_MODES = ("auto", "triton", "torch")
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "PipefusionOptions":
@@ -90,6 +95,10 @@ class PipefusionOptions:
             raise OptionsError(
                 f"option stage_backend={self.stage_backend!r}: expected one of {list(self._KNOWN_BACKENDS)}"
             )
+        if self.kernels not in self._KERNEL_MODES:
+            raise OptionsError(f"option kernels={self.kernels!r}: expected one of {list(self._KERNEL_MODES)}")
+        if self.kernels == "triton" and not HAS_TRITON:
+            raise OptionsError("option kernels='triton': triton is not installed")
         if self.simulate is not None and not isinstance(self.simulate, bool):
             raise OptionsError(f"option simulate={self.simulate!r}: expected True or False")
         if not isinstance(self.release_params, bool):

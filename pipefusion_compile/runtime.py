@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 
 from .errors import PipefusionError
 from .options import PipefusionOptions
+from .passes.kernels import select_kernels
 from .passes.lower import LoweredStage, PieceGraph, StageInput
 from .passes.meta import example_value, node_meta
 from .passes.pieces import FULL, TEXT, Piece
@@ -85,10 +86,6 @@ class _OutputSlot:
     def of(cls, node: fx.Node, token_rows: int) -> "_OutputSlot":
         val, axis = example_value(node), node_meta(node).token.axis
         return cls(node.name, tuple(val.shape), val.dtype, axis, val.shape[axis] // token_rows)
-
-    def band(self, out: torch.Tensor, piece: Piece) -> torch.Tensor:
-        """The part of the full output `out` that `piece` computes (model outputs hold image tokens only)."""
-        return out.narrow(self.axis, piece.row0 * self.per_row, piece.rows * self.per_row)
 
 
 class PipelineProgram:
@@ -171,7 +168,8 @@ class PipelineProgram:
                 carry.update(zip(pg.outputs, result))
             if piece.kind != TEXT:
                 for o in self._token_outputs:
-                    o.band(outputs[o.name], piece).copy_(carry[o.name])
+                    torch.ops.pipefusion.write_band(outputs[o.name], carry[o.name], o.axis, piece.row0 * o.per_row,
+                                                    kernels=self.options.kernels)
         return self._finish_step(inst, outputs, dict(zip(self.stages[-1].lowered.global_outputs, globals_[-1])))
 
     def _start_step(self, args):
@@ -225,7 +223,8 @@ class PipelineProgram:
         fn = s.compiled.get(piece.key)
         if fn is None:
             t0 = time.perf_counter()
-            fn = compile_stage_graph(s.lowered.piece_graph(piece).gm, inputs, self.options.stage_backend)
+            gm = select_kernels(s.lowered.piece_graph(piece).gm, self.options.kernels)
+            fn = compile_stage_graph(gm, inputs, self.options.stage_backend)
             elapsed = time.perf_counter() - t0
             self.stats["compile_s"] += elapsed
             s.compiled[piece.key] = fn

@@ -37,6 +37,7 @@ from .comm import Comm, PipefusionCommError
 from .errors import PipefusionError, PlanError
 from .kernels import DTYPE_CODE
 from .options import PipefusionOptions
+from .passes.kernels import select_kernels
 from .passes.lower import LoweredStage, StageInput
 from .passes.meta import example_value
 from .passes.pieces import TEXT, Piece
@@ -171,7 +172,8 @@ class DistributedProgram(PipelineProgram):
     def _schedule_for(self, pieces, device) -> fx.GraphModule:
         key = (tuple(pieces), str(device))
         if key not in self._schedules:
-            self._schedules[key] = self._build_schedule(pieces, torch.device(device))
+            self._schedules[key] = select_kernels(self._build_schedule(pieces, torch.device(device)),
+                                                  self.options.kernels)
         return self._schedules[key]
 
     def _sliced_inputs(self, piece: Piece) -> list[StageInput]:
