@@ -167,9 +167,14 @@ class PipelineProgram:
                 result = self._stage_fn(s, piece, inputs)(*inputs)
                 carry.update(zip(pg.outputs, result))
             if piece.kind != TEXT:
+                unpatchified = self.stages[-1].lowered.piece_graph(piece).unpatchified
                 for o in self._token_outputs:
-                    torch.ops.pipefusion.write_band(outputs[o.name], carry[o.name], o.axis, piece.row0 * o.per_row,
-                                                    kernels=self.options.kernels)
+                    if o.name in unpatchified:  # token layout: the unpatchify is fused into the write
+                        torch.ops.pipefusion.write_unpatchified(outputs[o.name], carry[o.name], piece.row0,
+                                                                unpatchified[o.name], kernels=self.options.kernels)
+                    else:
+                        torch.ops.pipefusion.write_band(outputs[o.name], carry[o.name], o.axis,
+                                                        piece.row0 * o.per_row, kernels=self.options.kernels)
         return self._finish_step(inst, outputs, dict(zip(self.stages[-1].lowered.global_outputs, globals_[-1])))
 
     def _start_step(self, args):

@@ -70,7 +70,7 @@ def test_schedule_graph_shows_the_comm_ops(tmp_path):
     assert "pipefusion.irecv" not in first and first.count("pipefusion.isend") == 2
     assert middle.count("pipefusion.irecv") == 2 and middle.count("pipefusion.isend") == 2
     assert middle.index("pipefusion.irecv") < middle.index("pipefusion.wait.default")
-    assert last.count("pipefusion.write_band") == 2 and "pipefusion.isend" not in last
+    assert last.count("pipefusion.write_unpatchified") == 2 and "pipefusion.isend" not in last  # unpatchify fused
     for text in (first, middle, last):
         assert "pipefusion.broadcast" in text and "pipefusion.wait_sends" in text
 

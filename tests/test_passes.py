@@ -67,11 +67,21 @@ def test_cross_attention_kv_is_global_and_hoisted():
     assert torch.sin not in patch_ops and torch.cos not in patch_ops
 
 
+def _sized(lowered, rows):
+    """The last stage's graph after `rewrite_token_sizes` alone (the full lowering then fuses the unpatchify)."""
+    import copy
+
+    from pipefusion_compile.passes.lower import rewrite_token_sizes
+    from pipefusion_compile.passes.pieces import BAND, Piece
+
+    return rewrite_token_sizes(copy.deepcopy(lowered.stage_gm), Piece(BAND, 0, rows), lowered.analysis)
+
+
 def test_token_sizes_rewritten_only_on_token_axes():
     program = build_program(dit, num_stages=2, num_patches=4)
     last = program.stages[-1].lowered
-    full = last.patch_graph(8)
-    patch = last.patch_graph(2)
+    full = _sized(last, 8)
+    patch = _sized(last, 2)
     shapes_full = [n.kwargs.get("shape") for n in full.graph.nodes if n.target == "reshape"]
     shapes_patch = [n.kwargs.get("shape") for n in patch.graph.nodes if n.target == "reshape"]
     # unpatchify: (-1, h, w, p, p, c) then (-1, c, h * p, w * p); only h (token rows) changes
@@ -80,6 +90,18 @@ def test_token_sizes_rewritten_only_on_token_axes():
     # attention reshapes use -1 for the tokens and are left alone
     views = [n.args[1:] for n in patch.graph.nodes if n.target == "view"]
     assert views and all(v[1] == -1 for v in views)
+
+
+def test_unpatchify_is_fused_into_the_output_write():
+    """The last stage returns the patch in token layout; `write_unpatchified` puts it in its rows of the output."""
+    program = build_program(dit, num_stages=2, num_patches=4)
+    pg = program.stages[-1].lowered.piece_graph(program.plan.pieces(pipelined=True)[0])
+    assert pg.unpatchified == {"output": 2}
+    targets = [n.target for n in pg.gm.graph.nodes]
+    assert torch.functional.einsum not in targets and "reshape" not in targets[-3:]
+    (out,) = next(iter(pg.gm.graph.find_nodes(op="output"))).args[0]
+    assert out.target is torch._C._nn.linear  # proj_out: [B, rows * w, p * p * C]
+    assert program.stages[0].lowered.piece_graph(program.plan.pieces(pipelined=True)[0]).unpatchified == {}
 
 
 def test_stage_boundaries_carry_only_the_planned_values():

@@ -78,6 +78,9 @@ class PieceGraph:
     gm: fx.GraphModule
     inputs: tuple[StageInput, ...]   # the stage inputs this piece reads (a subset, in stage-input order)
     outputs: tuple[str, ...]         # the stage outputs this piece produces
+    unpatchified: dict[str, int] = field(default_factory=dict)
+    """Model outputs returned in token layout [B, rows * w, p * p * C] (the unpatchify was fused into the
+    write into the full output: `pipefusion.write_unpatchified`), with their patch size p."""
 
 
 @dataclass
@@ -91,6 +94,7 @@ class LoweredStage:
     outputs: tuple[str, ...]
     stage_gm: fx.GraphModule         # full-sequence stage graph before the rewrites (for inspection)
     token_rows: int
+    analysis: TokenAnalysis | None = field(repr=False, default=None)
     _build: Callable[[Piece], PieceGraph] = field(repr=False, default=None)
     _piece_graphs: dict[tuple, PieceGraph] = field(default_factory=dict, repr=False)
 
@@ -457,6 +461,80 @@ class _CheckingInterpreter(fx.Interpreter):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Pass 5: unpatchify fused into the output write
+
+
+_UNPATCHIFY_PERM = (0, 5, 1, 3, 2, 4)   # n h w p q c -> n c h p w q
+
+
+def _is_reshape(n) -> bool:
+    return isinstance(n, fx.Node) and n.op in ("call_method", "call_function") and n.target in (
+        "reshape", "view", torch.reshape)
+
+
+def _unpatchify_source(out: fx.Node):
+    """(x, p) if `out` is diffusers' unpatchify of x: reshape(einsum("nhwpqc->nchpwq" | permute,
+    reshape(x, (B, h, w, p, p, C))), (B, C, h * p, w * p)) with x [B, h * w, p * p * C]; else None."""
+    if not _is_reshape(out) or len(out.users) > 1:
+        return None
+    mid = out.args[0]
+    if not isinstance(mid, fx.Node) or len(mid.users) != 1:
+        return None
+    if mid.target is torch.functional.einsum or mid.target is torch.einsum:
+        if mid.args[0].replace(" ", "") != "nhwpqc->nchpwq" or len(mid.args) != 2:
+            return None
+        six = mid.args[1]
+    elif mid.target in ("permute", torch.permute):
+        dims = mid.args[1:] if len(mid.args) > 2 else mid.args[1]
+        if tuple(dims) != _UNPATCHIFY_PERM:
+            return None
+        six = mid.args[0]
+    else:
+        return None
+    if not _is_reshape(six) or len(six.users) != 1:
+        return None
+    x = six.args[0]
+    sv, xv, ov = example_value(six), example_value(x), example_value(out)
+    if not all(isinstance(v, torch.Tensor) for v in (sv, xv, ov)) or sv.dim() != 6 or xv.dim() != 3 or ov.dim() != 4:
+        return None
+    b, h, w, p, q, c = sv.shape
+    if p != q or tuple(xv.shape) != (b, h * w, p * q * c) or tuple(ov.shape) != (b, c, h * p, w * q):
+        return None
+    return x, int(p)
+
+
+def fuse_unpatchify_output(gm: fx.GraphModule, model_outputs: set[str]) -> tuple[fx.GraphModule, dict[str, int]]:
+    """Return model outputs in token layout and let the runtime write them with `write_unpatchified`, so the
+    last stage never materializes the unpatchified patch.
+
+    Before (last stage, a band of 4 token rows):           After:
+        %r = reshape(%x, shape=(-1, 4, 8, 2, 2, 8))             return (%x,)   # [B, 32, 32], token layout
+        %e = einsum("nhwpqc->nchpwq", %r)                   (unpatchified = {"output": 2}: the runtime
+        %output = reshape(%e, shape=(-1, 8, 8, 16))          writes it into rows [8 r0, 8 r0 + 8) of the
+        return (%output,)                                    full [B, 8, 16, 16] output in one kernel)
+    Run after `propagate_patch_shapes`, on the piece's own (patch-sized) graph.
+    """
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    values = list(out.args[0])
+    fused: dict[str, int] = {}
+    for i, v in enumerate(values):
+        if v.name not in model_outputs:
+            continue
+        found = _unpatchify_source(v)
+        if found is None:
+            continue
+        x, p = found
+        fused[v.name] = p
+        values[i] = x
+    if fused:
+        out.args = (tuple(values),)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return gm, fused
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Globals graph
 
 
@@ -552,7 +630,9 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis) -> list[LoweredStag
                     needed.append(leaf)
         globals_gm, positions, gouts = _run_pass("extract_globals", extract_globals, gm, needed)
 
-        def build(piece: Piece, stage_gm=stage_gm, inputs=inputs) -> PieceGraph:
+        model_outputs = {n.name for n in out_node.all_input_nodes} if sp.index == len(plan.stages) - 1 else set()
+
+        def build(piece: Piece, stage_gm=stage_gm, inputs=inputs, model_outputs=model_outputs) -> PieceGraph:
             graph = fx.Graph()
             graph.output(graph.graph_copy(stage_gm.graph, {}))
             g = fx.GraphModule(stage_gm, graph)
@@ -560,14 +640,15 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis) -> list[LoweredStag
             g = _run_pass("rewrite_stale_attention", rewrite_stale_attention, g, piece.kind)
             g = _run_pass("rewrite_token_sizes", rewrite_token_sizes, g, piece, analysis)
             g = _run_pass("propagate_patch_shapes", propagate_patch_shapes, g, piece, analysis)
-            kept = {ph.name for ph in g.graph.find_nodes(op="placeholder")}
             out = next(iter(g.graph.find_nodes(op="output")))
-            return PieceGraph(g, tuple(i for i in inputs if i.name in kept),
-                              tuple(o.name for o in out.args[0]))
+            names = tuple(o.name for o in out.args[0])
+            g, fused = _run_pass("fuse_unpatchify_output", fuse_unpatchify_output, g, model_outputs)
+            kept = {ph.name for ph in g.graph.find_nodes(op="placeholder")}
+            return PieceGraph(g, tuple(i for i in inputs if i.name in kept), names, fused)
 
         stages.append(LoweredStage(
             index=sp.index, globals_gm=globals_gm, global_inputs=positions, global_outputs=gouts,
             inputs=inputs, caches=caches, outputs=outputs, stage_gm=stage_gm,
-            token_rows=analysis.token_rows, _build=build,
+            token_rows=analysis.token_rows, analysis=analysis, _build=build,
         ))
     return stages
