@@ -126,11 +126,64 @@ def test_rule_view_splitting_rows_sets_granule():
 
 def test_rule_reshape_merging_batch_into_tokens_fails():
     def f(x):
-        t = x.permute(0, 2, 1, 3).reshape(16, 4, 8)   # batch and rows merged
+        t = x.permute(0, 2, 1, 3).reshape(4, 4, 32)   # [2, 8, 4, 8]: batch x half the rows: not a fold
         return (t * 2).reshape(2, 8, 4, 8).permute(0, 2, 1, 3)
 
     with pytest.raises(UnsupportedGraphError, match="merges the token axis"):
         analyze_fn(f, torch.randn(2, 4, 8, 8))
+
+
+def _analyze_frames_first(f, x):
+    (gm, ex), = capture_graphs(f, x)
+    return gm, analyze_tokens(gm, ex, token_axis=1)
+
+
+def test_rule_fold_batch_with_frames_for_a_per_frame_conv_and_unfold():
+    """[B, F, C, H, W] -> reshape(-1, C, H, W) -> conv -> view(B, F, ...): the frames (token rows) are folded
+    with the batch (outer-major) for a per-frame conv, and unfolded by the view."""
+    w = torch.randn(4, 4, 3, 3)
+
+    def f(x):
+        b, fr, c, h, wd = x.shape
+        t = x.reshape(-1, c, h, wd)                       # [B*F, 4, 8, 8]: folded, outer B
+        t = F.conv2d(t, w, padding=1)                     # over H, W; the folded axis is the conv's batch
+        t = F.silu(t).flatten(2)                          # element-wise, reshape keeping the fold
+        return t.view(b, fr, c, h, wd)                    # unfold: frames on axis 1 again
+
+    gm, a = _analyze_frames_first(f, torch.randn(2, 3, 4, 8, 8))
+    nodes = [n for n in gm.graph.nodes if n.op != "output" and node_meta(n).token.carries_tokens]
+    infos = {n.name: node_meta(n).token for n in nodes}
+    folded = [n for n, i in infos.items() if i.outer > 1]
+    assert [infos[n].rule for n in folded] == ["reshape-fold", "conv-batch-axis", "elementwise", "reshape"]
+    assert all(infos[n].outer == 2 and infos[n].axis == 0 and infos[n].epr == 2 for n in folded)
+    unfold = next(i for i in infos.values() if i.rule == "reshape-unfold")
+    assert (unfold.axis, unfold.outer, unfold.epr) == (1, 1, 1)
+    assert a.token_rows == 3 and a.granule == 1
+
+
+@pytest.mark.parametrize("case", ["positional", "slice", "attention", "not-a-fold"])
+def test_rule_folded_token_axis_refuses_position_dependent_ops(case):
+    table = torch.randn(6, 4, 1, 1)   # one entry per (batch, frame): would need slicing per patch
+
+    def f(x):
+        t = x.reshape(-1, 4, 8, 8)                        # [B*F, 4, 8, 8], outer 2
+        if case == "positional":
+            t = t + table
+        elif case == "slice":
+            t = torch.cat([t[3:], t[:3]])
+        elif case == "attention":
+            q = t.flatten(1).unsqueeze(0)
+            t = F.scaled_dot_product_attention(q, q, q).reshape(6, 4, 8, 8)
+        elif case == "not-a-fold":
+            t = t.reshape(2, 3, 4, 8, 8).reshape(3, 2, 4, 8, 8)   # unfolds, then regroups batch x frames
+            return t.reshape(2, 3, 4, 8, 8)
+        return t.reshape(2, 3, 4, 8, 8)
+
+    expected = {"positional": "folded with the dims before it", "slice": "folded with the dims before it",
+                "attention": "folded with the dims before it", "not-a-fold": "merges the token axis"}[case]
+    with pytest.raises(UnsupportedGraphError, match=expected) as err:
+        _analyze_frames_first(f, torch.randn(2, 3, 4, 8, 8))
+    assert "from:" in str(err.value) or "node:" in str(err.value)
 
 
 def test_rule_cat_split_chunk_on_other_axes_and_positional_tables():
