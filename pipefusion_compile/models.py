@@ -193,6 +193,13 @@ BUILTIN: dict[str, Callable] = {
 }
 
 
+# Options a built-in model needs (the CLI uses them unless told otherwise): CogVideoX's latents are
+# [B, F, C, H, W], its token rows (frames) on axis 1 where the default for 5-D inputs is 2 ([B, C, F, H, W]).
+BUILTIN_OPTIONS: dict[str, dict] = {
+    "CogVideoXTransformer3DModel": {"token_axis": 1},
+}
+
+
 def load_model(spec: str, **config):
     """`spec` is a built-in diffusers class name or `module:function` returning (model, example kwargs)."""
     if spec in BUILTIN:

@@ -158,9 +158,9 @@ def test_long_skip_is_priced_on_every_cut_it_crosses():
 
 
 @pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "DiTTransformer2DModel", "LTXVideoTransformer3DModel",
-                                  "WanTransformer3DModel", "HunyuanDiT2DModel"])
+                                  "WanTransformer3DModel", "HunyuanDiT2DModel", "CogVideoXTransformer3DModel"])
 def test_flops_partition_balance_on_every_builtin_model(name):
-    from pipefusion_compile.models import BUILTIN
+    from pipefusion_compile.models import BUILTIN, BUILTIN_OPTIONS
 
     model, kwargs = BUILTIN[name](num_layers=16)
     gm, ex = capture_model(model, kwargs)
@@ -168,7 +168,8 @@ def test_flops_partition_balance_on_every_builtin_model(name):
     # attention), and those blocks cost more: block granularity bounds its balance.
     bound = 1.15 if name == "HunyuanDiT2DModel" else 1.10
     for stages in (2, 4):
-        plan = build_plan(gm, ex, PipefusionOptions(num_stages=stages).resolve())[0]
+        opts = PipefusionOptions.from_dict({"num_stages": stages, **BUILTIN_OPTIONS.get(name, {})}).resolve()
+        plan = build_plan(gm, ex, opts)[0]
         assert plan.max_min_ratio <= bound, str(plan)
 
 

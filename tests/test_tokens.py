@@ -161,6 +161,19 @@ def test_rule_fold_batch_with_frames_for_a_per_frame_conv_and_unfold():
     assert a.token_rows == 3 and a.granule == 1
 
 
+def test_default_token_axis_failure_names_the_option():
+    w = torch.randn(4, 4, 1, 1)
+
+    def f(x):   # [B, F, C, H, W]: the default axis for 5-D inputs (2) is the channels here
+        return F.conv2d(x.reshape(-1, 4, 8, 8), w).view(2, 3, 4, 8, 8)
+
+    (gm, ex), = capture_graphs(f, torch.randn(2, 3, 4, 8, 8))
+    with pytest.raises(UnsupportedGraphError, match="conv over the channels") as err:
+        analyze_tokens(gm, ex)
+    assert "default for a 5-D input" in str(err.value) and "token_axis" in str(err.value)
+    assert analyze_tokens(gm, ex, token_axis=1).token_rows == 3
+
+
 @pytest.mark.parametrize("case", ["positional", "slice", "attention", "not-a-fold"])
 def test_rule_folded_token_axis_refuses_position_dependent_ops(case):
     table = torch.randn(6, 4, 1, 1)   # one entry per (batch, frame): would need slicing per patch

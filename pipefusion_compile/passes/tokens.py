@@ -139,7 +139,16 @@ def analyze_tokens(
     token_input = find_token_input(gm, example_inputs)
     axis = token_axis if token_axis is not None else default_token_axis(len(shape_of(token_input)))
     analyzer = _Analyzer(gm, token_input, axis)
-    analyzer.run()
+    try:
+        analyzer.run()
+    except UnsupportedGraphError as e:
+        if token_axis is not None:
+            raise
+        ndim = len(shape_of(token_input))
+        raise UnsupportedGraphError(
+            f"{e.reason}\n  (the token rows of the image input {token_input.name} {list(shape_of(token_input))} "
+            f"were taken to lie on axis {axis}, the default for a {ndim}-D input; if they lie on another axis, "
+            "e.g. the frames of [B, F, C, H, W] latents, pass options={'token_axis': ...})", e.node) from None
 
     granule = 1
     counts = {k.value: 0 for k in Kind}
