@@ -8,16 +8,17 @@ from pipefusion_compile.models import cogvideox, dit, flux, hunyuan_dit, ltx_vid
 from reference_pipefusion import ImageLayout, ReferencePipeFusion, bands
 
 MODELS = {"pixart": pixart, "dit": dit, "ltx_video": ltx_video, "hunyuan_dit": hunyuan_dit, "wan": wan,
-          "sd3": sd3, "flux": flux, "cogvideox": cogvideox}
+          "sd3": sd3, "flux": flux, "cogvideox": cogvideox,
+          "cogvideox_rope": lambda **kw: cogvideox(rope=True, **kw)}
 # joint attention: [image | text] (SD3) or [text | image] (Flux, CogVideoX)
-TEXT_FIRST = {"sd3": False, "flux": True, "cogvideox": True}
+TEXT_FIRST = {"sd3": False, "flux": True, "cogvideox": True, "cogvideox_rope": True}
 # options a model needs: CogVideoX's latents are [B, F, C, H, W] (frames, the token rows, on axis 1)
-OPTIONS = {"cogvideox": {"token_axis": 1}}
+OPTIONS = {"cogvideox": {"token_axis": 1}, "cogvideox_rope": {"token_axis": 1}}
 
 
 def layout(name, model, kwargs):
     """The reference's image layout where `ImageLayout.of` cannot tell it from the input's shape."""
-    if name == "cogvideox":  # [B, F, C, H, W]: bands of whole frames; the output has the same layout
+    if name.startswith("cogvideox"):  # [B, F, C, H, W]: bands of whole frames; the output has the same layout
         _, frames, _, height, width = kwargs["hidden_states"].shape
         p = model.config.patch_size
         return ImageLayout(frames, (height // p) * (width // p), 1, 1)

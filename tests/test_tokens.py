@@ -351,6 +351,39 @@ def test_rule_joint_sequences_cat_slice_split_token_groups():
     assert a.granule == 1 and a.token_rows == 8
 
 
+@pytest.mark.parametrize("case", ["image", "text", "image-and-text", "mismatched-value"])
+def test_rule_inplace_write_into_one_token_group(case):
+    """RoPE on the image part of a joint [text | image] query: `q[:, 5:] = rope(q[:, 5:])`."""
+    text = torch.randn(1, 5, 4)
+    cos = torch.randn(64, 4)
+
+    def f(x):
+        q = torch.cat([text, x.flatten(2).transpose(1, 2)], dim=1) * 2.0   # [1, 69, 4], 5 text tokens first
+        if case == "image":
+            q[:, 5:] = q[:, 5:] * cos
+        elif case == "text":
+            q[:, :5] = q[:, :5] + 1.0
+        elif case == "image-and-text":
+            q[:, 4:] = q[:, 4:] * 2.0
+        else:
+            q[:, 5:] = cos.expand(1, 64, 4)   # a global table into the image group (no rule slices it)
+        return q[:, 5:].transpose(1, 2).reshape(1, 4, 8, 8)
+
+    if case in ("image", "text"):
+        gm, a = analyze_fn(f)
+        node = next(n for n in gm.graph.nodes if n.target is operator.setitem)
+        info = node_meta(node).token
+        assert info.rule == "setitem-group" and (info.prefix, info.suffix) == (5, 0)
+        assert node_meta(node).extra["group_write"] == (case, 1)
+        if case == "image":
+            assert [n.name for n in _positional(gm)] == [by_name(gm)[n].name for n in a.positional]
+            assert len(a.positional) == 1   # the cos table, sliced per band
+    else:
+        match = "image tokens and part of the text" if case == "image-and-text" else "does not hold exactly"
+        with pytest.raises(UnsupportedGraphError, match=match):
+            analyze_fn(f)
+
+
 def test_rule_joint_slice_through_the_image_fails():
     text = torch.randn(1, 5, 4)
 

@@ -506,8 +506,10 @@ def rule_getitem(ctx: RuleContext) -> TokenInfo:
 
 def rule_setitem(ctx: RuleContext) -> TokenInfo:
     """`target[index] = value` (e.g. interleaved RoPE writes `out[..., 0::2] = ...`): allowed when the index
-    leaves the target's token axis whole and the value lines up with it. The node itself has no value; its
-    info is the target's (the mutated tensor keeps its layout)."""
+    leaves the target's token axis whole and the value lines up with it, or, on a joint text+image target,
+    selects one whole token group there (RoPE on the image part: `q[:, :, text_len:] = rope(q[:, :, text_len:])`)
+    and the value holds that group. The node itself has no value; its info is the target's (the mutated tensor
+    keeps its layout); a group write records which group and where its token-axis index is (`group_write`)."""
     target, index, value = ctx.node.args
     info = ctx.info(target)
     if not info.carries_tokens:
@@ -516,18 +518,32 @@ def rule_setitem(ctx: RuleContext) -> TokenInfo:
     items = index if isinstance(index, tuple) else (index,)
     consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
     dim = 0
-    for it in items:
+    group = None
+    for pos, it in enumerate(items):
         if it is Ellipsis:
             dim += len(shape) - consumed
             continue
         if it is None:
             continue
         if dim == info.axis and not (isinstance(it, slice) and it.indices(shape[dim]) == slice(None).indices(shape[dim])):
-            raise ctx.fail("in-place write to part of the token axis")
+            if not (info.joint and isinstance(it, slice) and it.indices(shape[dim])[2] == 1):
+                raise ctx.fail("in-place write to part of the token axis")
+            lo, hi, _ = it.indices(shape[dim])
+            group = pos, _select_range(ctx, info, shape[dim], lo, hi, dim, shape[:dim] + (hi - lo,) + shape[dim + 1:])
+            if group[1].joint and group[1].epr != 0:
+                raise ctx.fail("in-place write to the image tokens and part of the text of a joint sequence")
         if not isinstance(it, (int, slice)):
             raise ctx.fail("in-place write with a tensor index into a token-carrying tensor")
         dim += 1
     vinfo = ctx.info(value)
+    if group is not None:
+        pos, part = group
+        lines_up = (vinfo.carries_tokens and (vinfo.epr, vinfo.prefix, vinfo.suffix) == (part.epr, part.prefix, part.suffix))
+        if not (lines_up or (part.epr == 0 and not vinfo.carries_tokens)):
+            raise ctx.fail("in-place write into one token group of a joint sequence of a value that does not "
+                           "hold exactly that group")
+        node_meta(ctx.node).extra["group_write"] = ("text" if part.epr == 0 else "image", pos)
+        return TokenInfo(Kind.PATCHED, info.axis, info.epr, "setitem-group", prefix=info.prefix, suffix=info.suffix)
     if isinstance(value, fx.Node) and isinstance(example_value(value), torch.Tensor):
         nd = len(shape_of(value))
         axis_in_value = nd - (len(shape) - info.axis)
@@ -535,7 +551,8 @@ def rule_setitem(ctx: RuleContext) -> TokenInfo:
             raise ctx.fail("in-place write of a value whose tokens lie on another axis")
         if not vinfo.carries_tokens:
             ctx.positional(value, axis_in_value, info.axis, expected=shape[info.axis], like=info)
-    return TokenInfo(info.kind if info.kind is Kind.PATCHED else Kind.PATCHED, info.axis, info.epr, "setitem")
+    return TokenInfo(info.kind if info.kind is Kind.PATCHED else Kind.PATCHED, info.axis, info.epr, "setitem",
+                     prefix=info.prefix, suffix=info.suffix)
 
 
 def rule_embedding(ctx: RuleContext) -> TokenInfo:

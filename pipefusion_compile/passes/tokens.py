@@ -142,9 +142,9 @@ def analyze_tokens(
     try:
         analyzer.run()
     except UnsupportedGraphError as e:
-        if token_axis is not None:
-            raise
         ndim = len(shape_of(token_input))
+        if token_axis is not None or ndim != 5:  # 5-D: [B, C, F, H, W] (the default) or [B, F, C, H, W]
+            raise
         raise UnsupportedGraphError(
             f"{e.reason}\n  (the token rows of the image input {token_input.name} {list(shape_of(token_input))} "
             f"were taken to lie on axis {axis}, the default for a {ndim}-D input; if they lie on another axis, "
