@@ -9,19 +9,22 @@ from reference_pipefusion import ImageLayout, ReferencePipeFusion, bands
 
 MODELS = {"pixart": pixart, "dit": dit, "ltx_video": ltx_video, "hunyuan_dit": hunyuan_dit, "wan": wan,
           "sd3": sd3, "flux": flux, "cogvideox": cogvideox,
-          "cogvideox_rope": lambda **kw: cogvideox(rope=True, **kw)}
+          "cogvideox_rope": lambda **kw: cogvideox(rope=True, **kw),
+          # CogVideoX 1.5: frames patched in pairs (a token row = 2 latent frames), 8 frames
+          "cogvideox_1_5": lambda **kw: cogvideox(frames=8, rope=True, patch_size_t=2, **kw)}
+COGVIDEOX = ("cogvideox", "cogvideox_rope", "cogvideox_1_5")
 # joint attention: [image | text] (SD3) or [text | image] (Flux, CogVideoX)
-TEXT_FIRST = {"sd3": False, "flux": True, "cogvideox": True, "cogvideox_rope": True}
+TEXT_FIRST = {"sd3": False, "flux": True, **{name: True for name in COGVIDEOX}}
 # options a model needs: CogVideoX's latents are [B, F, C, H, W] (frames, the token rows, on axis 1)
-OPTIONS = {"cogvideox": {"token_axis": 1}, "cogvideox_rope": {"token_axis": 1}}
+OPTIONS = {name: {"token_axis": 1} for name in COGVIDEOX}
 
 
 def layout(name, model, kwargs):
     """The reference's image layout where `ImageLayout.of` cannot tell it from the input's shape."""
-    if name.startswith("cogvideox"):  # [B, F, C, H, W]: bands of whole frames; the output has the same layout
+    if name in COGVIDEOX:  # [B, F, C, H, W]: bands of whole frames (of patch_size_t frames per token row)
         _, frames, _, height, width = kwargs["hidden_states"].shape
-        p = model.config.patch_size
-        return ImageLayout(frames, (height // p) * (width // p), 1, 1)
+        p, pt = model.config.patch_size, model.config.patch_size_t or 1
+        return ImageLayout(frames // pt, (height // p) * (width // p), 1, pt)
     return None
 
 
