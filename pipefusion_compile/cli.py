@@ -54,10 +54,11 @@ def plan_graphs(model: torch.nn.Module, example_kwargs: dict, **options) -> list
 
 def plan_model(spec: str, **options) -> list[PipelinePlan]:
     """Plans for a built-in model name or a `module:function` (see `pipefusion_compile.models`)."""
-    from .models import load_model
+    from .models import BUILTIN_OPTIONS, load_model
 
     model, kwargs = load_model(spec)
-    return plan_graphs(model, kwargs, **options)
+    given = {k: v for k, v in options.items() if v is not None}
+    return plan_graphs(model, kwargs, **{**BUILTIN_OPTIONS.get(spec, {}), **given})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patches", type=int, default=None, help="M (default: N)")
     p.add_argument("--partition", default="flops", help="flops | uniform | comma-separated layers per stage")
     p.add_argument("--warmup-steps", type=int, default=1)
+    p.add_argument("--token-axis", type=int, default=None,
+                   help="axis of the image input that carries the token rows (default: 1 for [B, S, C], else 2; "
+                        "built-in models that need another axis set it)")
     p.add_argument("-v", "--verbose", action="store_true", help="log the passes at DEBUG")
     t = sub.add_parser("timeline", help="merge the ranks' timeline records (option timeline=DIR) into a "
                                         "Chrome/Perfetto trace and a Gantt PNG")
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if partition not in ("flops", "uniform"):
         partition = [int(x) for x in partition.split(",")]
     options = dict(num_stages=args.stages, num_patches=args.patches, partition=partition,
-                   warmup_steps=args.warmup_steps)
+                   warmup_steps=args.warmup_steps, token_axis=args.token_axis)
     from .errors import PipefusionError
 
     try:

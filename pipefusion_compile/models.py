@@ -161,6 +161,38 @@ def flux(height: int = 8, width: int = 8, num_layers: int = 2, num_single_layers
     return model, kwargs
 
 
+def cogvideox(frames: int = 4, height: int = 8, width: int = 8, num_layers: int = 4, heads: int = 2,
+              head_dim: int = 16, batch: int = 1, prompt_tokens: int = 6, rope: bool = False,
+              patch_size_t: int | None = None, seed: int = 0):
+    """CogVideoX: video latents [B, F, C, H, W] (frames before channels: token axis 1), text and video
+    concatenated [text | video] before every block's joint attention; sin-cos 3-D positional embeddings, or
+    with `rope` (CogVideoX-5B) 3-D RoPE over the video tokens, given by the pipeline as (cos, sin);
+    `patch_size_t` (CogVideoX 1.5, with `rope`): frames patched in pairs, a token row is `patch_size_t` frames."""
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4,
+        time_embed_dim=32, text_embed_dim=32, num_layers=num_layers, sample_width=width, sample_height=height,
+        sample_frames=(frames - 1) * 4 + 1, patch_size=2, max_text_seq_length=prompt_tokens,
+        use_rotary_positional_embeddings=rope, patch_size_t=patch_size_t,
+    ).eval()
+    kwargs = dict(
+        hidden_states=torch.randn(batch, frames, 4, height, width),
+        encoder_hidden_states=torch.randn(batch, prompt_tokens, 32),
+        timestep=torch.full((batch,), 500, dtype=torch.int64),
+    )
+    if rope:  # as CogVideoXPipeline prepares it (sample size = latent size: no crop)
+        grid = (height // 2, width // 2)
+        if patch_size_t is None:
+            kwargs["image_rotary_emb"] = get_3d_rotary_pos_embed(head_dim, ((0, 0), grid), grid, frames)
+        else:
+            kwargs["image_rotary_emb"] = get_3d_rotary_pos_embed(
+                head_dim, None, grid, frames // patch_size_t, grid_type="slice", max_size=grid)
+    return model, kwargs
+
+
 BUILTIN: dict[str, Callable] = {
     "PixArtTransformer2DModel": pixart,
     "DiTTransformer2DModel": dit,
@@ -169,6 +201,14 @@ BUILTIN: dict[str, Callable] = {
     "WanTransformer3DModel": wan,
     "SD3Transformer2DModel": sd3,
     "FluxTransformer2DModel": flux,
+    "CogVideoXTransformer3DModel": cogvideox,
+}
+
+
+# Options a built-in model needs (the CLI uses them unless told otherwise): CogVideoX's latents are
+# [B, F, C, H, W], its token rows (frames) on axis 1 where the default for 5-D inputs is 2 ([B, C, F, H, W]).
+BUILTIN_OPTIONS: dict[str, dict] = {
+    "CogVideoXTransformer3DModel": {"token_axis": 1},
 }
 
 

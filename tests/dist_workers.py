@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 import pipefusion_compile
 from helpers import call_model, sample_loop
-from pipefusion_compile.models import BUILTIN
+from pipefusion_compile.models import BUILTIN, BUILTIN_OPTIONS
 
 
 def factory(name):
@@ -22,7 +22,7 @@ def factory(name):
 def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
     torch._dynamo.reset()
     model, kwargs = factory(model_name)(**factory_kwargs)
-    opts = {"stage_backend": "eager", **options}
+    opts = {"stage_backend": "eager", **BUILTIN_OPTIONS.get(model_name, {}), **options}
     if group is not None:
         opts["group"] = group
     compiled = torch.compile(model, backend="pipefusion", options=opts)

@@ -13,7 +13,7 @@ For each patch of a step the *whole* model runs on the full sequence, and only t
 output are kept. Warmup steps run the model plainly and record all K/V. Slow (M full forwards per step)
 and obviously right, which is the point.
 
-Joint text+image attention (SD3, Flux): the attention sequence is [image | text] or [text | image]; the
+Joint text+image attention (SD3, Flux, CogVideoX): the attention sequence is [image | text] or [text | image]; the
 text is one more patch at its place in that sequence (run once per step, in sequence order with the
 bands, only to refresh its K/V), and with one patch the whole joint sequence is that patch.
 """
@@ -63,12 +63,13 @@ class ReferencePipeFusion:
     """Call it like the model's forward (returns the output tensor): one call = one diffusion step."""
 
     def __init__(self, model, num_patches: int, warmup_steps: int = 1, text_tokens: int = 0,
-                 text_first: bool = False):
+                 text_first: bool = False, layout: ImageLayout | None = None):
         self.model = model
         self.num_patches = num_patches
         self.warmup_steps = warmup_steps
         self.text_tokens = text_tokens  # text tokens in the joint attention sequence (0: image only)
         self.text_first = text_first
+        self.layout = layout  # None: derived from the input's shape (`ImageLayout.of`)
         self.step = 0
         self.previous: list[tuple[torch.Tensor, torch.Tensor]] = []  # per self-attention layer, last step
         self.current: list[tuple[torch.Tensor, torch.Tensor]] = []   # per layer, being filled this step
@@ -107,7 +108,7 @@ class ReferencePipeFusion:
 
     @torch.no_grad()
     def __call__(self, hidden_states, **kwargs):
-        layout = ImageLayout.of(self.model, hidden_states)
+        layout = self.layout or ImageLayout.of(self.model, hidden_states)
         image_tokens = layout.rows * layout.tokens_per_row
         num_tokens = image_tokens + self.text_tokens
         image_at = self.text_tokens if self.text_first else 0  # where the image tokens start in the sequence

@@ -103,6 +103,19 @@ def test_cli_prints_plan(capsys):
     assert "patches (token rows): [0, 2), [2, 4), [4, 6), [6, 8)" in out
 
 
+def test_cli_plans_a_builtin_model_with_the_options_it_needs(capsys):
+    """CogVideoX's latents are [B, F, C, H, W]: the built-in entry sets token_axis=1 (frames); --token-axis
+    overrides it (axis 2, the channels, fails at the patch embedding's conv)."""
+    from pipefusion_compile.cli import main
+
+    assert main(["plan", "CogVideoXTransformer3DModel", "--stages", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "axis 1, 4 rows" in out and "text first" in out
+    assert main(["plan", "CogVideoXTransformer3DModel", "--stages", "2", "--token-axis", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "conv over the channels" in err and "image_embeds = self.proj(image_embeds)" in err
+
+
 def test_cli_module_function_and_errors(capsys, monkeypatch):
     from pipefusion_compile.cli import main
 

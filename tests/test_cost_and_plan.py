@@ -159,9 +159,9 @@ def test_long_skip_is_priced_on_every_cut_it_crosses():
 
 @pytest.mark.parametrize("name", ["PixArtTransformer2DModel", "DiTTransformer2DModel", "LTXVideoTransformer3DModel",
                                   "WanTransformer3DModel", "HunyuanDiT2DModel", "SD3Transformer2DModel",
-                                  "FluxTransformer2DModel"])
+                                  "FluxTransformer2DModel", "CogVideoXTransformer3DModel"])
 def test_flops_partition_balance_on_every_builtin_model(name):
-    from pipefusion_compile.models import BUILTIN
+    from pipefusion_compile.models import BUILTIN, BUILTIN_OPTIONS
 
     model, kwargs = BUILTIN[name](num_layers=16)
     gm, ex = capture_model(model, kwargs)
@@ -170,7 +170,8 @@ def test_flops_partition_balance_on_every_builtin_model(name):
     # skips in flight do not price a position).
     for stages in (2, 4):
         bound = 1.15 if (name, stages) == ("HunyuanDiT2DModel", 4) else 1.10
-        plan = build_plan(gm, ex, PipefusionOptions(num_stages=stages).resolve())[0]
+        opts = PipefusionOptions.from_dict({"num_stages": stages, **BUILTIN_OPTIONS.get(name, {})}).resolve()
+        plan = build_plan(gm, ex, opts)[0]
         assert plan.max_min_ratio <= bound, str(plan)
 
 

@@ -9,7 +9,8 @@ from dist_workers import die_mid_step, generate, generate_in_groups, mismatched_
 
 MODELS = ["PixArtTransformer2DModel", "DiTTransformer2DModel", "LTXVideoTransformer3DModel", "HunyuanDiT2DModel",
           "WanTransformer3DModel"]
-JOINT = ["SD3Transformer2DModel", "FluxTransformer2DModel"]  # joint text+image attention: text is one more piece
+JOINT = ["SD3Transformer2DModel", "FluxTransformer2DModel",  # joint text+image attention: text is one more piece
+         "CogVideoXTransformer3DModel"]
 STEPS = 10
 
 
@@ -73,6 +74,19 @@ def test_schedule_graph_shows_the_comm_ops(tmp_path):
     assert last.count("pipefusion.write_unpatchified") == 2 and "pipefusion.isend" not in last  # unpatchify fused
     for text in (first, middle, last):
         assert "pipefusion.broadcast" in text and "pipefusion.wait_sends" in text
+
+
+def test_cogvideox_batch_of_two_equals_simulate_bit_for_bit(tmp_path):
+    """CogVideoX with classifier-free guidance's batch of 2: the patch embedding folds batch x frames for its
+    per-frame conv; text first; 2 ranks, M=1 and M=2 (4 latent frames)."""
+    jobs = [("CogVideoXTransformer3DModel", {"batch": 2}, {"num_patches": m}) for m in (1, 2)]
+    results = run_ranks(generate, 2, jobs, 4, tmp_path=tmp_path, timeout=600)
+    for j, (name, fkw, options) in enumerate(jobs):
+        want = simulate(name, fkw, {**options, "num_stages": 2}, steps=4)
+        for res in results:
+            got = res["value"][j]
+            assert_bit_identical(got, want)
+            assert got["stats"]["bytes_sent"] == got["plan_bytes"]
 
 
 def test_joint_schedule_sends_the_text_piece_once_per_step(tmp_path):

@@ -4,18 +4,34 @@ import torch
 
 import pipefusion_compile
 from helpers import call_model, compile_pf, sample_loop
-from pipefusion_compile.models import dit, flux, hunyuan_dit, ltx_video, pixart, sd3, wan
-from reference_pipefusion import ReferencePipeFusion, bands
+from pipefusion_compile.models import cogvideox, dit, flux, hunyuan_dit, ltx_video, pixart, sd3, wan
+from reference_pipefusion import ImageLayout, ReferencePipeFusion, bands
 
 MODELS = {"pixart": pixart, "dit": dit, "ltx_video": ltx_video, "hunyuan_dit": hunyuan_dit, "wan": wan,
-          "sd3": sd3, "flux": flux}
-TEXT_FIRST = {"sd3": False, "flux": True}  # joint attention: [image | text] (SD3) or [text | image] (Flux)
+          "sd3": sd3, "flux": flux, "cogvideox": cogvideox,
+          "cogvideox_rope": lambda **kw: cogvideox(rope=True, **kw),
+          # CogVideoX 1.5: frames patched in pairs (a token row = 2 latent frames), 8 frames
+          "cogvideox_1_5": lambda **kw: cogvideox(frames=8, rope=True, patch_size_t=2, **kw)}
+COGVIDEOX = ("cogvideox", "cogvideox_rope", "cogvideox_1_5")
+# joint attention: [image | text] (SD3) or [text | image] (Flux, CogVideoX)
+TEXT_FIRST = {"sd3": False, "flux": True, **{name: True for name in COGVIDEOX}}
+# options a model needs: CogVideoX's latents are [B, F, C, H, W] (frames, the token rows, on axis 1)
+OPTIONS = {name: {"token_axis": 1} for name in COGVIDEOX}
+
+
+def layout(name, model, kwargs):
+    """The reference's image layout where `ImageLayout.of` cannot tell it from the input's shape."""
+    if name in COGVIDEOX:  # [B, F, C, H, W]: bands of whole frames (of patch_size_t frames per token row)
+        _, frames, _, height, width = kwargs["hidden_states"].shape
+        p, pt = model.config.patch_size, model.config.patch_size_t or 1
+        return ImageLayout(frames // pt, (height // p) * (width // p), 1, pt)
+    return None
 
 
 def make_reference(name, model, kwargs, patches, warmup_steps=1):
     text = kwargs["encoder_hidden_states"].shape[1] if name in TEXT_FIRST else 0
     return ReferencePipeFusion(model, num_patches=patches, warmup_steps=warmup_steps, text_tokens=text,
-                               text_first=TEXT_FIRST.get(name, False))
+                               text_first=TEXT_FIRST.get(name, False), layout=layout(name, model, kwargs))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -23,7 +39,8 @@ def make_reference(name, model, kwargs, patches, warmup_steps=1):
 def test_one_patch_equals_plain_model_every_step(name, stages):
     model, kwargs = MODELS[name]()
     _, ref_steps = sample_loop(call_model(model), kwargs, steps=5)
-    compiled, _ = compile_pf(model, num_stages=stages, num_patches=1, stage_backend="eager")
+    compiled, _ = compile_pf(model, num_stages=stages, num_patches=1, stage_backend="eager",
+                             **OPTIONS.get(name, {}))
     _, steps = sample_loop(call_model(compiled), kwargs, steps=5)
     for got, want in zip(steps, ref_steps):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -33,7 +50,8 @@ def test_one_patch_equals_plain_model_every_step(name, stages):
 def test_warmup_covering_all_steps_equals_plain_model(name):
     model, kwargs = MODELS[name]()
     ref, _ = sample_loop(call_model(model), kwargs, steps=4)
-    compiled, programs = compile_pf(model, num_stages=2, num_patches=4, warmup_steps=4, stage_backend="eager")
+    compiled, programs = compile_pf(model, num_stages=2, num_patches=4, warmup_steps=4, stage_backend="eager",
+                                    **OPTIONS.get(name, {}))
     got, _ = sample_loop(call_model(compiled), kwargs, steps=4)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert programs[0].stats["pipelined_calls"] == 0
@@ -69,7 +87,8 @@ def test_stale_kv_equals_eager_reference(name, patches):
 
     want_final, want_steps = sample_loop(ref_fn, kwargs, steps=10)
     stages = 4 if name in TEXT_FIRST else 2
-    compiled, programs = compile_pf(model, num_stages=stages, num_patches=patches, stage_backend="eager")
+    compiled, programs = compile_pf(model, num_stages=stages, num_patches=patches, stage_backend="eager",
+                                    **OPTIONS.get(name, {}))
     got_final, got_steps = sample_loop(call_model(compiled), kwargs, steps=10)
     assert programs[0].plan.patches == tuple(bands(programs[0].plan.token_rows, patches))
     assert (programs[0].stats["warmup_calls"], programs[0].stats["pipelined_calls"]) == (1, 9)
@@ -137,3 +156,20 @@ def test_long_skips_stale_kv_equals_eager_reference():
     compiled, _ = compile_pf(model, num_stages=3, num_patches=4, partition="uniform", stage_backend="eager")
     got, _ = sample_loop(call_model(compiled), kwargs, steps=5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cogvideox_batch_of_two_folds_batch_with_frames():
+    """Classifier-free guidance's batch of 2: CogVideoX's patch embedding reshapes [B, F, C, H, W] to
+    [B * F, C, H, W] for a per-frame conv and back; each patch's frames go through it for both samples."""
+    model, kwargs = cogvideox(batch=2)
+    plain, plain_steps = sample_loop(call_model(model), kwargs, steps=5)
+    compiled, _ = compile_pf(model, num_stages=2, num_patches=1, stage_backend="eager", **OPTIONS["cogvideox"])
+    _, steps = sample_loop(call_model(compiled), kwargs, steps=5)
+    for got, want in zip(steps, plain_steps):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    reference = make_reference("cogvideox", model, kwargs, 2)
+    want, _ = sample_loop(lambda x, t, **kw: reference(x, timestep=t, **kw), kwargs, steps=5)
+    compiled, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager", **OPTIONS["cogvideox"])
+    got, _ = sample_loop(call_model(compiled), kwargs, steps=5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-4

@@ -126,11 +126,77 @@ def test_rule_view_splitting_rows_sets_granule():
 
 def test_rule_reshape_merging_batch_into_tokens_fails():
     def f(x):
-        t = x.permute(0, 2, 1, 3).reshape(16, 4, 8)   # batch and rows merged
+        t = x.permute(0, 2, 1, 3).reshape(4, 4, 32)   # [2, 8, 4, 8]: batch x half the rows: not a fold
         return (t * 2).reshape(2, 8, 4, 8).permute(0, 2, 1, 3)
 
     with pytest.raises(UnsupportedGraphError, match="merges the token axis"):
         analyze_fn(f, torch.randn(2, 4, 8, 8))
+
+
+def _analyze_frames_first(f, x):
+    (gm, ex), = capture_graphs(f, x)
+    return gm, analyze_tokens(gm, ex, token_axis=1)
+
+
+def test_rule_fold_batch_with_frames_for_a_per_frame_conv_and_unfold():
+    """[B, F, C, H, W] -> reshape(-1, C, H, W) -> conv -> view(B, F, ...): the frames (token rows) are folded
+    with the batch (outer-major) for a per-frame conv, and unfolded by the view."""
+    w = torch.randn(4, 4, 3, 3)
+
+    def f(x):
+        b, fr, c, h, wd = x.shape
+        t = x.reshape(-1, c, h, wd)                       # [B*F, 4, 8, 8]: folded, outer B
+        t = F.conv2d(t, w, padding=1)                     # over H, W; the folded axis is the conv's batch
+        t = F.silu(t).flatten(2)                          # element-wise, reshape keeping the fold
+        return t.view(b, fr, c, h, wd)                    # unfold: frames on axis 1 again
+
+    gm, a = _analyze_frames_first(f, torch.randn(2, 3, 4, 8, 8))
+    nodes = [n for n in gm.graph.nodes if n.op != "output" and node_meta(n).token.carries_tokens]
+    infos = {n.name: node_meta(n).token for n in nodes}
+    folded = [n for n, i in infos.items() if i.outer > 1]
+    assert [infos[n].rule for n in folded] == ["reshape-fold", "conv-batch-axis", "elementwise", "reshape"]
+    assert all(infos[n].outer == 2 and infos[n].axis == 0 and infos[n].epr == 2 for n in folded)
+    unfold = next(i for i in infos.values() if i.rule == "reshape-unfold")
+    assert (unfold.axis, unfold.outer, unfold.epr) == (1, 1, 1)
+    assert a.token_rows == 3 and a.granule == 1
+
+
+def test_default_token_axis_failure_names_the_option():
+    w = torch.randn(4, 4, 1, 1)
+
+    def f(x):   # [B, F, C, H, W]: the default axis for 5-D inputs (2) is the channels here
+        return F.conv2d(x.reshape(-1, 4, 8, 8), w).view(2, 3, 4, 8, 8)
+
+    (gm, ex), = capture_graphs(f, torch.randn(2, 3, 4, 8, 8))
+    with pytest.raises(UnsupportedGraphError, match="conv over the channels") as err:
+        analyze_tokens(gm, ex)
+    assert "default for a 5-D input" in str(err.value) and "token_axis" in str(err.value)
+    assert analyze_tokens(gm, ex, token_axis=1).token_rows == 3
+
+
+@pytest.mark.parametrize("case", ["positional", "slice", "attention", "not-a-fold"])
+def test_rule_folded_token_axis_refuses_position_dependent_ops(case):
+    table = torch.randn(6, 4, 1, 1)   # one entry per (batch, frame): would need slicing per patch
+
+    def f(x):
+        t = x.reshape(-1, 4, 8, 8)                        # [B*F, 4, 8, 8], outer 2
+        if case == "positional":
+            t = t + table
+        elif case == "slice":
+            t = torch.cat([t[3:], t[:3]])
+        elif case == "attention":
+            q = t.flatten(1).unsqueeze(0)
+            t = F.scaled_dot_product_attention(q, q, q).reshape(6, 4, 8, 8)
+        elif case == "not-a-fold":
+            t = t.reshape(2, 3, 4, 8, 8).reshape(3, 2, 4, 8, 8)   # unfolds, then regroups batch x frames
+            return t.reshape(2, 3, 4, 8, 8)
+        return t.reshape(2, 3, 4, 8, 8)
+
+    expected = {"positional": "folded with the dims before it", "slice": "folded with the dims before it",
+                "attention": "folded with the dims before it", "not-a-fold": "merges the token axis"}[case]
+    with pytest.raises(UnsupportedGraphError, match=expected) as err:
+        _analyze_frames_first(f, torch.randn(2, 3, 4, 8, 8))
+    assert "from:" in str(err.value) or "node:" in str(err.value)
 
 
 def test_rule_cat_split_chunk_on_other_axes_and_positional_tables():
@@ -283,6 +349,39 @@ def test_rule_joint_sequences_cat_slice_split_token_groups():
     t2, i2 = info[split.name].elements
     assert (t2.epr, t2.prefix) == (0, 5) and (i2.prefix, i2.suffix) == (0, 0)
     assert a.granule == 1 and a.token_rows == 8
+
+
+@pytest.mark.parametrize("case", ["image", "text", "image-and-text", "mismatched-value"])
+def test_rule_inplace_write_into_one_token_group(case):
+    """RoPE on the image part of a joint [text | image] query: `q[:, 5:] = rope(q[:, 5:])`."""
+    text = torch.randn(1, 5, 4)
+    cos = torch.randn(64, 4)
+
+    def f(x):
+        q = torch.cat([text, x.flatten(2).transpose(1, 2)], dim=1) * 2.0   # [1, 69, 4], 5 text tokens first
+        if case == "image":
+            q[:, 5:] = q[:, 5:] * cos
+        elif case == "text":
+            q[:, :5] = q[:, :5] + 1.0
+        elif case == "image-and-text":
+            q[:, 4:] = q[:, 4:] * 2.0
+        else:
+            q[:, 5:] = cos.expand(1, 64, 4)   # a global table into the image group (no rule slices it)
+        return q[:, 5:].transpose(1, 2).reshape(1, 4, 8, 8)
+
+    if case in ("image", "text"):
+        gm, a = analyze_fn(f)
+        node = next(n for n in gm.graph.nodes if n.target is operator.setitem)
+        info = node_meta(node).token
+        assert info.rule == "setitem-group" and (info.prefix, info.suffix) == (5, 0)
+        assert node_meta(node).extra["group_write"] == (case, 1)
+        if case == "image":
+            assert [n.name for n in _positional(gm)] == [by_name(gm)[n].name for n in a.positional]
+            assert len(a.positional) == 1   # the cos table, sliced per band
+    else:
+        match = "image tokens and part of the text" if case == "image-and-text" else "does not hold exactly"
+        with pytest.raises(UnsupportedGraphError, match=match):
+            analyze_fn(f)
 
 
 def test_rule_joint_slice_through_the_image_fails():

@@ -235,6 +235,15 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
                 if _group_extent(info, kind) != _group_extent(src_info, kind):
                     raise UnsupportedGraphError("selecting part of the text group of a joint sequence", n)
                 replace(n, src)
+        elif info.rule == "setitem-group":  # `x[:, :, text_len:] = f(...)`: a write into one token group
+            part, pos = node_meta(n).extra["group_write"]
+            if (part == "image") != (kind == BAND):
+                g.erase_node(n)                 # the piece does not hold that group
+                continue
+            index = n.args[1]
+            items = list(index) if isinstance(index, tuple) else [index]
+            items[pos] = slice(None)            # the piece holds only that group: the whole axis
+            n.args = (n.args[0], tuple(items) if isinstance(index, tuple) else items[0], n.args[2])
         elif n.target is operator.getitem and node_meta(n.args[0]).token.rule == "split-groups":
             split = n.args[0]
             src = split.args[0] if split.args else split.kwargs["input"]

@@ -35,6 +35,9 @@ class TokenInfo:
     elements: tuple["TokenInfo", ...] | None = None  # for tuple-valued nodes (chunk, split, unbind)
     prefix: int = 0   # elements along `axis` before the image part that belong to another token group (text)
     suffix: int = 0   # ... and after it. A text-only value has prefix = its extent and no image part.
+    outer: int = 1    # > 1: the axis is dims before it (e.g. batch) folded with the token dim, outer-major
+                      # (`x.reshape(-1, C, H, W)` of [B, F, C, H, W]); until a reshape unfolds it, a patch
+                      # is not one contiguous range of it, so only ops that ignore token positions may run
 
     @property
     def joint(self) -> bool:

@@ -70,6 +70,10 @@ class RuleContext:
                     if prefix.denominator != 1 or suffix.denominator != 1:
                         raise self.fail("reshape splits a text token of a joint sequence")
                     kw.update(prefix=int(prefix), suffix=int(suffix))
+        if "outer" not in kw:
+            src = token_operands(self)
+            if src:
+                kw["outer"] = src[0][1].outer
         return self.analysis.make_info(self.node, axis, rule, **kw)
 
     def fail(self, reason: str) -> UnsupportedGraphError:
@@ -95,6 +99,9 @@ class RuleContext:
         if extent != expected:
             raise self.fail(f"operand {arg.name} has {extent} elements on the token axis, expected "
                             f"{expected} or 1")
+        if like is not None and like.outer > 1:
+            raise self.fail(f"operand {arg.name} is combined token by token with a token axis folded with the "
+                            "dims before it (e.g. batch x frames): no rule slices it per patch")
         self.analysis.mark_positional(arg, axis, self.node, like.prefix if like else 0, like.suffix if like else 0)
 
 
@@ -155,15 +162,45 @@ def reshape_axis(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, ...
     return best
 
 
+def fold_axis(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(out dim, outer) when a reshape folds the token axis with the dims just before it (and nothing after
+    it) into one dim, e.g. [B, F, C, H, W] -> [B * F, C, H, W]: out dim 0, outer B. Else None."""
+    for j in range(axis):
+        for b in range(len(out_shape)):
+            if (math.prod(out_shape[:b]) == math.prod(in_shape[:j])
+                    and out_shape[b] == math.prod(in_shape[j:axis + 1])):
+                return b, math.prod(in_shape[j:axis])
+    return None
+
+
 def rule_reshape(ctx: RuleContext) -> TokenInfo:
+    """A reshape keeps the token axis (splitting it into rows and the rest is fine), or folds it with the
+    dims before it (the fold is tracked as `outer`, e.g. batch x frames for a per-frame conv) or, on a
+    folded axis, unfolds it back so that the dims before it reappear."""
     (a, info), = token_operands(ctx)
     if ctx.node.args[0] is not a:
         raise ctx.fail("the shape argument of a reshape depends on the image tokens")
-    b = reshape_axis(shape_of(a), info.axis, ctx.out_shape())
-    if b is None:
-        raise ctx.fail("reshape merges the token axis with the dims before it (e.g. batch), so a patch is "
-                       "no longer a contiguous range of one axis")
-    return ctx.patched(b, "reshape", extra={"shape_arg": True})
+    in_shape, out = shape_of(a), ctx.out_shape()
+    if info.outer > 1:
+        before = math.prod(in_shape[:info.axis])
+        b = reshape_axis(in_shape[:info.axis] + (info.outer, in_shape[info.axis] // info.outer)
+                         + in_shape[info.axis + 1:], info.axis + 1, out)
+        if b is not None and math.prod(out[:b]) == before * info.outer:
+            return ctx.patched(b, "reshape-unfold", extra={"shape_arg": True}, outer=1)
+        b = reshape_axis(in_shape, info.axis, out)
+        if b is not None and out[b] % info.outer == 0 and out[b] > info.outer:
+            return ctx.patched(b, "reshape", extra={"shape_arg": True})
+        raise ctx.fail("reshape of a token axis folded with the dims before it, neither keeping the fold "
+                       "nor unfolding it")
+    b = reshape_axis(in_shape, info.axis, out)
+    if b is not None:
+        return ctx.patched(b, "reshape", extra={"shape_arg": True})
+    fold = fold_axis(in_shape, info.axis, out)
+    if fold is None or info.joint:
+        raise ctx.fail("reshape merges the token axis with the dims before it (e.g. batch) in a way that is "
+                       "not a plain fold, so a patch is no longer a contiguous range of one axis")
+    b, outer = fold
+    return ctx.patched(b, "reshape-fold", extra={"shape_arg": True}, outer=outer * info.outer)
 
 
 def rule_expand(ctx: RuleContext) -> TokenInfo:
@@ -276,6 +313,8 @@ def rule_conv(ctx: RuleContext) -> TokenInfo:
         raise ctx.fail("conv whose weight carries image tokens")
     nd = len(shape_of(x))
     k = len(shape_of(w)) - 2
+    if info.axis == 0 and nd == k + 2:  # tokens along the conv's batch axis: each sample convolved alone
+        return ctx.patched(0, "conv-batch-axis")
     sd = info.axis - (nd - k)
     if sd < 0:
         raise ctx.fail("conv over the channels of a token-carrying tensor")
@@ -467,8 +506,10 @@ def rule_getitem(ctx: RuleContext) -> TokenInfo:
 
 def rule_setitem(ctx: RuleContext) -> TokenInfo:
     """`target[index] = value` (e.g. interleaved RoPE writes `out[..., 0::2] = ...`): allowed when the index
-    leaves the target's token axis whole and the value lines up with it. The node itself has no value; its
-    info is the target's (the mutated tensor keeps its layout)."""
+    leaves the target's token axis whole and the value lines up with it, or, on a joint text+image target,
+    selects one whole token group there (RoPE on the image part: `q[:, :, text_len:] = rope(q[:, :, text_len:])`)
+    and the value holds that group. The node itself has no value; its info is the target's (the mutated tensor
+    keeps its layout); a group write records which group and where its token-axis index is (`group_write`)."""
     target, index, value = ctx.node.args
     info = ctx.info(target)
     if not info.carries_tokens:
@@ -477,18 +518,32 @@ def rule_setitem(ctx: RuleContext) -> TokenInfo:
     items = index if isinstance(index, tuple) else (index,)
     consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
     dim = 0
-    for it in items:
+    group = None
+    for pos, it in enumerate(items):
         if it is Ellipsis:
             dim += len(shape) - consumed
             continue
         if it is None:
             continue
         if dim == info.axis and not (isinstance(it, slice) and it.indices(shape[dim]) == slice(None).indices(shape[dim])):
-            raise ctx.fail("in-place write to part of the token axis")
+            if not (info.joint and isinstance(it, slice) and it.indices(shape[dim])[2] == 1):
+                raise ctx.fail("in-place write to part of the token axis")
+            lo, hi, _ = it.indices(shape[dim])
+            group = pos, _select_range(ctx, info, shape[dim], lo, hi, dim, shape[:dim] + (hi - lo,) + shape[dim + 1:])
+            if group[1].joint and group[1].epr != 0:
+                raise ctx.fail("in-place write to the image tokens and part of the text of a joint sequence")
         if not isinstance(it, (int, slice)):
             raise ctx.fail("in-place write with a tensor index into a token-carrying tensor")
         dim += 1
     vinfo = ctx.info(value)
+    if group is not None:
+        pos, part = group
+        lines_up = (vinfo.carries_tokens and (vinfo.epr, vinfo.prefix, vinfo.suffix) == (part.epr, part.prefix, part.suffix))
+        if not (lines_up or (part.epr == 0 and not vinfo.carries_tokens)):
+            raise ctx.fail("in-place write into one token group of a joint sequence of a value that does not "
+                           "hold exactly that group")
+        node_meta(ctx.node).extra["group_write"] = ("text" if part.epr == 0 else "image", pos)
+        return TokenInfo(Kind.PATCHED, info.axis, info.epr, "setitem-group", prefix=info.prefix, suffix=info.suffix)
     if isinstance(value, fx.Node) and isinstance(example_value(value), torch.Tensor):
         nd = len(shape_of(value))
         axis_in_value = nd - (len(shape) - info.axis)
@@ -496,7 +551,8 @@ def rule_setitem(ctx: RuleContext) -> TokenInfo:
             raise ctx.fail("in-place write of a value whose tokens lie on another axis")
         if not vinfo.carries_tokens:
             ctx.positional(value, axis_in_value, info.axis, expected=shape[info.axis], like=info)
-    return TokenInfo(info.kind if info.kind is Kind.PATCHED else Kind.PATCHED, info.axis, info.epr, "setitem")
+    return TokenInfo(info.kind if info.kind is Kind.PATCHED else Kind.PATCHED, info.axis, info.epr, "setitem",
+                     prefix=info.prefix, suffix=info.suffix)
 
 
 def rule_embedding(ctx: RuleContext) -> TokenInfo:
@@ -574,6 +630,12 @@ for _t in (F.embedding, torch.embedding):
     RULES[_t] = rule_embedding
 for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
     RULES[_t] = rule_shape_query
+
+
+# Rules that may run on a folded token axis (`TokenInfo.outer` > 1): they never use token positions (their
+# POSITIONAL operands are refused by `RuleContext.positional`) or handle the fold themselves (reshape, conv).
+FOLD_SAFE_RULES = {rule_elementwise, rule_cast, rule_reshape, rule_permute, rule_linear, rule_norm, rule_reduce,
+                   rule_conv}
 
 
 def rule_for(node: fx.Node) -> Callable[[RuleContext], TokenInfo] | None:

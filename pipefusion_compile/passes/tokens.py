@@ -24,7 +24,7 @@ import torch.fx as fx
 from ..errors import UnsupportedGraphError
 from .graph_inputs import find_token_input
 from .meta import Kind, TokenInfo, node_meta
-from .token_rules import GLOBAL, RuleContext, op_name, rule_for, shape_of, token_operands
+from .token_rules import FOLD_SAFE_RULES, GLOBAL, RuleContext, op_name, rule_for, shape_of, token_operands
 
 
 @dataclass
@@ -66,12 +66,15 @@ class _Analyzer:
         self.positional: dict[str, fx.Node] = {}
 
     def make_info(self, node, axis, rule, kind=Kind.PATCHED, attention=None, extra=None, shape=None,
-                  prefix=0, suffix=0):
+                  prefix=0, suffix=0, outer=1):
         shape = shape if shape is not None else shape_of(node)
         if axis is None or not 0 <= axis < len(shape):
             raise UnsupportedGraphError(f"token axis lost by rule {rule}", node)
         epr = Fraction(shape[axis] - prefix - suffix, self.input_rows)
-        info = TokenInfo(kind, axis, epr, rule, attention, prefix=prefix, suffix=suffix)
+        if outer > 1 and (prefix or suffix):
+            raise UnsupportedGraphError("a joint text+image sequence folded with the dims before its token axis",
+                                        node)
+        info = TokenInfo(kind, axis, epr, rule, attention, prefix=prefix, suffix=suffix, outer=outer)
         if extra and node is not None:
             node_meta(node).extra.update(extra)
         return info
@@ -115,6 +118,13 @@ class _Analyzer:
                     "(it may mix tokens across patches)",
                     node,
                 )
+            if rule not in FOLD_SAFE_RULES and any(i.outer > 1 for _, i in token_operands(ctx)):
+                raise UnsupportedGraphError(
+                    f"op {op_name(node)} on a token axis folded with the dims before it (e.g. batch x frames): "
+                    "a patch is not a contiguous range there; only element-wise ops, linear, norms, convs "
+                    "over that axis as batch, and the reshape that unfolds it are supported",
+                    node,
+                )
             meta.token = rule(ctx)
 
 
@@ -129,7 +139,16 @@ def analyze_tokens(
     token_input = find_token_input(gm, example_inputs)
     axis = token_axis if token_axis is not None else default_token_axis(len(shape_of(token_input)))
     analyzer = _Analyzer(gm, token_input, axis)
-    analyzer.run()
+    try:
+        analyzer.run()
+    except UnsupportedGraphError as e:
+        ndim = len(shape_of(token_input))
+        if token_axis is not None or ndim != 5:  # 5-D: [B, C, F, H, W] (the default) or [B, F, C, H, W]
+            raise
+        raise UnsupportedGraphError(
+            f"{e.reason}\n  (the token rows of the image input {token_input.name} {list(shape_of(token_input))} "
+            f"were taken to lie on axis {axis}, the default for a {ndim}-D input; if they lie on another axis, "
+            "e.g. the frames of [B, F, C, H, W] latents, pass options={'token_axis': ...})", e.node) from None
 
     granule = 1
     counts = {k.value: 0 for k in Kind}
