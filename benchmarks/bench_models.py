@@ -18,7 +18,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import pipefusion_compile
-from pipefusion_compile.models import BUILTIN
+from pipefusion_compile.models import BUILTIN, BUILTIN_OPTIONS
 from pipefusion_compile.options import PipefusionOptions
 from pipefusion_compile.plan import _fmt_bytes, build_plan
 
@@ -53,12 +53,12 @@ def ddim(fn, kwargs, steps=STEPS, seed=1):
     return latents
 
 
-def stale_error(factory) -> float:
+def stale_error(factory, extra: dict) -> float:
     model, kwargs = factory()
     plain = ddim(lambda **kw: model(**kw, return_dict=False), kwargs)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="pipefusion",
-                             options={"num_stages": 2, "num_patches": 4, "stage_backend": "eager"})
+                             options={"num_stages": 2, "num_patches": 4, "stage_backend": "eager", **extra})
     stale = ddim(lambda **kw: compiled(**kw, return_dict=False), kwargs)
     pipefusion_compile.reset(compiled)
     return float((stale - plain).norm() / plain.norm())
@@ -86,7 +86,8 @@ def main() -> None:
         gm, ex = capture(model, kwargs)
         shares, cut_bytes = {}, ""
         for n in (2, 4):
-            plan = build_plan(gm, ex, PipefusionOptions(num_stages=n, num_patches=4).resolve())[0]
+            opts = {"num_stages": n, "num_patches": 4, **BUILTIN_OPTIONS.get(name, {})}
+            plan = build_plan(gm, ex, PipefusionOptions.from_dict(opts).resolve())[0]
             shares[n] = " / ".join(f"{s.share:.1%}" for s in plan.stages) + f" ({plan.max_min_ratio:.3f})"
             if n == 2:
                 two = plan
@@ -99,7 +100,7 @@ def main() -> None:
                   + (f" x {two.granule}" if two.granule > 1 else "")
                   + (f"; text {two.text} (joint)" if two.text else "")
                   + (f"; {len(two.positional)} positional" if two.positional else ""))
-        err = stale_error(factory)
+        err = stale_error(factory, BUILTIN_OPTIONS.get(name, {}))
         lines.append(f"| {name} | {len(gm.graph.nodes)} | {layout} | {shares[2]} | {shares[4]} | {cut_bytes} | "
                      f"{err:.2e} |")
         print(lines[-1], flush=True)

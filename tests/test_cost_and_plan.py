@@ -163,13 +163,12 @@ def test_long_skip_is_priced_on_every_cut_it_crosses():
 def test_flops_partition_balance_on_every_builtin_model(name):
     from pipefusion_compile.models import BUILTIN, BUILTIN_OPTIONS
 
-    model, kwargs = BUILTIN[name](num_layers=16)
+    # HunyuanDiT at its real depth (40 blocks, half of them skip blocks): with 16 blocks, N=4 reaches only
+    # 1.136 (its skip blocks cost more and each sub-block is a large step); N=2 is 1.012 there too.
+    model, kwargs = BUILTIN[name](num_layers=40 if name == "HunyuanDiT2DModel" else 16)
     gm, ex = capture_model(model, kwargs)
-    # HunyuanDiT at N=4: its skip blocks cost more and each sub-block is a large step (attention, MLP), so the
-    # best cuts of 16 blocks reach 1.136; at N=2 it balances like the others (cut points inside skip blocks:
-    # skips in flight do not price a position).
     for stages in (2, 4):
-        bound = 1.15 if (name, stages) == ("HunyuanDiT2DModel", 4) else 1.10
+        bound = 1.10
         opts = PipefusionOptions.from_dict({"num_stages": stages, **BUILTIN_OPTIONS.get(name, {})}).resolve()
         plan = build_plan(gm, ex, opts)[0]
         assert plan.max_min_ratio <= bound, str(plan)
