@@ -34,8 +34,10 @@ def make_reference(name, model, kwargs, patches, warmup_steps=1):
                                text_first=TEXT_FIRST.get(name, False), layout=layout(name, model, kwargs))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize(("name", "stages"), [
+    (name, stages) for name in sorted(MODELS) for stages in (1, 2, 3, 4)
+    if name not in ("cogvideox_rope", "cogvideox_1_5") or stages in (2, 4)  # variants of a model: N = 2, 4
+])
 def test_one_patch_equals_plain_model_every_step(name, stages):
     model, kwargs = MODELS[name]()
     _, ref_steps = sample_loop(call_model(model), kwargs, steps=5)
