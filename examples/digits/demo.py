@@ -31,7 +31,7 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--per-class", type=int, default=4)
-    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--guidance", type=float, default=common.GUIDANCE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/demo.png")
     p.add_argument("--timeout", type=float, default=120.0)
