@@ -42,6 +42,11 @@ def pipefusion(model, stages: int, patches: int, warmup: int):
         "num_stages": stages, "num_patches": patches, "warmup_steps": warmup, "stage_backend": "eager"})
 
 
+def keeps_quality(row) -> bool:
+    # on the rounded values the table shows (98.0 - 96.0 is 2.0 points, not 2.0000029)
+    return row["psnr_db"] >= PSNR_MIN_DB and round(row["serial_accuracy"] - row["accuracy"], 1) <= ACC_MAX_DROP
+
+
 def per_image_psnr(a, b):
     mse = ((a.double() - b.double()) ** 2).flatten(1).mean(1)
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-30))
@@ -62,7 +67,17 @@ def main():
     p.add_argument("--warmup", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown table from a saved quality*.json")
     args = p.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            summary = json.load(f)
+        for row in summary["rows"]:
+            row["keeps_quality"] = keeps_quality(row)
+        with open(args.render, "w") as f:
+            json.dump(summary, f, indent=1)
+        write_markdown(summary, args.render[: -len(".json")] + ".md")
+        return
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
 
@@ -104,7 +119,7 @@ def main():
                     "final_step_rel_err": round(rel_errors(outs, serial_outs)[-1], 5),
                     "seconds_simulated": round(secs, 1),
                 }
-                row["keeps_quality"] = row["psnr_db"] >= PSNR_MIN_DB and serial_acc - acc <= ACC_MAX_DROP
+                row["keeps_quality"] = keeps_quality(row)
                 rows.append(row)
                 curves[f"N={n} M={m} warmup={w}"] = rel_errors(outs, serial_outs)
                 images[(n, m, w)] = img
@@ -143,14 +158,16 @@ def write_markdown(s, path):
          f"Serial classifier accuracy: {s['serial_accuracy']} %. Keeps quality = {s['criterion']}."),
         "",
         ("| N | M | warmup | PSNR dB | worst image PSNR dB | max abs err | accuracy % (serial) "
-         "| same label as serial % | max per-step rel err | keeps quality |"),
+         "| same label as serial % | model-output rel err: median / last step | keeps quality |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in s["rows"]:
+        curve = sorted(s["rel_err_per_step"][f"N={r['N']} M={r['M']} warmup={r['warmup']}"])
         lines.append(
             f"| {r['N']} | {r['M']} | {r['warmup']} | {r['psnr_db']:.1f} | {r['worst_image_psnr_db']:.1f} | "
             f"{r['max_abs_err']:.3f} | {r['accuracy']:.1f} ({r['serial_accuracy']:.1f}) | "
-            f"{r['same_label_as_serial']:.1f} | {r['max_step_rel_err']:.4f} | {'yes' if r['keeps_quality'] else 'no'} |")
+            f"{r['same_label_as_serial']:.1f} | {curve[len(curve) // 2]:.3f} / {r['final_step_rel_err']:.3f} | "
+            f"{'yes' if r['keeps_quality'] else 'no'} |")
     lines += ["", (f"Images bit-identical for every N at the same M and warmup: "
               f"{'yes' if s['images_identical_across_N'] else 'no: ' + str(s['identical_across_N'])}"), ""]
     with open(path, "w") as f:
