@@ -6,9 +6,12 @@ BIN := $(VENV)/bin
 # (the package itself only asks for torch>=2.6).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test demo bench clean
+.PHONY: venv venv-examples test demo bench bench-quality train-digits clean
 
 venv: $(VENV)/.installed
+
+# the demo and the digits scripts also need the [examples] extra (scikit-learn, matplotlib, tqdm)
+venv-examples: $(VENV)/.installed-examples
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,16 +20,27 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-examples: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test,examples]'
+	touch $@
+
 test: venv
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
-demo: venv
-	$(BIN)/pipefusion-compile plan PixArtTransformer2DModel --stages 2 --patches 4
-	$(BIN)/python examples/simulate_pixart.py --stages 2 --patches 4 --steps 10
+# the trained digits DiT, serially and on 2 ranks (torchrun, gloo, CPU): writes out/demo.png
+demo: venv-examples
+	OMP_NUM_THREADS=1 $(BIN)/python -m torch.distributed.run --standalone --nproc-per-node 2 examples/digits/demo.py
 
 bench: venv
 	$(BIN)/python benchmarks/bench_single_process.py --out benchmarks/results/single_process.md
 	$(BIN)/python benchmarks/bench_multiprocess.py
+
+bench-quality: venv-examples
+	$(BIN)/python benchmarks/bench_quality.py
+
+# retrains the shipped weights in examples/digits/weights (about 15-20 minutes on 2 CPU cores)
+train-digits: venv-examples
+	$(BIN)/python examples/digits/train.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
