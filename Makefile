@@ -34,6 +34,7 @@ demo: venv-examples
 bench: venv
 	$(BIN)/python benchmarks/bench_single_process.py --out benchmarks/results/single_process.md
 	$(BIN)/python benchmarks/bench_multiprocess.py
+	$(BIN)/python benchmarks/bench_models.py --out benchmarks/results/models.md
 
 bench-quality: venv-examples
 	$(BIN)/python benchmarks/bench_quality.py
