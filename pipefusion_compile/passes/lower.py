@@ -16,6 +16,8 @@ For stage k this module builds
                                                      sdpa(q, ck, cv)
         rewrite_token_sizes    sizes dynamo baked into reshape/view/expand/unflatten, at the axis the token
                                analysis says carries tokens, become the piece's extent (`rows * per_row`)
+        fuse_unpatchify_output the last stage returns a model output that ends in diffusers' unpatchify in token
+                               layout; the runtime writes it with `pipefusion.write_unpatchified`
 
   then `propagate_patch_shapes` runs the patch graph on fake tensors and checks every token-carrying value
   has the patch's shape (a constant that measures tokens and was missed fails here, at compile time).
