@@ -97,9 +97,10 @@ class PipelinePlan:
     @property
     def split(self) -> str:
         """Which axis the patches split, and why that makes each patch a contiguous token range."""
-        if len(self.input_shape) == 5 and self.token_axis == 2:
-            return ("bands of whole latent frames (axis 2 of the [B, C, F, H, W] video latent): tokens run "
-                    "frame by frame, so whole frames are a contiguous token range (rows inside a frame are "
+        if len(self.input_shape) == 5 and self.token_axis < 3:
+            layout = "[B, C, F, H, W]" if self.token_axis == 2 else "[B, F, C, H, W]"
+            return (f"bands of whole latent frames (axis {self.token_axis} of the {layout} video latent): tokens "
+                    "run frame by frame, so whole frames are a contiguous token range (rows inside a frame are "
                     "not split yet, so M <= frames)")
         if len(self.input_shape) == 3:
             return (f"bands of the packed token sequence (axis {self.token_axis}): tokens are in raster order, "

@@ -209,12 +209,13 @@ def test_flux_partition_by_cost_never_has_a_larger_bottleneck_than_by_block_coun
 
 
 def test_plan_says_which_axis_the_patches_split():
-    from pipefusion_compile.models import ltx_video, pixart, wan
+    from pipefusion_compile.models import cogvideox, ltx_video, pixart, wan
 
-    expected = {wan: "whole latent frames (axis 2", pixart: "bands of latent rows (axis 2)",
-                ltx_video: "packed token sequence (axis 1)"}
+    expected = {wan: "whole latent frames (axis 2 of the [B, C, F, H, W]", pixart: "bands of latent rows (axis 2)",
+                ltx_video: "packed token sequence (axis 1)", cogvideox: "whole latent frames (axis 1 of the [B, F"}
     for factory, text in expected.items():
         model, kwargs = factory()
         gm, ex = capture_model(model, kwargs)
-        plan = build_plan(gm, ex, PipefusionOptions(num_stages=2).resolve())[0]
+        opts = {"num_stages": 2, "token_axis": 1} if factory is cogvideox else {"num_stages": 2}
+        plan = build_plan(gm, ex, PipefusionOptions.from_dict(opts).resolve())[0]
         assert text in plan.split and f"split: {plan.split}" in str(plan)
