@@ -175,3 +175,19 @@ def test_graph_breaks_each_graph_with_attention_is_pipelined_on_its_own():
     assert max(len(p.instances) for p in programs if hasattr(p, "instances")) >= 2
     pipelined = [p for p in programs if hasattr(p, "plan")]
     assert len(pipelined) >= 2 and sum(len(p.plan.self_attention) for p in pipelined) >= 2
+
+
+def test_inductor_compiles_the_text_piece_and_the_bands_of_a_joint_model():
+    from helpers import call_model, sample_loop
+    from pipefusion_compile.models import flux
+
+    model, kwargs = flux()
+    eager, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
+    want, _ = sample_loop(call_model(eager), kwargs, steps=2)
+    torch._dynamo.reset()
+    inductor, programs = compile_pf(model, num_stages=2, num_patches=2, stage_backend="inductor")
+    got, _ = sample_loop(call_model(inductor), kwargs, steps=2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for stage in programs[0].stages:  # full sequence (warmup), the text piece, the bands: each compiled once
+        assert set(stage.compiled) == {("full", 64), ("text",), ("band", 32)}
+        assert not any(isinstance(fn, torch.fx.GraphModule) for fn in stage.compiled.values())
