@@ -88,7 +88,7 @@ def test_stale_kv_equals_eager_reference(name, patches):
         return reference(latents, timestep=t, **kw)
 
     want_final, want_steps = sample_loop(ref_fn, kwargs, steps=10)
-    stages = 4 if name in TEXT_FIRST else 2
+    stages = patches  # N = M = 2 and N = M = 4: every model at both pipeline depths
     compiled, programs = compile_pf(model, num_stages=stages, num_patches=patches, stage_backend="eager",
                                     **OPTIONS.get(name, {}))
     got_final, got_steps = sample_loop(call_model(compiled), kwargs, steps=10)
