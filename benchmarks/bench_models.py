@@ -18,25 +18,11 @@ import torch
 from diffusers import DDIMScheduler
 
 import pipefusion_compile
+from pipefusion_compile.cli import plan_model
 from pipefusion_compile.models import BUILTIN, BUILTIN_OPTIONS
-from pipefusion_compile.options import PipefusionOptions
-from pipefusion_compile.plan import _fmt_bytes, build_plan
+from pipefusion_compile.plan import _fmt_bytes
 
 STEPS = 5
-
-
-def capture(model, kwargs):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(**kwargs)
-    assert len(graphs) == 1, len(graphs)
-    return graphs[0]
 
 
 def ddim(fn, kwargs, steps=STEPS, seed=1):
@@ -53,15 +39,16 @@ def ddim(fn, kwargs, steps=STEPS, seed=1):
     return latents
 
 
-def stale_error(factory, extra: dict) -> float:
+def stale_error(factory, extra: dict) -> tuple[float, int]:
+    """Relative error of stale mode vs the plain model, and the node count of the graph it pipelined."""
     model, kwargs = factory()
     plain = ddim(lambda **kw: model(**kw, return_dict=False), kwargs)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="pipefusion",
                              options={"num_stages": 2, "num_patches": 4, "stage_backend": "eager", **extra})
     stale = ddim(lambda **kw: compiled(**kw, return_dict=False), kwargs)
-    pipefusion_compile.reset(compiled)
-    return float((stale - plain).norm() / plain.norm())
+    (program,) = pipefusion_compile.programs(compiled)
+    return float((stale - plain).norm() / plain.norm()), len(program.gm.graph.nodes)
 
 
 def main() -> None:
@@ -82,12 +69,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for name, factory in BUILTIN.items():
-        model, kwargs = factory()
-        gm, ex = capture(model, kwargs)
         shares, cut_bytes = {}, ""
         for n in (2, 4):
-            opts = {"num_stages": n, "num_patches": 4, **BUILTIN_OPTIONS.get(name, {})}
-            plan = build_plan(gm, ex, PipefusionOptions.from_dict(opts).resolve())[0]
+            (plan,) = plan_model(name, num_stages=n, num_patches=4)  # with the options the model needs
             shares[n] = " / ".join(f"{s.share:.1%}" for s in plan.stages) + f" ({plan.max_min_ratio:.3f})"
             if n == 2:
                 two = plan
@@ -100,8 +84,8 @@ def main() -> None:
                   + (f" x {two.granule}" if two.granule > 1 else "")
                   + (f"; text {two.text} (joint)" if two.text else "")
                   + (f"; {len(two.positional)} positional" if two.positional else ""))
-        err = stale_error(factory, BUILTIN_OPTIONS.get(name, {}))
-        lines.append(f"| {name} | {len(gm.graph.nodes)} | {layout} | {shares[2]} | {shares[4]} | {cut_bytes} | "
+        err, nodes = stale_error(factory, BUILTIN_OPTIONS.get(name, {}))
+        lines.append(f"| {name} | {nodes} | {layout} | {shares[2]} | {shares[4]} | {cut_bytes} | "
                      f"{err:.2e} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

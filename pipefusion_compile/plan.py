@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .errors import PlanError, UnsupportedGraphError
+from .errors import PlanError
 from .options import PipefusionOptions
 from .passes.cost import analyze_cost
 from .passes.meta import example_value, node_meta
@@ -24,7 +24,7 @@ from .passes.partition import (
     token_nodes,
     uniform_layers,
 )
-from .passes.pieces import BAND, FULL, TEXT, Piece
+from .passes.pieces import BAND, FULL, TEXT, Piece, check_one_text_group
 from .passes.sdpa import sdpa_qkv
 from .passes.tokens import TokenAnalysis, analyze_tokens
 
@@ -371,10 +371,7 @@ def _text_side(nodes: list[fx.Node]) -> str | None:
     for n in nodes:
         if node_meta(n).token.attention == "self":
             info = node_meta(sdpa_qkv(n)[1]).token
-            if info.prefix and info.suffix:
-                raise UnsupportedGraphError(
-                    "text tokens on both sides of the image tokens along the token axis (one text group, before "
-                    "or after the image, is supported)", n)
+            check_one_text_group(info, n)
             if info.prefix:
                 sides.add("first")
             if info.suffix:

@@ -87,6 +87,13 @@ class _OutputSlot:
         val, axis = example_value(node), node_meta(node).token.axis
         return cls(node.name, tuple(val.shape), val.dtype, axis, val.shape[axis] // token_rows)
 
+    def writer(self, pg: PieceGraph, piece: Piece) -> tuple:
+        """(op, trailing args): the op that writes the part of this output `piece` computed (as the last
+        stage's piece graph `pg` returns it) into the full output, called as `op(out, value, *args)`."""
+        if self.name in pg.unpatchified:  # token layout: the unpatchify is fused into the write
+            return torch.ops.pipefusion.write_unpatchified.default, (piece.row0, pg.unpatchified[self.name])
+        return torch.ops.pipefusion.write_band.default, (self.axis, piece.row0 * self.per_row)
+
 
 class PipelineProgram:
     """What the backend returns to dynamo for one graph: call it with the graph's inputs."""
@@ -167,14 +174,9 @@ class PipelineProgram:
                 result = self._stage_fn(s, piece, inputs)(*inputs)
                 carry.update(zip(pg.outputs, result))
             if piece.kind != TEXT:
-                unpatchified = self.stages[-1].lowered.piece_graph(piece).unpatchified
                 for o in self._token_outputs:
-                    if o.name in unpatchified:  # token layout: the unpatchify is fused into the write
-                        torch.ops.pipefusion.write_unpatchified(outputs[o.name], carry[o.name], piece.row0,
-                                                                unpatchified[o.name], kernels=self.options.kernels)
-                    else:
-                        torch.ops.pipefusion.write_band(outputs[o.name], carry[o.name], o.axis,
-                                                        piece.row0 * o.per_row, kernels=self.options.kernels)
+                    op, rest = o.writer(pg, piece)  # pg: the last stage's piece graph
+                    op(outputs[o.name], carry[o.name], *rest, kernels=self.options.kernels)
         return self._finish_step(inst, outputs, dict(zip(self.stages[-1].lowered.global_outputs, globals_[-1])))
 
     def _start_step(self, args):

@@ -234,12 +234,8 @@ class DistributedProgram(PipelineProgram):
                 g.call_function(torch.ops.pipefusion.isend.default, (packed, c, j, channel))
             if k == last and piece.kind != TEXT:
                 for slot, out in zip(self._token_outputs, outs):
-                    if slot.name in pg.unpatchified:  # token layout: the unpatchify is fused into the write
-                        g.call_function(torch.ops.pipefusion.write_unpatchified.default,
-                                        (out, produced[slot.name], piece.row0, pg.unpatchified[slot.name]))
-                    else:
-                        g.call_function(torch.ops.pipefusion.write_band.default,
-                                        (out, produced[slot.name], slot.axis, piece.row0 * slot.per_row))
+                    op, rest = slot.writer(pg, piece)
+                    g.call_function(op, (out, produced[slot.name], *rest))
         token = outs[0] if outs else caches[0]
         g.call_function(torch.ops.pipefusion.wait_sends.default, (token, channel))
         for out in outs:

@@ -135,17 +135,24 @@ def test_simulate_false_without_process_group_is_clear():
             compiled(**kwargs)
 
 
-@pytest.mark.slow
-def test_inductor_and_eager_stage_backends_agree():
+def _inductor_matches_eager(factory, steps: int):
+    """Run `factory()`'s model through a DDIM loop with eager and with inductor stage graphs (N=2, M=2),
+    assert they agree, and return the inductor programs."""
     from helpers import call_model, sample_loop
 
-    model, kwargs = pixart()
+    model, kwargs = factory()
     eager, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
-    want, _ = sample_loop(call_model(eager), kwargs, steps=3)
+    want, _ = sample_loop(call_model(eager), kwargs, steps=steps)
     torch._dynamo.reset()
     inductor, programs = compile_pf(model, num_stages=2, num_patches=2, stage_backend="inductor")
-    got, _ = sample_loop(call_model(inductor), kwargs, steps=3)
+    got, _ = sample_loop(call_model(inductor), kwargs, steps=steps)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    return programs
+
+
+@pytest.mark.slow
+def test_inductor_and_eager_stage_backends_agree():
+    programs = _inductor_matches_eager(pixart, steps=3)
     compiled = programs[0].stages[0].compiled
     assert set(compiled) == {("band", 4), ("band", 8)} and not isinstance(compiled[("band", 4)], torch.fx.GraphModule)
 
@@ -178,16 +185,9 @@ def test_graph_breaks_each_graph_with_attention_is_pipelined_on_its_own():
 
 
 def test_inductor_compiles_the_text_piece_and_the_bands_of_a_joint_model():
-    from helpers import call_model, sample_loop
     from pipefusion_compile.models import flux
 
-    model, kwargs = flux()
-    eager, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
-    want, _ = sample_loop(call_model(eager), kwargs, steps=2)
-    torch._dynamo.reset()
-    inductor, programs = compile_pf(model, num_stages=2, num_patches=2, stage_backend="inductor")
-    got, _ = sample_loop(call_model(inductor), kwargs, steps=2)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    programs = _inductor_matches_eager(flux, steps=2)
     for stage in programs[0].stages:  # full sequence (warmup), the text piece, the bands: each compiled once
         assert set(stage.compiled) == {("full", 64), ("text",), ("band", 32)}
         assert not any(isinstance(fn, torch.fx.GraphModule) for fn in stage.compiled.values())

@@ -36,7 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .. import ops  # noqa: F401  (registers torch.ops.pipefusion.*)
 from ..errors import PipefusionError, UnsupportedGraphError
 from .meta import Kind, TokenInfo, example_value, node_meta
-from .pieces import BAND, FULL, TEXT, Piece, extent, holds, token_range
+from .pieces import BAND, FULL, TEXT, Piece, check_one_text_group, extent, group_offset, holds, token_range
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
 from .tokens import TokenAnalysis
 
@@ -256,8 +256,11 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
     outs = out.args[0]
     out.args = (tuple(o for o in outs if holds(node_meta(o).token, kind)),)
     for n in reversed(list(g.nodes)):
-        if n.op in ("call_function", "call_method") and not holds(node_meta(n).token, kind) or (
-                node_meta(n).token is not None and node_meta(n).token.rule == "split-groups" and not n.users):
+        if n.op not in ("call_function", "call_method"):
+            continue
+        info = node_meta(n).token
+        spent_split = info is not None and info.rule == "split-groups" and not n.users  # its getitems were replaced
+        if not holds(info, kind) or spent_split:
             if n.users:
                 raise UnsupportedGraphError(
                     f"internal: {n.name} has no part in the {kind} piece but {next(iter(n.users)).name} reads it", n)
@@ -301,12 +304,7 @@ def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphMod
             continue
         ck, cv = caches[(n.name, "k")], caches[(n.name, "v")]
         spec: CacheSpec = node_meta(ck).extra["cache_of"]
-        if kind == BAND:
-            offset = spec.prefix
-        elif kind == TEXT:
-            offset = 0 if spec.prefix else spec.shape[spec.axis] - spec.suffix
-        else:
-            offset = 0
+        offset = group_offset(spec.prefix, spec.suffix, spec.shape[spec.axis], kind)
         _, k, v = sdpa_qkv(n)
         with gm.graph.inserting_before(n):
             upd = gm.graph.call_function(
@@ -601,7 +599,7 @@ def _run_pass(name: str, fn, gm: fx.GraphModule, *args) -> fx.GraphModule:
     return out
 
 
-def check_lowerable(gm: fx.GraphModule, plan) -> None:
+def check_lowerable(gm: fx.GraphModule) -> None:
     """What the piece lowering cannot express yet, refused with the node that shows it: a value with text on
     both sides of the image part, and a model output that holds text tokens."""
     out = next(iter(gm.graph.find_nodes(op="output")))
@@ -610,17 +608,14 @@ def check_lowerable(gm: fx.GraphModule, plan) -> None:
         if info is None or not (info.carries_tokens or info.kind is Kind.POSITIONAL):
             continue
         for i in info.elements or (info,):
-            if i.prefix and i.suffix:
-                raise UnsupportedGraphError(
-                    "text tokens on both sides of the image tokens along the token axis (one text group, before "
-                    "or after the image, is supported)", n)
+            check_one_text_group(i, n)
         if n in out.all_input_nodes and info.carries_tokens and (info.joint or info.epr == 0):
             raise UnsupportedGraphError("a model output that holds text tokens of a joint sequence", n)
 
 
 def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis) -> list[LoweredStage]:
     """Build the globals graph and the piece-graph factory of every stage of `plan`."""
-    check_lowerable(gm, plan)
+    check_lowerable(gm)
     nodes_by_name = {n.name: n for n in gm.graph.nodes}
     order = [nodes_by_name[name] for name in plan.order]
     position = {n.name: i for i, n in enumerate(order)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UnsupportedGraphError
 from .meta import TokenInfo
 
 FULL, BAND, TEXT = "full", "band", "text"
@@ -52,18 +53,37 @@ def holds(info: TokenInfo | None, kind: str) -> bool:
 
 def extent(info: TokenInfo, per_row: int, token_rows: int, piece: Piece) -> int:
     """Elements along `info.axis` that `piece` holds of a value (positional tables too)."""
+    return extent_of(info.prefix, info.suffix, per_row, token_rows, piece)
+
+
+def extent_of(prefix: int, suffix: int, per_row: int, token_rows: int, piece: Piece) -> int:
     if piece.kind == FULL:
-        return info.prefix + info.suffix + per_row * token_rows
+        return prefix + suffix + per_row * token_rows
     if piece.kind == BAND:
         return per_row * piece.rows
-    return info.prefix + info.suffix
+    return prefix + suffix
+
+
+def check_one_text_group(info: TokenInfo, node) -> None:
+    """The lowering keeps one text group per value, before or after the image part: refuse both sides."""
+    if info.prefix and info.suffix:
+        raise UnsupportedGraphError(
+            "text tokens on both sides of the image tokens along the token axis (one text group, before or "
+            "after the image, is supported)", node)
+
+
+def group_offset(prefix: int, suffix: int, full: int, kind: str) -> int:
+    """Where the token group that pieces of `kind` hold starts along a token axis of `full` elements (a band
+    adds its own rows to this): FULL at 0, BAND after the text before the image, TEXT where the text lies."""
+    if kind == FULL:
+        return 0
+    if kind == BAND:
+        return prefix
+    return 0 if prefix else full - suffix
 
 
 def token_range(prefix: int, suffix: int, per_row: int, token_rows: int, piece: Piece) -> tuple[int, int]:
     """(start, length) along the token axis of the full-sequence value that `piece` holds."""
     full = prefix + suffix + per_row * token_rows
-    if piece.kind == FULL:
-        return 0, full
-    if piece.kind == BAND:
-        return prefix + piece.row0 * per_row, piece.rows * per_row
-    return (0, prefix) if prefix else (full - suffix, suffix)
+    start = group_offset(prefix, suffix, full, piece.kind) + piece.row0 * per_row
+    return start, extent_of(prefix, suffix, per_row, token_rows, piece)
