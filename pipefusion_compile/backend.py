@@ -34,7 +34,9 @@ from .passes.meta import Kind, node_meta
 from .passes.sdpa import is_sdpa
 from .passes.tokens import TokenAnalysis, analyze_tokens
 from .plan import build_plan
-from .runtime import PipelineProgram
+from .passes.specialize import is_symbolic
+from .runtime import PipelineProgram, register
+from .shapes import ShapeDispatcher
 
 log = logging.getLogger("pipefusion_compile")
 
@@ -73,6 +75,9 @@ def compile_program(gm: fx.GraphModule, example_inputs: list, options: Pipefusio
     plan, analysis = build_plan(gm, example_inputs, options, analysis)
     t1 = time.perf_counter()
     stages = lower(gm, plan, analysis)
+    for stage in stages:  # lowering finishes here, so a graph it cannot lower fails at compile time
+        for piece in (*plan.pieces(pipelined=False), *plan.pieces(pipelined=True)):
+            stage.piece_graph(piece)
     t2 = time.perf_counter()
     timestep = find_timestep_input(gm, example_inputs)
     if timestep is None:
@@ -85,6 +90,7 @@ def compile_program(gm: fx.GraphModule, example_inputs: list, options: Pipefusio
 
         program = DistributedProgram(gm, plan, stages, options, example_inputs, timestep)
     program.stats.update(plan_s=t1 - t0, lower_s=t2 - t1)
+    register(program)
     return program
 
 
@@ -118,7 +124,18 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
             "simulate=False needs an initialized torch.distributed process group (one rank per stage, e.g. "
             "launched by torchrun); without one, leave simulate unset to run every stage in this process"
         )
-    analysis = analyze_for_pipeline(gm, example_inputs, opts)
+    if is_symbolic(gm, example_inputs):
+        # dynamo generalized the sizes (the second shape under automatic dynamic shapes): one program per
+        # concrete shape, each planned as a fresh compile at that shape would be (see shapes.py)
+        log.info("pipefusion: graph with symbolic sizes: planning one program per concrete input shape")
+        return ShapeDispatcher(gm, opts, lambda static, args: compile_for_shape(static, args, opts))
+    return compile_for_shape(gm, example_inputs, opts)
+
+
+def compile_for_shape(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions):
+    """The callable for a graph with static sizes: a program, or the graph itself when there is nothing to
+    pipeline."""
+    analysis = analyze_for_pipeline(gm, example_inputs, options)
     if analysis is None:
         return gm.forward
-    return compile_program(gm, example_inputs, opts, analysis)
+    return compile_program(gm, example_inputs, options, analysis)

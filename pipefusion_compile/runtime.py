@@ -117,7 +117,6 @@ class PipelineProgram:
             _OutputSlot.of(leaf, plan.token_rows) for leaf in out.all_input_nodes
             if node_meta(leaf).token.carries_tokens
         ]
-        _PROGRAMS.add(self)
 
     # ------------------------------------------------------------------------------------------ state
     @property
@@ -129,6 +128,10 @@ class PipelineProgram:
         """True if some weights this program has run with are among `params` (by identity)."""
         ids = {id(p) for p in params}
         return any(r() is not None and id(r()) in ids for inst in self.instances.values() for r in inst.params)
+
+    def unregister(self) -> None:
+        """Remove this program from `programs()` (its first call failed: it is dropped)."""
+        _PROGRAMS.discard(self)
 
     def reset(self) -> None:
         """Start a new generation: the next call runs warmup again."""
@@ -248,6 +251,11 @@ def _reset_instance(inst: _Instance) -> None:
     for caches in inst.caches.values():
         for c in caches:
             c.zero_()
+
+
+def register(program: PipelineProgram) -> None:
+    """List a fully built program in `programs()` (a program whose construction failed is never listed)."""
+    _PROGRAMS.add(program)
 
 
 def programs(compiled_model) -> list[PipelineProgram]:

@@ -1,0 +1,147 @@
+"""Shape specialization: dynamo's symbolic-shape graph -> the static graph for one concrete input shape.
+
+By default dynamo compiles a frame for the first shape it sees with every size baked in, and on the second
+distinct shape recompiles it with symbolic sizes ("automatic dynamic shapes"): the graph then takes SymInt
+placeholders and computes sizes with SymInt arithmetic. PipeFusion's analyses measure token axes in concrete
+integers (a band is `rows * per_row` elements), so the backend plans and lowers one program per concrete
+input shape. This pass makes the static graph for a shape from the symbolic one:
+
+    Before (dynamo's graph for a batch of s0):             After (for inputs of batch 2, 32 x 24 latents):
+        s0 : SymInt                                           s0 : SymInt            # kept, no users
+        l_x_ : [s0, 4, s1, s2]                                l_x_ : [2, 4, 32, 24]
+        %h = size(%l_x_, 2)                                   (folded)
+        %r = floordiv(%h, 2)                                  (folded)
+        %v = view(%y, %s0, -1, 16)                            %v = view(%y, 2, -1, 16)
+        %p = reshape(%z, %s0, %r, 12, 2, 2, 8)                %p = reshape(%z, 2, 16, 12, 2, 2, 8)
+
+Every node whose value is a Python number, size, dtype or device is replaced by its value at these inputs
+(its uses get the constant, the node is removed), every other node's `meta["example_value"]` becomes a
+static fake tensor of this shape, so the rest of the compiler sees exactly what dynamo would have traced with
+`dynamic=False` at these inputs. Nodes that return None (side effects such as `_set_grad_enabled`) stay.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ..errors import UnsupportedGraphError
+from .meta import example_value
+
+_CONSTANT_LEAVES = (int, float, bool, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def _is_symbolic_value(value) -> bool:
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return True
+    if isinstance(value, torch.Tensor):
+        return any(not isinstance(s, int) for s in value.shape)
+    if isinstance(value, (tuple, list)):
+        return any(_is_symbolic_value(v) for v in value)
+    return False
+
+
+def is_symbolic(gm: fx.GraphModule, example_inputs: list) -> bool:
+    """True if dynamo handed us a graph with symbolic sizes (inputs or any recorded value)."""
+    if any(_is_symbolic_value(x) for x in example_inputs):
+        return True
+    return any(_is_symbolic_value(example_value(n)) for n in gm.graph.nodes if n.op == "placeholder")
+
+
+def shape_key(args) -> tuple:
+    """What a static graph is specialized on: each tensor input's shape, dtype and device, each number's
+    value. Two calls with the same key run the same program."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((tuple(a.shape), a.dtype, a.device.type))
+        elif isinstance(a, (int, float, bool)):
+            key.append((type(a).__name__, a))
+        else:
+            key.append(type(a).__name__)
+    return tuple(key)
+
+
+def _is_constant(value) -> bool:
+    leaves = pytree.tree_leaves(value)
+    return bool(leaves) and all(isinstance(v, _CONSTANT_LEAVES) for v in leaves) and not isinstance(
+        value, torch.Tensor)
+
+
+def _substitute(user: fx.Node, node: fx.Node, value) -> None:
+    def sub(a):
+        return value if a is node else a
+
+    user.args = fx.node.map_arg(user.args, sub)    # map_arg also looks inside slices
+    user.kwargs = fx.node.map_arg(user.kwargs, sub)
+
+
+def specialize(gm: fx.GraphModule, args: list) -> fx.GraphModule:
+    """The static graph of `gm` at the concrete inputs `args` (real tensors and ints, as the graph is
+    called). The result shares `gm`'s attributes and keeps its placeholders (same calling convention)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    out = fx.GraphModule(gm, graph)
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    if len(placeholders) != len(args):
+        raise UnsupportedGraphError(
+            f"internal: the graph has {len(placeholders)} inputs but was called with {len(args)}")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    env: dict[fx.Node, object] = {}
+
+    def fake(v):
+        return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v
+
+    grad = torch.is_grad_enabled()
+    try:
+        with mode:
+            for n in list(graph.nodes):
+                if n.op == "output":
+                    continue
+                if n.op == "placeholder":
+                    value = fake(args[placeholders.index(n)])
+                elif n.op == "get_attr":
+                    value = fake(_fetch_attr(out, n.target))
+                else:
+                    a = fx.node.map_arg(n.args, lambda x: env[x])
+                    kw = fx.node.map_arg(n.kwargs, lambda x: env[x])
+                    try:
+                        value = _run(out, n, a, kw)
+                    except Exception as e:
+                        raise UnsupportedGraphError(
+                            f"re-tracing the graph at the new input shapes failed: {type(e).__name__}: {e}", n
+                        ) from e
+                env[n] = value
+                n.meta.pop("val", None)
+                n.meta.pop("unbacked_bindings", None)
+                if _is_constant(value):
+                    for user in list(n.users):
+                        _substitute(user, n, value)
+                    n.meta["example_value"] = value
+                    if n.op not in ("placeholder", "get_attr"):
+                        graph.erase_node(n)
+                elif value is not None:
+                    n.meta["example_value"] = value
+    finally:
+        torch._C._set_grad_enabled(grad)
+    graph.lint()
+    out.recompile()
+    return out
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _run(gm: fx.GraphModule, n: fx.Node, args, kwargs):
+    if n.op == "call_function":
+        return n.target(*args, **kwargs)
+    if n.op == "call_method":
+        return getattr(args[0], n.target)(*args[1:], **kwargs)
+    if n.op == "call_module":
+        return gm.get_submodule(n.target)(*args, **kwargs)
+    raise UnsupportedGraphError(f"internal: unexpected node kind {n.op}", n)
