@@ -74,7 +74,7 @@ def compile_program(gm: fx.GraphModule, example_inputs: list, options: Pipefusio
     t0 = time.perf_counter()
     plan, analysis = build_plan(gm, example_inputs, options, analysis)
     t1 = time.perf_counter()
-    stages = lower(gm, plan, analysis)
+    stages = lower(gm, plan, analysis, shared_inputs=options.simulate)
     for stage in stages:  # lowering finishes here, so a graph it cannot lower fails at compile time
         for piece in (*plan.pieces(pipelined=False), *plan.pieces(pipelined=True)):
             stage.piece_graph(piece)

@@ -98,3 +98,40 @@ def make_skips(batch=1, **_):
     torch.manual_seed(0)
     return ToyDiTWithSkips().eval(), {"hidden_states": torch.randn(batch, 4, 16, 16),
                                       "timestep": torch.full((batch,), 500)}
+
+
+class ToyDiTCountingCalls(ToyDiT):
+    """Writes into its own buffer in place on every call (`calls += 1`) and scales every block's input by
+    the count: a write that is not idempotent and is read by every stage, so applying it twice per call, or
+    not at all, changes the result."""
+
+    def __init__(self):
+        super().__init__(ff_mults=(1,) * 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, hidden_states, return_dict=True):
+        self.calls.add_(1)
+        scale = 1 + 0.1 * self.calls
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            x = blk(x * scale)
+        return self.unpatchify(x, hidden_states.shape, return_dict)
+
+
+class ToyDiTWritingItsTable(ToyDiT):
+    """Builds a positional table in the graph and fills part of it in place (as LTX-Video's RoPE grid and
+    CogVideoX's joint table at a new resolution): the write has no users, only the table is read."""
+
+    def __init__(self):
+        super().__init__(ff_mults=(1,) * 4)
+
+    def forward(self, hidden_states, return_dict=True):
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        table = x.new_zeros(1, x.shape[1], x.shape[2])
+        rows = torch.arange(x.shape[1], dtype=x.dtype)[None, :, None]
+        table.data[:, :, : x.shape[2] // 2].copy_(torch.sin(rows / 7).expand(1, -1, x.shape[2] // 2))
+        table[:, :, x.shape[2] // 2:] = torch.cos(rows / 5)
+        x = x + table
+        for blk in self.blocks:
+            x = blk(x)
+        return self.unpatchify(x, hidden_states.shape, return_dict)

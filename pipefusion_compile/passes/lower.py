@@ -38,6 +38,7 @@ from ..errors import PipefusionError, UnsupportedGraphError
 from .meta import Kind, TokenInfo, example_value, node_meta
 from .pieces import BAND, FULL, TEXT, Piece, check_one_text_group, extent, group_offset, holds, token_range
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
+from .side_effects import alias_root, check_kept, is_impure, mutated_operand, mutation_closure
 from .tokens import TokenAnalysis
 
 log = logging.getLogger("pipefusion_compile")
@@ -537,7 +538,7 @@ def fuse_unpatchify_output(gm: fx.GraphModule, model_outputs: set[str]) -> tuple
         values[i] = x
     if fused:
         out.args = (tuple(values),)
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
         gm.graph.lint()
         gm.recompile()
     return gm, fused
@@ -547,25 +548,26 @@ def fuse_unpatchify_output(gm: fx.GraphModule, model_outputs: set[str]) -> tuple
 # Globals graph
 
 
-def extract_globals(gm: fx.GraphModule, needed: list[fx.Node]) -> tuple[fx.GraphModule, tuple[int, ...], tuple[str, ...]]:
-    """The hoisted part of a stage: GLOBAL (and POSITIONAL, full-size) values computed once per step.
+def extract_globals(gm: fx.GraphModule, needed: list[fx.Node], allow_write=lambda n: True,
+                    writes: tuple[fx.Node, ...] = ()) -> tuple[fx.GraphModule, tuple[int, ...], tuple[str, ...]]:
+    """The hoisted part of a stage: GLOBAL (and POSITIONAL, full-size) values computed once per step, with
+    every in-place write into a value it keeps (`side_effects.mutation_closure`), in graph order.
 
     Before (dynamo graph):                          After (globals graph of the stage):
         %t = l_timestep_                                 def forward(l_timestep_, w1, b1, w_k, ...):
         %emb = linear(sin(..%t..), %w1, %b1)  GLOBAL         emb = linear(sin(...), w1, b1)
         %k2 = linear(%prompt, %w_k, %b_k)     GLOBAL         k2 = linear(prompt, w_k, b_k)
-        %q = linear(%h, %w_q, ...)            PATCHED        return (emb, k2, w_q, ...)
+        %grid = repeat(...)                   GLOBAL         grid = repeat(...)
+        setitem(%grid, (:, 0:1), %s)          (no users)     grid[:, 0:1] = s          # kept: grid is read
+        %f = flatten(%grid, 2)                GLOBAL         f = flatten(grid, 2)
+        %q = linear(%h, %w_q, ...)            PATCHED        return (emb, k2, f, w_q, ...)
+    `allow_write(w)` may leave a write out (simulate mode applies a write into a graph input once per step,
+    in the first stage's globals); `writes` are more writes to apply (into graph inputs no stage reads).
     """
-    closure: set[fx.Node] = set()
-    stack = list(needed)
-    while stack:
-        n = stack.pop()
-        if n in closure:
-            continue
+    closure = mutation_closure(gm, set(needed) | set(writes), allow_write)
+    for n in closure:
         if node_meta(n).token is not None and node_meta(n).token.carries_tokens:
             raise PipefusionError(f"internal: {n.name} carries tokens but was asked for as a global")
-        closure.add(n)
-        stack.extend(n.all_input_nodes)
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     positions = []
@@ -599,6 +601,42 @@ def _run_pass(name: str, fn, gm: fx.GraphModule, *args) -> fx.GraphModule:
     return out
 
 
+_FRESH_FACTORIES = {"new_zeros": torch.zeros, "new_ones": torch.ones, "new_empty": torch.empty,
+                    "new_full": torch.full}
+
+
+def detach_fresh_tensors(gm: fx.GraphModule) -> fx.GraphModule:
+    """A fresh tensor made from a token-carrying one only for its dtype and device (GLOBAL by the token
+    analysis) must not read it in the hoisted globals graph, which never sees tokens.
+
+    Before:                                        After:
+        %t = new_zeros(%x, 1, 64, 32)  # x PATCHED     %t = zeros((1, 64, 32), dtype=float32, device=cpu)
+    """
+    for n in list(gm.graph.nodes):
+        if n.op != "call_method" or n.target not in _FRESH_FACTORIES or not isinstance(n.args[0], fx.Node):
+            continue
+        src = node_meta(n.args[0]).token
+        if src is None or not src.carries_tokens:
+            continue
+        val = example_value(n)
+        kwargs = {k: v for k, v in n.kwargs.items() if k not in ("dtype", "device", "requires_grad")}
+        rest = n.args[1:]
+        if n.target == "new_full":
+            sizes, fill = (rest[0], rest[1]) if len(rest) > 1 else (rest[0], kwargs.pop("fill_value"))
+            args = (tuple(sizes), fill)
+        else:
+            args = (tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest),)
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_function(_FRESH_FACTORIES[n.target], args,
+                                         {**kwargs, "dtype": val.dtype, "device": val.device})
+        new.meta.update(n.meta)
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 def check_lowerable(gm: fx.GraphModule) -> None:
     """What the piece lowering cannot express yet, refused with the node that shows it: a value with text on
     both sides of the image part, and a model output that holds text tokens."""
@@ -613,13 +651,29 @@ def check_lowerable(gm: fx.GraphModule) -> None:
             raise UnsupportedGraphError("a model output that holds text tokens of a joint sequence", n)
 
 
-def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis) -> list[LoweredStage]:
-    """Build the globals graph and the piece-graph factory of every stage of `plan`."""
+def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool = False) -> list[LoweredStage]:
+    """Build the globals graph and the piece-graph factory of every stage of `plan`.
+
+    `shared_inputs`: all stages run in one process on the same graph inputs (simulate mode), so an in-place
+    write into a graph input (a buffer, a parameter, an argument) runs once per step, in the globals of the
+    first stage that reads it; with one process per stage, each stage's globals apply it to their own copy.
+    A write into a graph input that no stage reads still runs (on the last stage): it is visible to the
+    caller. Every write of the dynamo graph must end up in some extracted graph (`check_kept`).
+    """
     check_lowerable(gm)
+    _run_pass("detach_fresh_tensors", detach_fresh_tensors, gm)
     nodes_by_name = {n.name: n for n in gm.graph.nodes}
     order = [nodes_by_name[name] for name in plan.order]
     position = {n.name: i for i, n in enumerate(order)}
     out_node = next(iter(gm.graph.find_nodes(op="output")))
+    writes_to_inputs = [n for n in gm.graph.nodes if mutated_operand(n) is not None
+                        and alias_root(mutated_operand(n)).op in ("placeholder", "get_attr")]
+    applied: set[fx.Node] = set()   # writes into graph inputs some earlier stage's globals already apply
+    last = len(plan.stages) - 1
+
+    def allow_write(w: fx.Node) -> bool:
+        return not (shared_inputs and w in applied)
+
     stages = []
     for sp in plan.stages:
         members = order[sp.start:sp.end]
@@ -630,11 +684,15 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis) -> list[LoweredStag
                     later.add(n.name)
         stage_gm, inputs, caches, outputs = _run_pass("extract_stage", extract_stage, gm, members, later, analysis)
         needed = [nodes_by_name[i.name] for i in inputs if i.source in ("global", "positional")]
-        if sp.index == len(plan.stages) - 1:
+        if sp.index == last:
             for leaf in out_node.all_input_nodes:
                 if not node_meta(leaf).token.carries_tokens and leaf not in needed:
                     needed.append(leaf)
-        globals_gm, positions, gouts = _run_pass("extract_globals", extract_globals, gm, needed)
+        unread = tuple(w for w in writes_to_inputs if w not in applied) if sp.index == last else ()
+        globals_gm, positions, gouts = _run_pass("extract_globals", extract_globals, gm, needed, allow_write,
+                                                 unread)
+        kept = {n.name for n in globals_gm.graph.nodes}
+        applied.update(w for w in writes_to_inputs if w.name in kept)
 
         model_outputs = {n.name for n in out_node.all_input_nodes} if sp.index == len(plan.stages) - 1 else set()
 
@@ -657,4 +715,5 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis) -> list[LoweredStag
             inputs=inputs, caches=caches, outputs=outputs, stage_gm=stage_gm,
             token_rows=analysis.token_rows, analysis=analysis, _build=build,
         ))
+    check_kept(gm, [g for st in stages for g in (st.globals_gm, st.stage_gm)], "the lowered stages")
     return stages

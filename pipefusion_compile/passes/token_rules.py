@@ -626,6 +626,16 @@ RULES[torch.stack] = lambda ctx: rule_cat(ctx, stack=True)
 RULES["to"] = RULES["type_as"] = rule_cast
 RULES[operator.getitem] = rule_getitem
 RULES[operator.setitem] = rule_setitem
+
+
+def rule_new_tensor(ctx: RuleContext) -> TokenInfo:
+    """`x.new_zeros(sizes)` (and new_ones/new_empty/new_full/new_tensor): a fresh tensor that takes only
+    the dtype and device of `x`, never its values, so it does not depend on the tokens (GLOBAL)."""
+    return GLOBAL
+
+
+for _m in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"):
+    RULES[_m] = rule_new_tensor
 for _t in (F.embedding, torch.embedding):
     RULES[_t] = rule_embedding
 for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
