@@ -46,11 +46,22 @@ def compile_stage_graph(gm: fx.GraphModule, example_inputs: list, backend: str):
 
 @dataclass
 class StepState:
-    """Where the current generation is. Reset per generation."""
+    """Where one call stream of the current generation is. Reset per generation."""
 
     step: int = 0
     generation: int = 0
-    last_timestep: torch.Tensor | None = None
+    stream: int = 0
+
+
+@dataclass
+class _Stream:
+    """One call stream: the k-th transformer call of every step (k = 0 unless the pipeline calls the model
+    more than once per step, as CFG run as two calls does: conditional, then unconditional, same timestep).
+    Each stream has its own step count (so its own warmup) and its own K/V caches, exactly as if each stream
+    had its own compiled copy of the model."""
+
+    state: StepState = field(default_factory=StepState)
+    caches: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage index -> [k0, v0, k1, ...]
 
 
 @dataclass
@@ -58,12 +69,20 @@ class _Instance:
     """State of one set of weights running through the program.
 
     Dynamo reuses one graph for every module whose code and shapes match (e.g. the blocks of a model split
-    by a graph break), with the weights as inputs; each such module gets its own step state and K/V caches.
+    by a graph break), with the weights as inputs; each such module gets its own call streams.
     """
 
     params: tuple  # weak references to the weights it was called with
-    state: StepState = field(default_factory=StepState)
-    caches: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage index -> [k0, v0, k1, ...]
+    streams: dict[int, _Stream] = field(default_factory=dict)
+    generation: int = 0
+    stream: int = 0                          # the stream of the latest call
+    last_timestep: torch.Tensor | None = None
+
+    def current(self) -> _Stream:
+        found = self.streams.get(self.stream)
+        if found is None:
+            found = self.streams[self.stream] = _Stream(StepState(generation=self.generation, stream=self.stream))
+        return found
 
 
 @dataclass
@@ -121,8 +140,8 @@ class PipelineProgram:
     # ------------------------------------------------------------------------------------------ state
     @property
     def state(self) -> StepState:
-        """Step state of the weights used by the latest call."""
-        return self._current.state if self._current is not None else StepState()
+        """Step state of the call stream of the latest call (of the weights it used)."""
+        return self._current.current().state if self._current is not None else StepState()
 
     def uses(self, params) -> bool:
         """True if some weights this program has run with are among `params` (by identity)."""
@@ -147,18 +166,28 @@ class PipelineProgram:
         self._current = inst
         return inst
 
-    def _update_generation(self, inst: _Instance, args) -> None:
-        if self.timestep_index is None:
-            return
-        t = args[self.timestep_index]
+    def _update_generation(self, inst: _Instance, args) -> _Stream:
+        """Which generation and call stream this call belongs to, from its timestep: higher than the
+        previous call's -> a new generation (stream 0); equal -> one more call of the same step (the next
+        stream); lower -> the next step (stream 0). Returns the call's stream."""
+        t = args[self.timestep_index] if self.timestep_index is not None else None
         if not isinstance(t, torch.Tensor):
-            return
+            inst.stream = 0
+            return inst.current()
         t = t.detach().to("cpu", torch.float64)
-        last = inst.state.last_timestep
+        last = inst.last_timestep
         if last is not None and (t.shape != last.shape or bool((t > last).any())):
             log.info("pipefusion: timestep went up (%s -> %s): new generation", last.tolist(), t.tolist())
             _reset_instance(inst)
-        inst.state.last_timestep = t
+        elif last is not None and torch.equal(t, last):
+            inst.stream += 1
+            if inst.stream not in inst.streams:
+                log.info("pipefusion: call %d of one step (same timestep %s): call stream %d, with its own "
+                         "step state and K/V caches", inst.stream + 1, t.tolist(), inst.stream)
+        else:
+            inst.stream = 0
+        inst.last_timestep = t
+        return inst.current()
 
     # ------------------------------------------------------------------------------------------ run
     @torch.no_grad()
@@ -185,8 +214,8 @@ class PipelineProgram:
     def _start_step(self, args):
         """Step bookkeeping shared by both runtimes: which weights, which generation, warmup or not, the
         patches to run, the device, and empty full-size buffers for the model outputs."""
-        inst = self._instance(args)
-        self._update_generation(inst, args)
+        inst = self._update_generation(self._instance(args), args)
+        self.stats["streams"] = max(self.stats.get("streams", 0), inst.state.stream + 1)
         warmup = inst.state.step < self.options.warmup_steps
         self.stats["warmup_calls" if warmup else "pipelined_calls"] += 1
         pieces = self.plan.pieces(pipelined=not warmup)
@@ -194,7 +223,7 @@ class PipelineProgram:
         outputs = {o.name: torch.empty(o.shape, dtype=o.dtype, device=device) for o in self._token_outputs}
         return inst, pieces, device, outputs
 
-    def _finish_step(self, inst: _Instance, outputs: dict, global_values: dict):
+    def _finish_step(self, inst: _Stream, outputs: dict, global_values: dict):
         """Advance the step and return the outputs in the structure the dynamo graph returns."""
         inst.state.step += 1
         return pytree.tree_map(
@@ -221,7 +250,7 @@ class PipelineProgram:
         return full.narrow(inp.axis, *inp.token_range(self.plan.token_rows, piece))
 
     @staticmethod
-    def _caches(inst: _Instance, s: _StageRuntime, device: torch.device) -> list[torch.Tensor]:
+    def _caches(inst: _Stream, s: _StageRuntime, device: torch.device) -> list[torch.Tensor]:
         caches = inst.caches.get(s.lowered.index)
         if caches is None:
             caches = inst.caches[s.lowered.index] = [
@@ -245,12 +274,16 @@ class PipelineProgram:
 
 
 def _reset_instance(inst: _Instance) -> None:
-    """New generation: step 0 again, and K/V caches back to zeros (with `warmup_steps=0` the first step
-    attends to them before any fresh K/V was written)."""
-    inst.state = StepState(generation=inst.state.generation + 1)
-    for caches in inst.caches.values():
-        for c in caches:
-            c.zero_()
+    """New generation: every call stream at step 0 again, and its K/V caches back to zeros (with
+    `warmup_steps=0` the first step attends to them before any fresh K/V was written)."""
+    inst.generation += 1
+    inst.stream = 0
+    inst.last_timestep = None
+    for stream in inst.streams.values():
+        stream.state = StepState(generation=inst.generation, stream=stream.state.stream)
+        for caches in stream.caches.values():
+            for c in caches:
+                c.zero_()
 
 
 def register(program: PipelineProgram) -> None:
