@@ -11,7 +11,9 @@ Algorithm, for each graph dynamo hands us:
   2. Plan: cut candidates on the graph, FLOP-balanced stages, M row bands -> `PipelinePlan`.
   3. Lower: per stage, a globals graph (hoisted once per step) and per-patch-size stage graphs with
      stale-K/V attention; compiled lazily with the inner backend (inductor or eager).
-A graph without self-attention over image tokens runs unchanged (fast path).
+A graph without self-attention over image tokens runs unchanged (fast path) and is recorded
+(`pipefusion_compile.declined`); one with attention over the image tokens in a form the backend does not
+recognize warns, or raises under option `strict` (default when num_stages > 1).
 
 Debugging: `logging.getLogger("pipefusion_compile")` prints the plan at INFO and every pass's graph before
 and after at DEBUG; `program.plan` is the dataclass; `program.stages[k].lowered.patch_graph(rows).graph` is
