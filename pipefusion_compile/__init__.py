@@ -3,7 +3,8 @@
     compiled = torch.compile(transformer, backend="pipefusion", options={"num_stages": 2, "num_patches": 4})
 """
 from .backend import pipefusion_backend
-from .errors import OptionsError, PipefusionError, PlanError, UnsupportedGraphError
+from .declines import Declined, declined
+from .errors import ModelSpecError, OptionsError, PipefusionError, PlanError, UnsupportedGraphError
 from .options import PipefusionOptions
 from .plan import PipelinePlan
 from .runtime import PipelineProgram, programs, reset
@@ -12,6 +13,8 @@ __all__ = [
     "pipefusion_backend",
     "reset",
     "programs",
+    "declined",
+    "Declined",
     "plan",
     "PipefusionOptions",
     "PipelinePlan",
@@ -20,6 +23,7 @@ __all__ = [
     "OptionsError",
     "PlanError",
     "UnsupportedGraphError",
+    "ModelSpecError",
 ]
 
 

@@ -11,7 +11,9 @@ Algorithm, for each graph dynamo hands us:
   2. Plan: cut candidates on the graph, FLOP-balanced stages, M row bands -> `PipelinePlan`.
   3. Lower: per stage, a globals graph (hoisted once per step) and per-patch-size stage graphs with
      stale-K/V attention; compiled lazily with the inner backend (inductor or eager).
-A graph without self-attention over image tokens runs unchanged (fast path).
+A graph without self-attention over image tokens runs unchanged (fast path) and is recorded
+(`pipefusion_compile.declined`); one with attention over the image tokens in a form the backend does not
+recognize warns, or raises under option `strict` (default when num_stages > 1).
 
 Debugging: `logging.getLogger("pipefusion_compile")` prints the plan at INFO and every pass's graph before
 and after at DEBUG; `program.plan` is the dataclass; `program.stages[k].lowered.patch_graph(rows).graph` is
@@ -26,7 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from .errors import PipefusionError, UnsupportedGraphError
+from .declines import decline
+from .errors import PipefusionError, UnsupportedGraphError, failures_named
 from .options import PipefusionOptions
 from .passes.graph_inputs import is_user_input
 from .passes.lower import lower
@@ -72,23 +75,26 @@ def compile_program(gm: fx.GraphModule, example_inputs: list, options: Pipefusio
                     analysis: TokenAnalysis | None = None) -> PipelineProgram:
     """Phases 1-3 for one graph; returns the runnable program (stage graphs compile on first use)."""
     t0 = time.perf_counter()
-    plan, analysis = build_plan(gm, example_inputs, options, analysis)
+    with failures_named("planning the pipeline", gm):
+        plan, analysis = build_plan(gm, example_inputs, options, analysis)
     t1 = time.perf_counter()
-    stages = lower(gm, plan, analysis, shared_inputs=options.simulate)
-    for stage in stages:  # lowering finishes here, so a graph it cannot lower fails at compile time
-        for piece in (*plan.pieces(pipelined=False), *plan.pieces(pipelined=True)):
-            stage.piece_graph(piece)
+    with failures_named("lowering the plan to stage graphs", gm):
+        stages = lower(gm, plan, analysis, shared_inputs=options.simulate)
+        for stage in stages:  # lowering finishes here, so a graph it cannot lower fails at compile time
+            for piece in (*plan.pieces(pipelined=False), *plan.pieces(pipelined=True)):
+                stage.piece_graph(piece)
     t2 = time.perf_counter()
-    timestep = find_timestep_input(gm, example_inputs)
-    if timestep is None:
-        log.warning("pipefusion: no timestep input found; call pipefusion_compile.reset(model) before each "
-                    "new generation")
-    if options.simulate:
-        program = PipelineProgram(gm, plan, stages, options, example_inputs, timestep)
-    else:
-        from .runtime_dist import DistributedProgram
+    with failures_named("building the pipeline program", gm):
+        timestep = find_timestep_input(gm, example_inputs)
+        if timestep is None:
+            log.warning("pipefusion: no timestep input found; call pipefusion_compile.reset(model) before each "
+                        "new generation")
+        if options.simulate:
+            program = PipelineProgram(gm, plan, stages, options, example_inputs, timestep)
+        else:
+            from .runtime_dist import DistributedProgram
 
-        program = DistributedProgram(gm, plan, stages, options, example_inputs, timestep)
+            program = DistributedProgram(gm, plan, stages, options, example_inputs, timestep)
     program.stats.update(plan_s=t1 - t0, lower_s=t2 - t1)
     register(program)
     return program
@@ -98,20 +104,35 @@ def analyze_for_pipeline(gm: fx.GraphModule, example_inputs, options: Pipefusion
     """The token analysis of `gm`, or None for a graph with nothing to pipeline (runs unchanged).
 
     A graph without any attention runs unchanged even where the analysis has no rule for it (it may not even
-    have an image input); a graph with attention whose analysis fails raises the analysis' error.
+    have an image input); a graph with attention whose analysis fails raises the analysis' error. A graph that
+    runs unchanged is recorded (`pipefusion_compile.declined`); if it holds attention-like computation over the
+    image tokens in a form the backend does not recognize, that is a WARNING, or an error under `strict`.
     """
+    check_example_values(gm)
+    strict = options.strict if options.strict is not None else (options.num_stages or 1) > 1
     try:
-        analysis = analyze_tokens(gm, example_inputs, options.token_axis)
+        with failures_named("the token analysis", gm):
+            analysis = analyze_tokens(gm, example_inputs, options.token_axis)
     except UnsupportedGraphError as e:
         if any(is_sdpa(n) for n in gm.graph.nodes):
             raise
-        log.info("pipefusion: graph without attention runs unchanged (%s)", e.reason)
+        decline(gm, example_inputs, strict, e.reason, e.node)
         return None
     if not analysis.self_attention:
-        log.info("pipefusion: graph with %d nodes has no self-attention over image tokens: runs unchanged",
-                 len(gm.graph.nodes))
+        decline(gm, example_inputs, strict, "no self-attention over the image tokens")
         return None
     return analysis
+
+
+def check_example_values(gm: fx.GraphModule) -> None:
+    """The analyses read the fake values dynamo records on every node; a graph made another way (e.g. by
+    `torch.fx.symbolic_trace`) has none, and would fail with an unrelated error."""
+    for n in gm.graph.find_nodes(op="placeholder"):
+        if "example_value" not in n.meta and "val" not in n.meta:
+            raise UnsupportedGraphError(
+                "the graph carries no example values (node.meta['example_value']), which dynamo records and the "
+                "backend plans from: use the backend through torch.compile(model, backend='pipefusion'), not on a "
+                "graph traced another way", n)
 
 
 def pipefusion_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, **kwargs):

@@ -25,10 +25,12 @@ def plan_graphs(model: torch.nn.Module, example_kwargs: dict, **options) -> list
 
     def capture(gm: fx.GraphModule, example_inputs):
         from .backend import analyze_for_pipeline
+        from .errors import failures_named
 
         analysis = analyze_for_pipeline(gm, example_inputs, opts)
         if analysis is not None:
-            plans.append(build_plan(gm, example_inputs, opts, analysis)[0])
+            with failures_named("planning the pipeline", gm):
+                plans.append(build_plan(gm, example_inputs, opts, analysis)[0])
         outs = [example_value(o) if isinstance(o, fx.Node) else o for o in graph_outputs(gm)]
 
         def zeros(*args):
@@ -107,13 +109,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _timeline(args) -> int:
+    from .errors import PipefusionError
     from .timeline import merge
 
     steps = tuple(int(x) for x in args.steps.split(":")) if args.steps else None
     trace = args.trace or os.path.join(args.directory, "trace.json")
     try:
         events = merge(args.directory, trace, args.png, steps, args.title)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (PipefusionError, ValueError, ImportError) as e:
         print(f"pipefusion-compile: error: {e}", file=sys.stderr)
         return 2
     ranks = sorted({e["rank"] for e in events})

@@ -12,6 +12,7 @@ Every wait has a timeout; a failure names the rank, stage, patch and step and wh
 from __future__ import annotations
 
 import datetime
+import re
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -77,46 +78,94 @@ class Comm:
     def new_step(self, step: int) -> None:
         self.step, self.patch, self.bytes_sent, self.output_bytes = step, -1, 0, 0
 
-    def _wait(self, work, what: str, patch: int) -> None:
+    def _wait(self, work, what: str, patch: int, peer: int | None = None) -> None:
+        """Wait for `work` (on `peer`, a stage index, when one peer is involved). A failure says what happened:
+        a timeout, or a failure after how long with the transport's reason and its likely cause."""
+        t0 = time.monotonic()
         try:
             work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
         except Exception as e:  # gloo/NCCL raise RuntimeError with the transport's reason
             raise PipefusionCommError(
-                f"{self.where(patch)}: {what} failed or timed out after {self.timeout_s:g}s: {e}"
-            ) from e
+                self._describe_failure(what, patch, peer, time.monotonic() - t0, e)) from e
+
+    def _describe_failure(self, what: str, patch: int, peer: int | None, elapsed: float, error: Exception) -> str:
+        reason = _transport_reason(error)
+        low = reason.lower()
+        who = f"rank {self.stage_ranks[peer]} (stage {peer})" if peer is not None else "a peer rank"
+        if "application timeout caused pair closure" in low:  # this rank timed out before: the link is closed
+            return (f"{self.where(patch)}: {what} failed after {elapsed:.1f}s: the connection was closed after an "
+                    f"earlier operation of this rank timed out ({reason})")
+        if elapsed >= 0.95 * self.timeout_s or "timed out" in low or "timeout" in low:
+            waited = f"{self.timeout_s:g}s" if elapsed >= 0.95 * self.timeout_s else f"{elapsed:.1f}s"
+            return (f"{self.where(patch)}: timed out after {waited} {_waiting(what)}: {who} did not take part in "
+                    f"time: it may be stalled (still computing, blocked, or in another step or schedule) or "
+                    f"slower than the timeout; raise option timeout_s if its steps take longer ({reason})")
+        closed = ("closed by peer", "connection reset", "broken pipe", "connection refused", "socket closed",
+                  "connection closed", "end of file")
+        if any(c in low for c in closed):
+            cause = (f"{who} closed the connection: it probably exited or crashed (or gave up after a timeout of its "
+                     "own); see its log")
+        else:
+            cause = f"the transport failed (if {who} exited or crashed, see its log)"
+        return f"{self.where(patch)}: {what} failed after {elapsed:.1f}s: {cause} ({reason})"
+
+    def _start(self, post, what: str, patch: int, peer: int | None = None):
+        """Post a send/receive/collective: the transport may refuse at once (e.g. the peer is gone)."""
+        try:
+            return post()
+        except Exception as e:
+            raise PipefusionCommError(self._describe_failure(what, patch, peer, 0.0, e)) from e
 
     def isend(self, buf: torch.Tensor, peer: int, tag: int) -> None:
         t0 = time.perf_counter()
-        work = dist.isend(buf, dst=self.stage_ranks[peer], group=self.group, tag=tag)
+        work = self._start(lambda: dist.isend(buf, dst=self.stage_ranks[peer], group=self.group, tag=tag),
+                           f"sending patch {tag} to stage {peer} (rank {self.stage_ranks[peer]})", tag, peer)
         self._sends.append((work, buf, peer, tag))
         self.bytes_sent += buf.numel() * buf.element_size()
         self.record("send", t0, patch=tag, peer=peer)
 
     def irecv(self, buf: torch.Tensor, peer: int, tag: int) -> None:
-        work = dist.irecv(buf, src=self.stage_ranks[peer], group=self.group, tag=tag)
+        work = self._start(lambda: dist.irecv(buf, src=self.stage_ranks[peer], group=self.group, tag=tag),
+                           f"receiving patch {tag} from stage {peer} (rank {self.stage_ranks[peer]})", tag, peer)
         self._pending[buf.data_ptr()] = (work, peer, tag)
 
     def wait_recv(self, buf: torch.Tensor) -> None:
         work, peer, tag = self._pending.pop(buf.data_ptr())
         t0 = time.perf_counter()
-        self._wait(work, f"receiving patch {tag} from stage {peer} (rank {self.stage_ranks[peer]})", tag)
+        self._wait(work, f"receiving patch {tag} from stage {peer} (rank {self.stage_ranks[peer]})", tag, peer)
         self.record("recv", t0, patch=tag, peer=peer)
 
     def wait_sends(self) -> None:
         t0 = time.perf_counter()
         sends, self._sends = self._sends, []
         for work, _buf, peer, tag in sends:
-            self._wait(work, f"sending patch {tag} to stage {peer} (rank {self.stage_ranks[peer]})", tag)
+            self._wait(work, f"sending patch {tag} to stage {peer} (rank {self.stage_ranks[peer]})", tag, peer)
         if sends:
             self.record("wait", t0, patch=-1)
 
     def broadcast(self, out: torch.Tensor, src_stage: int) -> None:
         t0 = time.perf_counter()
-        work = dist.broadcast(out, src=self.stage_ranks[src_stage], group=self.group, async_op=True)
-        self._wait(work, f"receiving the model output from the last stage (rank {self.stage_ranks[src_stage]})", -1)
+        what = f"the broadcast of the model output from the last stage (rank {self.stage_ranks[src_stage]})"
+        work = self._start(lambda: dist.broadcast(out, src=self.stage_ranks[src_stage], group=self.group,
+                                                  async_op=True), what, -1)
+        self._wait(work, what, -1)
         if self.stage == src_stage:
             self.output_bytes += out.numel() * out.element_size() * (len(self.stage_ranks) - 1)
         self.record("broadcast", t0, patch=-1, peer=src_stage)
+
+
+def _transport_reason(error: Exception) -> str:
+    """The transport's message without the C++ source location gloo puts first ("[.../pair.cc:553] ...")."""
+    text = str(error).strip()
+    return re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", text)
+
+
+def _waiting(what: str) -> str:
+    """'receiving patch 1 from stage 0' -> 'waiting for patch 1 from stage 0' (what a timeout waited for)."""
+    for verb, noun in (("receiving ", "for "), ("sending ", "to send "), ("exchanging ", "to exchange ")):
+        if what.startswith(verb):
+            return "waiting " + noun + what[len(verb):]
+    return "waiting for " + what
 
 
 def comm(channel: str) -> Comm:

@@ -223,6 +223,15 @@ def load_model(spec: str, **config):
 
         if os.getcwd() not in sys.path:  # like `python -m`: modules in the working directory are found
             sys.path.insert(0, os.getcwd())
+        from .errors import ModelSpecError
+
         module, fn = spec.split(":", 1)
-        return getattr(importlib.import_module(module), fn)(**config)
-    raise ValueError(f"unknown model {spec!r}: use one of {sorted(BUILTIN)} or 'module:function'")
+        try:
+            factory = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            raise ModelSpecError(f"model {spec!r}: cannot load {fn} from module {module} "
+                                 f"({type(e).__name__}: {e})") from e
+        return factory(**config)
+    from .errors import ModelSpecError
+
+    raise ModelSpecError(f"unknown model {spec!r}: use one of {sorted(BUILTIN)} or 'module:function'")

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch.distributed as dist
 
@@ -43,13 +44,27 @@ class PipefusionOptions:
     kernels: str = "auto"
     """Data-movement kernels (K/V cache update, pack/unpack, patch output): "auto" (Triton on CUDA, the torch
     reference on CPU), "triton" (also on CPU, only under TRITON_INTERPRET=1) or "torch"."""
+    strict: bool | None = None
+    """What to do with a graph that has attention-like computation over the image tokens which the backend
+    does not recognize as attention (a hand-written softmax(q @ k^T) @ v, `nn.MultiheadAttention`, an aten SDPA
+    kernel called directly), so that it cannot be pipelined: True raises `UnsupportedGraphError`, False runs
+    the graph unchanged with a WARNING (and a record in `pipefusion_compile.declined(model)`).
+    Default: True when num_stages > 1 (ranks would otherwise each run the whole model without saying so)."""
 
     _KNOWN_BACKENDS = ("inductor", "eager")
     _KERNEL_MODES = ("auto", "triton", "torch")
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any] | None) -> "PipefusionOptions":
+    def from_dict(cls, options: Mapping[str, Any] | None) -> "PipefusionOptions":
+        if options is not None and not isinstance(options, Mapping):
+            raise OptionsError(
+                f"options={options!r}: expected a dict of pipefusion options, e.g. "
+                "torch.compile(model, backend='pipefusion', options={'num_stages': 2})"
+            )
         options = dict(options or {})
+        bad_keys = sorted(repr(k) for k in options if not isinstance(k, str))
+        if bad_keys:
+            raise OptionsError(f"option names must be strings, got {', '.join(bad_keys)}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -58,9 +73,10 @@ class PipefusionOptions:
             )
         if isinstance(options.get("partition"), list):
             options["partition"] = tuple(options["partition"])
-        opts = cls(**options)
-        opts._validate()
-        return opts
+        return cls(**options)
+
+    def __post_init__(self) -> None:
+        self._validate()
 
     def _validate(self) -> None:
         def positive_int(name: str, value: Any, minimum: int) -> None:
@@ -103,8 +119,11 @@ class PipefusionOptions:
             raise OptionsError(f"option simulate={self.simulate!r}: expected True or False")
         if not isinstance(self.release_params, bool):
             raise OptionsError(f"option release_params={self.release_params!r}: expected True or False")
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
-            raise OptionsError(f"option timeout_s={self.timeout_s!r}: expected a positive number of seconds")
+        if (isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float))
+                or not math.isfinite(self.timeout_s) or not 0 < self.timeout_s <= 1e9):
+            raise OptionsError(f"option timeout_s={self.timeout_s!r}: expected a positive, finite number of seconds (at most 1e9)")
+        if self.strict is not None and not isinstance(self.strict, bool):
+            raise OptionsError(f"option strict={self.strict!r}: expected True or False (or leave it unset)")
         if self.group is not None and not isinstance(self.group, dist.ProcessGroup):
             raise OptionsError(f"option group={self.group!r}: expected a torch.distributed ProcessGroup")
         if self.timeline is not None and not isinstance(self.timeline, str):
@@ -121,9 +140,11 @@ class PipefusionOptions:
             else:
                 num_stages = dist.get_world_size(self.group) if pg else 1
         num_patches = self.num_patches if self.num_patches is not None else num_stages
+        strict = self.strict if self.strict is not None else num_stages > 1
         timeline = self.timeline if self.timeline is not None else (os.environ.get("PIPEFUSION_TIMELINE") or None)
         return dataclasses.replace(
-            self, num_stages=num_stages, num_patches=num_patches, simulate=simulate, timeline=timeline
+            self, num_stages=num_stages, num_patches=num_patches, simulate=simulate, timeline=timeline,
+            strict=strict,
         )
 
     def fingerprint_items(self) -> dict:

@@ -142,7 +142,7 @@ class PipelinePlan:
         for s in self.stages:
             if s.start <= position < s.end:
                 return s.index
-        raise IndexError(position)
+        raise PlanError(f"position {position} lies in no stage of the plan (stages cover 0..{self.stages[-1].end - 1})")
 
     def __str__(self) -> str:
         gf = _fmt_flops

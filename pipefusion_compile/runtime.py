@@ -262,12 +262,20 @@ class PipelineProgram:
         fn = s.compiled.get(piece.key)
         if fn is None:
             t0 = time.perf_counter()
+            what = "the text piece" if piece.kind == TEXT else f"a {piece.kind} piece of {piece.rows} token rows"
             gm = select_kernels(s.lowered.piece_graph(piece).gm, self.options.kernels)
-            fn = compile_stage_graph(gm, inputs, self.options.stage_backend)
+            try:
+                fn = compile_stage_graph(gm, inputs, self.options.stage_backend)
+            except PipefusionError:
+                raise
+            except Exception as e:
+                raise PipefusionError(
+                    f"stage {s.lowered.index}, {what}: the inner backend {self.options.stage_backend!r} failed to "
+                    f"compile the stage graph: {type(e).__name__}: {e}\n  (options={{'stage_backend': 'eager'}} "
+                    "runs the stage graphs without compiling them)") from e
             elapsed = time.perf_counter() - t0
             self.stats["compile_s"] += elapsed
             s.compiled[piece.key] = fn
-            what = "the text piece" if piece.kind == TEXT else f"a {piece.kind} piece of {piece.rows} token rows"
             log.info("pipefusion: stage %d, %s: compiled with %s in %.2fs",
                      s.lowered.index, what, self.options.stage_backend, elapsed)
         return fn

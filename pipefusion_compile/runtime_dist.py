@@ -131,8 +131,9 @@ class DistributedProgram(PipelineProgram):
             else torch.device("cpu")
         local = torch.tensor([int(mine[:15], 16)], dtype=torch.int64, device=device)
         gathered = [torch.zeros_like(local) for _ in self.stage_ranks]
-        work = dist.all_gather(gathered, local, group=self.group, async_op=True)
-        self.comm._wait(work, "exchanging plan fingerprints with the other ranks", -1)
+        what = "exchanging plan fingerprints with the other ranks"
+        work = self.comm._start(lambda: dist.all_gather(gathered, local, group=self.group, async_op=True), what, -1)
+        self.comm._wait(work, what, -1)
         values = [int(t.item()) for t in gathered]
         if len(set(values)) != 1:
             differ = [self.stage_ranks[i] for i, v in enumerate(values) if v != values[0]]

@@ -13,7 +13,13 @@ import glob
 import json
 import os
 
+from .errors import PipefusionError
+
 KIND_ORDER = ("compute", "recv", "send", "wait", "broadcast")
+
+
+class TimelineError(PipefusionError, ValueError):
+    """The timeline directory holds no records (for the steps asked for)."""
 
 
 def load_events(directory: str) -> list[dict]:
@@ -25,7 +31,7 @@ def load_events(directory: str) -> list[dict]:
                 if line.strip():
                     events.append({**json.loads(line), "rank": rank})
     if not events:
-        raise FileNotFoundError(f"no rank*.jsonl timeline files in {directory}")
+        raise TimelineError(f"no rank*.jsonl timeline files in {directory}")
     return events
 
 
@@ -95,7 +101,7 @@ def merge(directory: str, trace_path: str | None, png_path: str | None,
           steps: tuple[int, int] | None = None, title: str = "") -> list[dict]:
     events = select_steps(load_events(directory), steps)
     if not events:
-        raise ValueError(f"no events in steps {steps}")
+        raise TimelineError(f"no events in steps {steps}")
     if trace_path:
         with open(trace_path, "w") as f:
             json.dump(chrome_trace(events), f)

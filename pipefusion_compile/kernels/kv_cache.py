@@ -21,7 +21,7 @@ def kv_cache_update_reference(
     """
     length = _check(cache_k, cache_v, k, v, axis)
     if start < 0 or start + length > cache_k.shape[axis]:
-        raise IndexError(
+        raise KernelError(
             f"patch range [{start}, {start + length}) outside the cache's {cache_k.shape[axis]} tokens"
         )
     cache_k.narrow(axis, start, length).copy_(k)
@@ -55,11 +55,11 @@ def kv_cache_update_triton(
 
 def _check(cache_k, cache_v, k, v, axis: int) -> int:
     if k.shape[axis] != v.shape[axis]:
-        raise ValueError(f"k and v disagree on the token axis: {tuple(k.shape)} vs {tuple(v.shape)}")
+        raise KernelError(f"k and v disagree on the token axis: {tuple(k.shape)} vs {tuple(v.shape)}")
     for name, patch, cache in (("k", k, cache_k), ("v", v, cache_v)):
         if patch.dim() != cache.dim() or any(
             p != c for d, (p, c) in enumerate(zip(patch.shape, cache.shape)) if d != axis
         ):
-            raise ValueError(f"{name} patch {tuple(patch.shape)} does not match its cache {tuple(cache.shape)} "
+            raise KernelError(f"{name} patch {tuple(patch.shape)} does not match its cache {tuple(cache.shape)} "
                              f"outside the token axis {axis}")
     return k.shape[axis]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .strided_copy import MAX_JOBS, coalesce, multi_copy
+from .triton_support import KernelError
 
 # dtype <-> small int, so the pack layout fits a torch.library schema (int[])
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool,
@@ -32,7 +33,7 @@ def packed_nbytes(shapes, dtypes) -> int:
 def pack_reference(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One contiguous uint8 buffer holding the tensors' bytes one after another."""
     if not tensors:
-        raise ValueError("nothing to pack")
+        raise KernelError("nothing to pack")
     return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
 
 
@@ -65,7 +66,7 @@ def kernel_handles(tensors: list[torch.Tensor]) -> bool:
 def pack_triton(tensors: list[torch.Tensor]) -> torch.Tensor:
     """`pack_reference` with one launch per `MAX_JOBS` tensors, gathering strided views directly."""
     if not tensors:
-        raise ValueError("nothing to pack")
+        raise KernelError("nothing to pack")
     shapes, dtypes = [list(t.shape) for t in tensors], [t.dtype for t in tensors]
     buf = torch.empty(packed_nbytes(shapes, dtypes), dtype=torch.uint8, device=tensors[0].device)
     multi_copy([(_bytes_if_bool(t), _bytes_if_bool(view), 0)
@@ -95,10 +96,10 @@ def _buffer_views(buf: torch.Tensor, shapes, dtypes) -> list[torch.Tensor]:
 
 def _check_buffer(buf: torch.Tensor, shapes, dtypes) -> None:
     if buf.dtype != torch.uint8 or buf.dim() != 1:
-        raise ValueError(f"expected a 1-d uint8 buffer, got {buf.dtype} {tuple(buf.shape)}")
+        raise KernelError(f"expected a 1-d uint8 buffer, got {buf.dtype} {tuple(buf.shape)}")
     expected = packed_nbytes(shapes, dtypes)
     if buf.numel() != expected:
-        raise ValueError(f"buffer has {buf.numel()} bytes, the layout needs {expected}")
+        raise KernelError(f"buffer has {buf.numel()} bytes, the layout needs {expected}")
 
 
 def _bytes_if_bool(t: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ def band_kernel_handles(out: torch.Tensor, band: torch.Tensor, axis: int) -> boo
 
 def _band(out: torch.Tensor, axis: int, start: int, rows: int) -> torch.Tensor:
     if start < 0 or start + rows > out.shape[axis]:
-        raise IndexError(f"band [{start}, {start + rows}) outside the output's {out.shape[axis]} rows on axis {axis}")
+        raise KernelError(f"band [{start}, {start + rows}) outside the output's {out.shape[axis]} rows on axis {axis}")
     return out.narrow(axis, start, rows)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import PipefusionError
+
 try:
     import triton
     import triton.language as tl
@@ -25,10 +27,10 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
 MODES = ("auto", "triton", "torch")
 
 
-class KernelError(RuntimeError):
+class KernelError(PipefusionError):
     """A kernel was asked for where it cannot run, or got inputs it cannot handle.
 
-    (Not a `PipefusionError`: `kernels/` does not depend on the backend's modules.)
+    (`kernels/` depends on no backend module; `errors.py`, which only defines the error classes, is shared.)
     """
 
 

@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
+from ..errors import UnsupportedGraphError
 from .meta import example_value, node_meta, tensor_bytes
 
 aten = torch.ops.aten
@@ -66,7 +67,12 @@ def analyze_cost(gm: fx.GraphModule) -> int:
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     for node in gm.graph.nodes:
         meta = node_meta(node)
-        meta.flops = node_flops(node, fake_mode)
+        try:
+            meta.flops = node_flops(node, fake_mode)
+        except Exception as e:  # e.g. an op without a fake (meta) implementation
+            raise UnsupportedGraphError(
+                f"the cost analysis could not run this op on fake tensors to count its FLOPs: "
+                f"{type(e).__name__}: {e}", node) from e
         meta.out_bytes = tensor_bytes(example_value(node))
         total += meta.flops
     return total

@@ -8,6 +8,8 @@ from fractions import Fraction
 import torch
 import torch.fx as fx
 
+from ..errors import PipefusionError
+
 META_KEY = "pipefusion"
 
 
@@ -69,7 +71,7 @@ def node_meta(node: fx.Node) -> NodeMeta:
 def token_info(node: fx.Node) -> TokenInfo:
     info = node_meta(node).token
     if info is None:
-        raise KeyError(f"token analysis has not run on {node.name}")
+        raise PipefusionError(f"internal: the token analysis has not run on {node.name}")
     return info
 
 

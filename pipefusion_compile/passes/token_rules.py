@@ -29,7 +29,9 @@ GLOBAL = TokenInfo(Kind.GLOBAL, rule="global")
 def shape_of(node) -> tuple[int, ...]:
     val = example_value(node) if isinstance(node, fx.Node) else node
     if not isinstance(val, torch.Tensor):
-        raise TypeError(f"{node} has no tensor example value")
+        raise UnsupportedGraphError(
+            f"{node} is used as a tensor but its example value is {type(val).__name__}",
+            node if isinstance(node, fx.Node) else None)
     return tuple(int(s) for s in val.shape)
 
 
@@ -649,6 +651,8 @@ FOLD_SAFE_RULES = {rule_elementwise, rule_cast, rule_reshape, rule_permute, rule
 
 
 def rule_for(node: fx.Node) -> Callable[[RuleContext], TokenInfo] | None:
+    if node.op not in ("call_function", "call_method") or isinstance(node.target, str) != (node.op == "call_method"):
+        return None  # call_module: a submodule dynamo did not inline (its target is a path, not a method name)
     try:
         return RULES.get(node.target)
     except TypeError:  # unhashable target
@@ -657,6 +661,9 @@ def rule_for(node: fx.Node) -> Callable[[RuleContext], TokenInfo] | None:
 
 def op_name(node: fx.Node) -> str:
     t = node.target
+    if node.op == "call_module":
+        return f"module {t} ({type(node.graph.owning_module.get_submodule(t)).__name__})" \
+            if node.graph.owning_module is not None else f"module {t}"
     if isinstance(t, str):
         return f"Tensor.{t}"
     return f"{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', str(t))}".lstrip(".")

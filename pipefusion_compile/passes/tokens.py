@@ -19,11 +19,12 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+import torch
 import torch.fx as fx
 
-from ..errors import UnsupportedGraphError
+from ..errors import OptionsError, PipefusionError, UnsupportedGraphError, symbolic_hint
 from .graph_inputs import find_token_input
-from .meta import Kind, TokenInfo, node_meta
+from .meta import Kind, TokenInfo, example_value, node_meta
 from .token_rules import FOLD_SAFE_RULES, GLOBAL, RuleContext, op_name, rule_for, shape_of, token_operands
 
 
@@ -49,7 +50,9 @@ class TokenAnalysis:
     def per_row(self, info: TokenInfo) -> int:
         """Elements along `info.axis` per token row."""
         value = info.epr * self.granule
-        assert value.denominator == 1, (info, self.granule)
+        if value.denominator != 1:
+            raise PipefusionError(f"internal: {info.rule} value has {info.epr} elements per input row, not a "
+                                  f"whole number per token row of {self.granule} input rows")
         return int(value)
 
 
@@ -125,7 +128,36 @@ class _Analyzer:
                     "over that axis as batch, and the reshape that unfolds it are supported",
                     node,
                 )
-            meta.token = rule(ctx)
+            try:
+                meta.token = rule(ctx)
+            except UnsupportedGraphError as e:
+                raise self._too_few_rows(ctx, e) or e
+            except PipefusionError:
+                raise
+            except Exception as e:  # a rule met a case it does not handle: say which op, where
+                hint = symbolic_hint(self.gm)
+                raise UnsupportedGraphError(
+                    f"the token rule of op {op_name(node)} failed on this node: {type(e).__name__}: {e}"
+                    + (f" ({hint})" if hint else ""), node) from e
+
+    def _too_few_rows(self, ctx: RuleContext, error: UnsupportedGraphError) -> UnsupportedGraphError | None:
+        """When the analysis fails after some value held a single image token along its token axis, the cause
+        is the input's size: a size-1 axis cannot be told apart from a broadcast one, and one token row
+        cannot be split into patches."""
+        for n in self.gm.graph.nodes:
+            if n is ctx.node:
+                break
+            info = node_meta(n).token
+            val = example_value(n)
+            if info is not None and info.carries_tokens and info.elements is None and info.axis is not None \
+                    and isinstance(val, torch.Tensor) and val.shape[info.axis] - info.prefix - info.suffix == 1:
+                return UnsupportedGraphError(
+                    f"the image input {self.token_input.name} {list(shape_of(self.token_input))} is too small: "
+                    f"its {self.input_rows} rows make a single token row ({n.name} {list(val.shape)} holds one "
+                    "token along its token axis), so there is nothing to split into patches and the analysis "
+                    f"cannot follow the tokens; use a larger resolution (the analysis stopped at: {error.reason})",
+                    ctx.node)
+        return None
 
 
 def default_token_axis(ndim: int) -> int:
@@ -137,13 +169,22 @@ def analyze_tokens(
 ) -> TokenAnalysis:
     """Run the token analysis over `gm`; per-node results in `node.meta["pipefusion"].token`."""
     token_input = find_token_input(gm, example_inputs)
-    axis = token_axis if token_axis is not None else default_token_axis(len(shape_of(token_input)))
+    ndim = len(shape_of(token_input))
+    axis = token_axis if token_axis is not None else default_token_axis(ndim)
+    if not 0 < axis < ndim:
+        raise OptionsError(
+            f"option token_axis={axis}: the image input {token_input.name} {list(shape_of(token_input))} has "
+            f"{ndim} dims, so the token axis is one of 1..{ndim - 1}")
     analyzer = _Analyzer(gm, token_input, axis)
     try:
         analyzer.run()
     except UnsupportedGraphError as e:
-        ndim = len(shape_of(token_input))
-        if token_axis is not None or ndim != 5:  # 5-D: [B, C, F, H, W] (the default) or [B, F, C, H, W]
+        if token_axis is not None:
+            raise UnsupportedGraphError(
+                f"{e.reason}\n  (option token_axis={axis} puts the token rows on axis {axis} of the image input "
+                f"{token_input.name} {list(shape_of(token_input))}; the token rows are the latent's leading "
+                "spatial or temporal axis, e.g. 2 for [B, C, H, W])", e.node) from None
+        if ndim != 5:  # 5-D: [B, C, F, H, W] (the default) or [B, F, C, H, W]
             raise
         raise UnsupportedGraphError(
             f"{e.reason}\n  (the token rows of the image input {token_input.name} {list(shape_of(token_input))} "
