@@ -114,6 +114,13 @@ def assert_pipelined(compiled, what: str) -> None:
         f"{[p.plan.num_stages for p in progs]}): the backend did not pipeline the transformer")
 
 
+def fresh_dynamo() -> None:
+    """Dynamo reuses a graph (so one pipefusion program, with per-module state) for every module of the same
+    code and shapes; program stats then count the calls of all of them. The cached runs below start from a
+    fresh dynamo so that the stats of `programs(compiled)` count the calls of `compiled` only."""
+    torch._dynamo.reset()
+
+
 def run_compiled(name: str, tiny: TinyPipeline, compiled, variant: str, what: str) -> torch.Tensor:
     """Run one input through the pipeline with the compiled transformer; checks that every transformer call
     went through a pipefusion program."""
@@ -130,6 +137,7 @@ def run_compiled(name: str, tiny: TinyPipeline, compiled, variant: str, what: st
 def compiled_sequence(name: str) -> tuple:
     """One compiled transformer (M=1) runs SEQUENCE in this process: per input, (latents, None) or
     (None, what failed). Later inputs still run after a failure: which of them still work is part of the result."""
+    fresh_dynamo()
     tiny = FACTORIES[name]()
     tiny.pipe.transformer = compiled = compile_transformer(tiny, tiny.pipe.transformer, 1)
     results = []
@@ -148,6 +156,7 @@ def compiled_sequence(name: str) -> tuple:
 def pipelined_first(name: str) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """M=4 on the first input, run twice with one compiled transformer: (first run, repeat, per-program stats
     after the first run)."""
+    fresh_dynamo()
     tiny = FACTORIES[name]()
     tiny.pipe.transformer = compiled = compile_transformer(tiny, tiny.pipe.transformer, patches(tiny))
     first = run_compiled(name, tiny, compiled, "first", f"{name} M={patches(tiny)}")
@@ -197,8 +206,11 @@ def test_input_sequence_equals_plain(name, index):
 def test_patches_run_and_repeat_is_identical(name):
     first, repeat, stats = pipelined_first(name)
     assert torch.isfinite(first).all()
-    assert torch.equal(first, repeat), f"{name}: a repeat with the same seed differs (rel. {rel_err(repeat, first):.3g})"
+    assert torch.equal(first, repeat), (
+        f"{name}: a repeat with the same seed differs (rel. {rel_err(repeat, first):.3g})")
     assert sum(s["pipelined_calls"] for s in stats) > 0, f"{name}: the patch pipeline never ran: {stats}"
+    if name not in TWO_CALLS:  # one call per step: one warmup call per generation (the two-call case is below)
+        assert sum(s["warmup_calls"] for s in stats) == 1, f"{name}: {stats}"
 
 
 @pytest.mark.parametrize("name", TWO_CALLS)
@@ -206,18 +218,31 @@ def test_two_call_streams_equal_separate_copies(name):
     """A pipeline that calls the transformer twice per step (cond, then uncond): one compiled transformer gives
     what two separately compiled copies (one per call stream) give, bit for bit; each stream has its own
     warmup (warmup_steps=1: the first call of each stream)."""
+    first, _, stats = pipelined_first(name)
+    fresh_dynamo()
     tiny = FACTORIES[name]()
     orig = tiny.pipe.transformer
-    cond = compile_transformer(tiny, copy.deepcopy(orig), patches(tiny))
-    uncond = compile_transformer(tiny, copy.deepcopy(orig), patches(tiny))
+    cond, uncond = separate_copies(tiny, orig)
     tiny.pipe.transformer = wrapper = SeparateCopies(cond, uncond)
     separate = tiny("first")
     assert wrapper.calls == 2 * STEPS
     for copy_ in (cond, uncond):
         assert_pipelined(copy_, f"{name} separate copy")
-    first, _, stats = pipelined_first(name)
+    shared = {id(p) for p in pipefusion_compile.programs(cond)} & {id(p) for p in pipefusion_compile.programs(uncond)}
+    assert not shared, "the two copies must not run through one program (the reference would share its state)"
     assert torch.equal(first, separate), (
         f"{name} M={patches(tiny)}: one compiled transformer differs from two separately compiled copies "
         f"(rel. {rel_err(first, separate):.3g}); per-program stats {stats}")
     warmup = sum(s["warmup_calls"] for s in stats)
     assert warmup == 2, f"{name}: {warmup} warmup call(s) in one generation, expected one per call stream: {stats}"
+
+
+def separate_copies(tiny: TinyPipeline, transformer: torch.nn.Module):
+    """Two compiled deep copies of `transformer` that do not share a pipefusion program. With equal options dynamo
+    would reuse one graph (one program, per-module state) for both; the second copy asks for the torch kernels,
+    which is what "auto" picks on CPU (same numbers), so dynamo compiles it on its own."""
+    cond = compile_transformer(tiny, copy.deepcopy(transformer), patches(tiny))
+    options = dict(num_stages=NUM_STAGES, num_patches=patches(tiny), stage_backend="eager", kernels="torch",
+                   **tiny.options)
+    uncond = torch.compile(copy.deepcopy(transformer), backend="pipefusion", options=options)
+    return cond, uncond

@@ -184,7 +184,8 @@ def wan(seed: int = 0) -> TinyPipeline:
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
 
     def prompt(batch, seed_):
-        return dict(prompt_embeds=_embeds(seed_, batch, 6, 16), negative_prompt_embeds=_embeds(seed_ + 100, batch, 6, 16))
+        return dict(prompt_embeds=_embeds(seed_, batch, 6, 16),
+                    negative_prompt_embeds=_embeds(seed_ + 100, batch, 6, 16))
 
     base = dict(height=32, width=32, num_frames=13, num_inference_steps=STEPS, guidance_scale=5.0)
     calls = {
@@ -213,7 +214,8 @@ def cogvideox(seed: int = 0) -> TinyPipeline:
                              scheduler=CogVideoXDDIMScheduler())
 
     def prompt(batch, seed_):
-        return dict(prompt_embeds=_embeds(seed_, batch, 6, 32), negative_prompt_embeds=_embeds(seed_ + 100, batch, 6, 32))
+        return dict(prompt_embeds=_embeds(seed_, batch, 6, 32),
+                    negative_prompt_embeds=_embeds(seed_ + 100, batch, 6, 32))
 
     base = dict(height=64, width=64, num_frames=13, num_inference_steps=STEPS, guidance_scale=6.0,
                 max_sequence_length=6)
@@ -275,7 +277,8 @@ class _RecordingDecoder:
 
 def dit(seed: int = 0) -> TinyPipeline:
     """DiT (class labels) with DDIM. The latent size is the transformer's `sample_size` (the pipeline has no
-    height/width), so it has no "second_resolution" input. The null class for guidance is 1000, so the label table has 1000 classes."""
+    height/width), so it has no "second_resolution" input. The null class for guidance is 1000, so the label
+    table has 1000 classes."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(seed)
