@@ -4,7 +4,8 @@ Under default `torch.compile` settings, the second distinct input shape a model 
 batch of 2 prompts, guidance switched off) makes dynamo recompile the frame with symbolic sizes, and that
 one graph then serves every later shape. A PipeFusion plan is made for concrete token counts (stage cuts,
 band heights, cache sizes, message layouts), so `ShapeDispatcher` keeps one program per shape key
-(`passes.specialize.shape_key`: each tensor input's shape and dtype, each number's value): a new key
+(`passes.specialize.shape_key`: each tensor input's shape and dtype, each number's value, and the value of
+any float dynamo passed as a 0-d tensor): a new key
 specializes the symbolic graph to static sizes and runs the usual analyze -> plan -> lower on it, exactly as
 a fresh compile at that shape would; a known key reuses its program, with its own step state and caches.
 
@@ -22,7 +23,7 @@ import torch.fx as fx
 
 from .options import PipefusionOptions
 from .passes.graph_inputs import is_user_input
-from .passes.specialize import shape_key, specialize
+from .passes.specialize import shape_key, specialize, value_inputs
 
 log = logging.getLogger("pipefusion_compile")
 
@@ -39,10 +40,11 @@ class ShapeDispatcher:
         self.programs: dict[tuple, object] = {}
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self._user_inputs = [i for i, ph in enumerate(placeholders) if is_user_input(ph)]
+        self._value_inputs = value_inputs(gm)
         self.stats = {"shapes": 0, "specialize_s": 0.0}
 
     def __call__(self, *args):
-        key = shape_key(args)
+        key = (shape_key(args), tuple(args[i].item() for i in self._value_inputs))
         fn = self.programs.get(key)
         if fn is not None:
             return fn(*args)

@@ -68,3 +68,19 @@ def die_mid_step(rank, world, victim, step, patch, options):
 
 def mismatched_options(rank, world, options_per_rank):
     return run_job("DiTTransformer2DModel", {}, options_per_rank[rank], steps=2)
+
+
+def pipeline_sequence(rank, world, name, options, variants):
+    """An unchanged diffusers pipeline (tests/tiny_pipelines.py) whose transformer is compiled with the
+    backend, run on `variants` in order in this process (e.g. a resolution change mid-run)."""
+    import tiny_pipelines
+
+    torch._dynamo.reset()
+    tiny = getattr(tiny_pipelines, name)()
+    tiny.pipe.transformer = torch.compile(tiny.pipe.transformer, backend="pipefusion",
+                                          options={"stage_backend": "eager", **tiny.options, **options})
+    outputs = [tiny(v) for v in variants]
+    found = pipefusion_compile.programs(tiny.pipe.transformer)
+    return {"outputs": outputs, "shapes": sorted(p.plan.input_shape for p in found),
+            "stages": sorted({p.plan.num_stages for p in found}),
+            "distributed": all(hasattr(p, "stage_index") for p in found)}

@@ -93,6 +93,7 @@ def specialize(gm: fx.GraphModule, args: list) -> fx.GraphModule:
     def fake(v):
         return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v
 
+    scalars = {i: args[i].item() for i in value_inputs(gm)}  # read outside the fake mode
     grad = torch.is_grad_enabled()
     try:
         with mode:
@@ -101,6 +102,8 @@ def specialize(gm: fx.GraphModule, args: list) -> fx.GraphModule:
                     continue
                 if n.op == "placeholder":
                     value = fake(args[placeholders.index(n)])
+                elif reads_value_of_input(n):  # a float dynamo passes as a 0-d tensor (dynamic=True): its value
+                    value = scalars[placeholders.index(n.args[0])]
                 elif n.op == "get_attr":
                     value = fake(_fetch_attr(out, n.target))
                 else:
@@ -128,6 +131,20 @@ def specialize(gm: fx.GraphModule, args: list) -> fx.GraphModule:
     graph.lint()
     out.recompile()
     return out
+
+
+def reads_value_of_input(n: fx.Node) -> bool:
+    """`x.item()` of a graph input: under `dynamic=True` dynamo passes Python floats (a LayerNorm's eps, a
+    guidance scale) as 0-d tensors; the specialized graph takes their value at the call (and the program
+    cache is keyed by it, see `value_inputs`)."""
+    return (n.op == "call_method" and n.target == "item" and len(n.args) == 1 and isinstance(n.args[0], fx.Node)
+            and n.args[0].op == "placeholder")
+
+
+def value_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
+    """Positions of the graph inputs whose value (not only shape) the specialized graph depends on."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    return tuple(i for i, ph in enumerate(placeholders) if any(reads_value_of_input(u) for u in ph.users))
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str):
