@@ -81,6 +81,6 @@ def pipeline_sequence(rank, world, name, options, variants):
                                           options={"stage_backend": "eager", **tiny.options, **options})
     outputs = [tiny(v) for v in variants]
     found = pipefusion_compile.programs(tiny.pipe.transformer)
-    return {"outputs": outputs, "shapes": sorted(p.plan.input_shape for p in found),
+    return {"outputs": outputs, "shapes": sorted({p.plan.input_shape for p in found}),
             "stages": sorted({p.plan.num_stages for p in found}),
             "distributed": all(hasattr(p, "stage_index") for p in found)}
