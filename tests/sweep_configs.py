@@ -143,10 +143,12 @@ def full() -> list[Config]:
     return configs
 
 
-def sample(k: int, seed: int = 0) -> list[Config]:
+def sample(k: int, seed: int = 0, start: int = 0) -> list[Config]:
     """A deterministic sample of `k` configurations of `full()`: rounds over the model x N cells (in a seeded
     order), each round taking one not-yet-taken configuration per cell, chosen to bring the cell's least-seen
-    values of the other dimensions (resolution, batch, M, warmup, cut) first; returned in `full()` order."""
+    values of the other dimensions (resolution, batch, M, warmup, cut) first; returned in `full()` order.
+    The choice does not depend on `k`, so a larger sample contains a smaller one: `start` leaves out the first
+    `start` chosen (`sample(500, start=250)` is what `sample(500)` adds to `sample(250)`)."""
     rng = random.Random(seed)
     cells: dict[tuple, list[Config]] = {}
     for c in full():
@@ -174,7 +176,7 @@ def sample(k: int, seed: int = 0) -> list[Config]:
                 counts[d] = counts.get(d, 0) + 1
             chosen.append(c)
     position = {c: i for i, c in enumerate(full())}
-    return sorted(chosen, key=position.get)
+    return sorted(chosen[start:], key=position.get)
 
 
 def small(seed: int = 0) -> list[Config]:

@@ -4,6 +4,7 @@ resolution x batch x N x M x every legal cut x warmup (`sweep_configs.py`), each
     (default)                  a small sample (`sweep_configs.small()`), part of `make test`
     PIPEFUSION_SWEEP=full      the whole product (`make sweep`)
     PIPEFUSION_SWEEP=<k>       a seeded sample of k configurations (seed: PIPEFUSION_SWEEP_SEED, default 0)
+    PIPEFUSION_SWEEP=<j>:<k>   what the sample of k adds to the sample of j (to extend a sweep already run)
     PIPEFUSION_SWEEP_REPORT=<path>   write a summary (counts per model, pass/fail, time) there at the end
 
 The reference's result depends on the model, resolution, batch, M and warmup only (not on N or the cuts), so
@@ -27,8 +28,9 @@ from test_numerics import OPTIONS, make_reference
 MODE = os.environ.get("PIPEFUSION_SWEEP", "")
 if MODE == "full":
     CONFIGS = sweep_configs.full()
-elif MODE.isdigit():
-    CONFIGS = sweep_configs.sample(int(MODE), int(os.environ.get("PIPEFUSION_SWEEP_SEED", "0")))
+elif MODE.replace(":", "", 1).isdigit():
+    _START, _, _K = MODE.rpartition(":")
+    CONFIGS = sweep_configs.sample(int(_K), int(os.environ.get("PIPEFUSION_SWEEP_SEED", "0")), int(_START or 0))
 else:
     CONFIGS = sweep_configs.small()
 
@@ -97,6 +99,8 @@ def test_the_small_sample_has_every_cut_of_flux_and_of_an_image_model():
             assert got == sorted(sweep_configs.compositions(layers, stages))
     assert {c.model for c in small} == set(sweep_configs.MODELS)
     assert sweep_configs.small() == small and sweep_configs.sample(50) == sweep_configs.sample(50)  # seeded
+    # a larger sample extends a smaller one
+    assert set(sweep_configs.sample(80)) == set(sweep_configs.sample(40)) | set(sweep_configs.sample(80, start=40))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -112,8 +116,10 @@ def write_report(path: str, wall_s: float) -> None:
     full = sweep_configs.full()
     if MODE == "full":
         what = "the full product"
-    elif MODE.isdigit():
-        what = f"`sweep_configs.sample({MODE}, seed={os.environ.get('PIPEFUSION_SWEEP_SEED', '0')})`"
+    elif MODE.replace(":", "", 1).isdigit():
+        seed = os.environ.get("PIPEFUSION_SWEEP_SEED", "0")
+        what = (f"`sweep_configs.sample({_K}, seed={seed}, start={_START or 0})` (seeded sample: the chosen "
+                f"configurations {_START or 0} to {_K})")
     else:
         what = "the `make test` sample, `sweep_configs.small()`"
     lines = [
