@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # (the package itself only asks for torch>=2.6).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv venv-examples test demo bench bench-quality train-digits clean
+.PHONY: venv venv-examples test demo bench bench-quality train-digits sweep clean
 
 venv: $(VENV)/.installed
 
@@ -35,6 +35,15 @@ bench: venv
 	$(BIN)/python benchmarks/bench_single_process.py --out benchmarks/results/single_process.md
 	$(BIN)/python benchmarks/bench_multiprocess.py
 	$(BIN)/python benchmarks/bench_models.py --out benchmarks/results/models.md
+
+# the differential sweep (tests/test_sweep.py): compiled == the eager reference over models x resolution x batch x
+# N x M x every cut x warmup. SWEEP=full: the whole product (4,056 configurations, several hours on 2 cores);
+# SWEEP=<k>: a seeded sample of k (SWEEP_SEED). Summary in benchmarks/results/sweep.md
+SWEEP ?= full
+SWEEP_SEED ?= 0
+sweep: venv
+	PIPEFUSION_SWEEP=$(SWEEP) PIPEFUSION_SWEEP_SEED=$(SWEEP_SEED) PIPEFUSION_SWEEP_REPORT=benchmarks/results/sweep.md \
+		$(BIN)/python -m pytest -q tests/test_sweep.py
 
 bench-quality: venv-examples
 	$(BIN)/python benchmarks/bench_quality.py

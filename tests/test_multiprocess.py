@@ -98,6 +98,20 @@ def test_joint_schedule_sends_the_text_piece_once_per_step(tmp_path):
     assert last.count("pipefusion.write_band") == 2  # the text piece writes no model output
 
 
+def test_flux_cut_right_after_a_joint_cat_equals_simulate_bit_for_bit(tmp_path):
+    """The cut right after a single-stream block's cat([text, image]) (after the double-stream blocks, and
+    between two single-stream blocks): the routes are built from the piece graphs' stage-output names, which
+    the cat keeps after `select_group` replaced it by the piece's operand."""
+    jobs = [("FluxTransformer2DModel", {}, {"num_patches": 2, "partition": p}) for p in ([2, 4], [3, 3])]
+    results = run_ranks(generate, 2, jobs, 3, tmp_path=tmp_path, timeout=600)
+    for j, (name, fkw, options) in enumerate(jobs):
+        want = simulate(name, fkw, {**options, "num_stages": 2}, steps=3)
+        for res in results:
+            got = res["value"][j]
+            assert_bit_identical(got, want)
+            assert got["stats"]["bytes_sent"] == got["plan_bytes"]
+
+
 def test_two_pipelines_of_two_in_a_world_of_four(tmp_path):
     job = ("PixArtTransformer2DModel", {}, {"num_patches": 4})
     results = run_ranks(generate_in_groups, 4, 2, job, 6, tmp_path=tmp_path)

@@ -172,3 +172,32 @@ def test_joint_layouts_the_lowering_cannot_express_are_clear_errors():
         compiled, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
         with pytest.raises(Exception, match=f"UnsupportedGraphError: .*{message}"), torch.no_grad():
             compiled(torch.randn(1, 4, 8, 8), torch.randn(1, 3, 32))
+
+
+def test_a_stage_output_replaced_by_select_group_keeps_its_name():
+    """Flux cut right after a single-stream block's `cat([text, image])` (partition [2, 4]: after the double-
+    stream blocks; [3, 3]: between two single-stream blocks). `select_group` replaces the cat by the piece's
+    operand; the piece graph still returns it under the cat's name, which is what the next stage reads."""
+    from pipefusion_compile.models import flux
+    from pipefusion_compile.passes.lower import output_names
+    from pipefusion_compile.passes.pieces import BAND, TEXT, Piece
+
+    for partition in ([2, 4], [3, 3]):
+        program = build_program(flux, num_stages=2, num_patches=2, partition=partition)
+        first, second = (s.lowered for s in program.stages)
+        cut = program.plan.cuts[0].after_node
+        cat = next(n for n in first.stage_gm.graph.nodes if n.name == cut)
+        assert node_meta(cat).token.rule == "cat-joint" and cut in first.outputs
+        text_operand, image_operand = (t.name for t in cat.args[0])  # Flux: text first
+        for piece, operand in ((Piece(BAND, 0, 4), image_operand), (Piece(TEXT), text_operand)):
+            pg = first.piece_graph(piece)
+            returned = dict(zip(pg.outputs, next(iter(pg.gm.graph.find_nodes(op="output"))).args[0]))
+            assert output_names(pg.gm) == pg.outputs and set(pg.outputs) <= set(first.outputs)
+            # the cat is gone (its operand, here or after [3, 3] the slice of the previous block's joint output
+            # that the operand was, computes the piece's part), its name is not
+            assert returned[cut].name != cut and node_meta(returned[cut]).token.rule != "cat-joint"
+            if partition == [2, 4]:
+                assert returned[cut].name == operand, piece.kind
+            # the stage interface agrees: every value the next stage's piece receives is one this piece returns
+            received = [i.name for i in second.piece_graph(piece).inputs if i.source == "recv"]
+            assert cut in received and set(received) <= set(pg.outputs), (partition, piece.kind)

@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import ops  # noqa: F401  (registers torch.ops.pipefusion.*)
 from ..errors import PipefusionError, UnsupportedGraphError
-from .meta import Kind, TokenInfo, example_value, node_meta
+from .meta import META_KEY, Kind, NodeMeta, TokenInfo, example_value, node_meta
 from .pieces import BAND, FULL, TEXT, Piece, check_one_text_group, extent, group_offset, holds, token_range
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
 from .side_effects import alias_root, check_kept, is_impure, mutated_operand, mutation_closure
@@ -182,6 +182,34 @@ def extract_stage(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The stage interface of a piece graph: output values by stage-output name
+
+
+def output_names(gm: fx.GraphModule) -> tuple[str, ...]:
+    """The stage-output name of each value a piece graph returns, in order.
+
+    Stages exchange values by the name of the dynamo node that computes them (`StageInput.name`, the
+    producer's `LoweredStage.outputs`). A pass may replace a returned value by another node (`select_group`
+    replaces a `cat` of text and image by the piece's operand; `fuse_unpatchify_output` returns the value
+    before the unpatchify): the value changes, its name in the stage interface does not. So the names are
+    recorded on the output node before the first such pass and kept position by position.
+    """
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    names = out.meta.get(META_KEY)
+    names = names.extra.get("output_names") if names is not None else None
+    return names if names is not None else tuple(o.name for o in out.args[0])
+
+
+def _set_output_values(gm: fx.GraphModule, values, names) -> None:
+    """Return `values` under the stage-output `names` (one per value)."""
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    assert len(values) == len(names)
+    out.args = (tuple(values),)
+    # a fresh NodeMeta: graph copies share the meta objects of the graph they were copied from
+    out.meta[META_KEY] = NodeMeta(extra={"output_names": tuple(names)})
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Pass 2: the piece's token group
 
 
@@ -205,11 +233,17 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
         %i = getitem(%s, 1)            image           (uses of %i -> %o')           (removed)
         %x = gelu(%t)                  text            (removed)                     %x = gelu(%o')
     A FULL piece keeps everything. Sizes are rewritten afterwards (`rewrite_token_sizes`); the outputs the
-    piece does not hold are dropped from the graph output.
+    piece does not hold are dropped from the graph output. An output that is replaced keeps its stage-output
+    name (`output_names`): the next stage reads `%q` (its placeholder is named so), whatever node computes
+    the piece's part of it here. Which outputs a piece holds is decided on the stage output's own token info,
+    the same info the consuming stage's placeholder has, so producer and consumer agree on the values.
     """
     if kind == FULL:
         return gm
     g = gm.graph
+    out = next(iter(g.find_nodes(op="output")))
+    names = output_names(gm)
+    held = [holds(node_meta(o).token, kind) for o in out.args[0]]
 
     def replace(n: fx.Node, by: fx.Node) -> None:
         n.replace_all_uses_with(by)
@@ -253,9 +287,7 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
             if _group_extent(info, kind) != _group_extent(node_meta(src).token, kind):
                 raise UnsupportedGraphError("selecting part of the text group of a joint sequence", n)
             replace(n, src)
-    out = next(iter(g.find_nodes(op="output")))
-    outs = out.args[0]
-    out.args = (tuple(o for o in outs if holds(node_meta(o).token, kind)),)
+    _set_output_values(gm, [o for o, h in zip(out.args[0], held) if h], [m for m, h in zip(names, held) if h])
     for n in reversed(list(g.nodes)):
         if n.op not in ("call_function", "call_method"):
             continue
@@ -526,18 +558,19 @@ def fuse_unpatchify_output(gm: fx.GraphModule, model_outputs: set[str]) -> tuple
     """
     out = next(iter(gm.graph.find_nodes(op="output")))
     values = list(out.args[0])
+    names = output_names(gm)
     fused: dict[str, int] = {}
-    for i, v in enumerate(values):
-        if v.name not in model_outputs:
+    for i, (v, name) in enumerate(zip(values, names)):
+        if name not in model_outputs:
             continue
         found = _unpatchify_source(v)
         if found is None:
             continue
         x, p = found
-        fused[v.name] = p
+        fused[name] = p
         values[i] = x
     if fused:
-        out.args = (tuple(values),)
+        _set_output_values(gm, values, names)
         gm.graph.eliminate_dead_code(is_impure_node=is_impure)
         gm.graph.lint()
         gm.recompile()
@@ -696,7 +729,8 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
 
         model_outputs = {n.name for n in out_node.all_input_nodes} if sp.index == len(plan.stages) - 1 else set()
 
-        def build(piece: Piece, stage_gm=stage_gm, inputs=inputs, model_outputs=model_outputs) -> PieceGraph:
+        def build(piece: Piece, stage_gm=stage_gm, inputs=inputs, model_outputs=model_outputs,
+                  stage_outputs=outputs, sp_index=sp.index) -> PieceGraph:
             graph = fx.Graph()
             graph.output(graph.graph_copy(stage_gm.graph, {}))
             g = fx.GraphModule(stage_gm, graph)
@@ -704,9 +738,12 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
             g = _run_pass("rewrite_stale_attention", rewrite_stale_attention, g, piece.kind)
             g = _run_pass("rewrite_token_sizes", rewrite_token_sizes, g, piece, analysis)
             g = _run_pass("propagate_patch_shapes", propagate_patch_shapes, g, piece, analysis)
-            out = next(iter(g.graph.find_nodes(op="output")))
-            names = tuple(o.name for o in out.args[0])
             g, fused = _run_pass("fuse_unpatchify_output", fuse_unpatchify_output, g, model_outputs)
+            names = output_names(g)
+            if not set(names) <= set(stage_outputs):
+                raise PipefusionError(
+                    f"internal: the {piece.kind} piece graph of stage {sp_index} returns "
+                    f"{sorted(set(names) - set(stage_outputs))}, which are not outputs of the stage")
             kept = {ph.name for ph in g.graph.find_nodes(op="placeholder")}
             return PieceGraph(g, tuple(i for i in inputs if i.name in kept), names, fused)
 
