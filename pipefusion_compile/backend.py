@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ from .passes.lower import lower
 from .passes.meta import Kind, node_meta
 from .passes.sdpa import is_sdpa
 from .passes.tokens import TokenAnalysis, analyze_tokens
-from .plan import build_plan
+from .plan import KeptCuts, build_plan
 from .passes.specialize import is_symbolic
 from .runtime import PipelineProgram, register
 from .shapes import ShapeDispatcher
@@ -71,12 +72,42 @@ def find_timestep_input(gm: fx.GraphModule, example_inputs: list) -> int | None:
     return None
 
 
+# The stage cuts of each model's first plan (keyed by its weights and the options that shape a plan): a new
+# input shape keeps them where the graph allows, so a rank's stage keeps the same layers, hence the same
+# parameters (the others may already be released), at every resolution.
+_KEPT_CUTS: dict[tuple, tuple[KeptCuts, tuple]] = {}
+
+
+def _model_key(example_inputs: list, options: PipefusionOptions) -> tuple[tuple, list]:
+    params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+    return (tuple(id(p) for p in params), options.num_stages, str(options.partition)), params
+
+
+def _kept_cuts(example_inputs: list, options: PipefusionOptions) -> KeptCuts | None:
+    key, params = _model_key(example_inputs, options)
+    found = _KEPT_CUTS.get(key)
+    if found is None or not params:
+        return None
+    kept, refs = found
+    if any(r() is not p for r, p in zip(refs, params)):  # those weights are gone (ids reused): stale entry
+        del _KEPT_CUTS[key]
+        return None
+    return kept
+
+
+def _keep_cuts(example_inputs: list, options: PipefusionOptions, plan) -> None:
+    key, params = _model_key(example_inputs, options)
+    if params and _kept_cuts(example_inputs, options) is None:
+        _KEPT_CUTS[key] = (KeptCuts.of(plan), tuple(weakref.ref(p) for p in params))
+
+
 def compile_program(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions,
                     analysis: TokenAnalysis | None = None) -> PipelineProgram:
     """Phases 1-3 for one graph; returns the runnable program (stage graphs compile on first use)."""
     t0 = time.perf_counter()
     with failures_named("planning the pipeline", gm):
-        plan, analysis = build_plan(gm, example_inputs, options, analysis)
+        plan, analysis = build_plan(gm, example_inputs, options, analysis, keep=_kept_cuts(example_inputs, options))
+    _keep_cuts(example_inputs, options, plan)
     t1 = time.perf_counter()
     with failures_named("lowering the plan to stage graphs", gm):
         stages = lower(gm, plan, analysis, shared_inputs=options.simulate)

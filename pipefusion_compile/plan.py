@@ -90,6 +90,7 @@ class PipelinePlan:
     cross_attention: tuple[str, ...]
     positional: tuple[str, ...]
     order: tuple[str, ...] = field(repr=False, default=())
+    attention_positions: tuple[int, ...] = field(repr=False, default=())  # index in `order` per self-attention
     crossing: tuple[CrossingTensor, ...] = field(repr=False, default=())
     text: str | None = None   # joint text+image sequence: "first" or "last" (where the text lies); None: image only
     input_shape: tuple[int, ...] = ()  # the image input's shape (to say what a patch is)
@@ -250,13 +251,34 @@ def _global_closure(nodes: list[fx.Node]) -> set[fx.Node]:
     return {n for n in seen if n.op in ("call_function", "call_method", "call_module")}
 
 
+@dataclass(frozen=True)
+class KeptCuts:
+    """Where a model's stages were cut at its first input shape (positions in its token-node order)."""
+
+    cuts: tuple[int, ...]
+    num_nodes: int
+    attention_positions: tuple[int, ...]
+
+    @classmethod
+    def of(cls, plan: "PipelinePlan") -> "KeptCuts":
+        return cls(tuple(s.start for s in plan.stages[1:]), len(plan.order), plan.attention_positions)
+
+    def fits(self, candidates: CutCandidates, num_stages: int) -> bool:
+        return (len(self.cuts) == num_stages - 1 and len(candidates.order) == self.num_nodes
+                and tuple(candidates.attention_positions) == self.attention_positions
+                and all(c in candidates.positions for c in self.cuts))
+
+
 def build_plan(
     gm: fx.GraphModule, example_inputs: list | None, options: PipefusionOptions,
-    analysis: TokenAnalysis | None = None,
+    analysis: TokenAnalysis | None = None, keep: "KeptCuts | None" = None,
 ) -> tuple[PipelinePlan, TokenAnalysis]:
     """Analyze `gm` (unless its token `analysis` is given) and choose cuts and patches.
 
-    `options` must be resolved (`options.resolve()`)."""
+    `options` must be resolved (`options.resolve()`). `keep`: the cuts of this model's plan at another input
+    shape; used when the graph has the same token-node structure there (same count, attention at the same
+    positions, the cuts still candidates), so each stage keeps the same layers, hence the same parameters on
+    its rank, whatever the resolution."""
     if analysis is None:
         analysis = analyze_tokens(gm, example_inputs, options.token_axis)
     total = analyze_cost(gm)
@@ -274,7 +296,11 @@ def build_plan(
     nodes = token_nodes(gm)
     candidates = find_cut_candidates(gm)
     costs = [node_meta(n).flops for n in nodes]
-    if isinstance(options.partition, str) and options.partition == "flops":
+    if keep is not None and keep.fits(candidates, n_stages):
+        cuts = keep.cuts
+        partition = f"{options.partition if isinstance(options.partition, str) else list(options.partition)} " \
+                    "(cuts kept from this model's first input shape)"
+    elif isinstance(options.partition, str) and options.partition == "flops":
         cuts = balanced_cuts(costs, candidates, n_stages)
         partition = "flops"
     else:
@@ -359,6 +385,7 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         cross_attention=tuple(analysis.cross_attention),
         positional=tuple(analysis.positional),
         order=tuple(n.name for n in nodes),
+        attention_positions=tuple(candidates.attention_positions),
         crossing=tuple(crossing),
         text=_text_side(nodes),
         input_shape=tuple(example_value(next(n for n in gm.graph.nodes if n.name == analysis.token_input)).shape),

@@ -84,3 +84,18 @@ def pipeline_sequence(rank, world, name, options, variants):
     return {"outputs": outputs, "shapes": sorted({p.plan.input_shape for p in found}),
             "stages": sorted({p.plan.num_stages for p in found}),
             "distributed": all(hasattr(p, "stage_index") for p in found)}
+
+
+def builtin_shapes(rank, world, model_name, sizes, options, steps=3):
+    """A built-in model compiled once, sampled at each of `sizes` in turn (default torch.compile settings)."""
+    torch._dynamo.reset()
+    make = factory(model_name)
+    model, _ = make()
+    opts = {"stage_backend": "eager", **BUILTIN_OPTIONS.get(model_name, {}), **options}
+    compiled = torch.compile(model, backend="pipefusion", options=opts)
+    finals = []
+    for size in sizes:
+        _, kwargs = make(sample_size=size)
+        finals.append(sample_loop(call_model(compiled), kwargs, steps=steps)[0])
+    found = pipefusion_compile.programs(compiled)
+    return {"finals": finals, "cuts": sorted({tuple(s.start for s in p.plan.stages) for p in found})}
