@@ -203,7 +203,8 @@ def output_names(gm: fx.GraphModule) -> tuple[str, ...]:
 def _set_output_values(gm: fx.GraphModule, values, names) -> None:
     """Return `values` under the stage-output `names` (one per value)."""
     out = next(iter(gm.graph.find_nodes(op="output")))
-    assert len(values) == len(names)
+    if len(values) != len(names):
+        raise PipefusionError(f"internal: {len(values)} stage outputs but {len(names)} output names")
     out.args = (tuple(values),)
     # a fresh NodeMeta: graph copies share the meta objects of the graph they were copied from
     out.meta[META_KEY] = NodeMeta(extra={"output_names": tuple(names)})
