@@ -115,7 +115,8 @@ def test_verifier_fails_loudly_when_a_write_is_dropped():
 # --------------------------------------------------------------------------------------------- numerics
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# LTXPipeline and CogVideoXPipeline at a second resolution run the same models in tests/test_pipelines.py
+@pytest.mark.parametrize("name", ["toy_table"])
 @pytest.mark.parametrize("stages", [1, 3])
 def test_one_patch_equals_plain_model_with_writes(name, stages):
     make, options = CASES[name]
