@@ -22,7 +22,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..errors import PipefusionError
+from ..errors import PipefusionError, describe_node
 
 # ops whose result may share storage with their first operand: a write into the result writes the operand
 _VIEW_METHODS = {
@@ -120,8 +120,6 @@ def check_kept(gm: fx.GraphModule, extracted: list[fx.GraphModule], where: str) 
             continue
         root = alias_root(target)
         if root.op in ("placeholder", "get_attr") or root.name in kept:
-            from ..errors import describe_node
-
             raise PipefusionError(
                 f"internal: the in-place write {n.name} was dropped from {where}; running without it would give "
                 f"a wrong result\n  node: {describe_node(n)}")
