@@ -32,6 +32,7 @@ import torch.fx as fx
 from .declines import decline
 from .errors import PipefusionError, UnsupportedGraphError, failures_named
 from .options import PipefusionOptions
+from .passes.canonical_attention import canonicalize_attention
 from .passes.graph_inputs import is_user_input
 from .passes.lower import lower
 from .passes.meta import Kind, node_meta
@@ -140,6 +141,11 @@ def analyze_for_pipeline(gm: fx.GraphModule, example_inputs, options: Pipefusion
     image tokens in a form the backend does not recognize, that is a WARNING, or an error under `strict`.
     """
     check_example_values(gm)
+    with failures_named("rewriting attention to scaled_dot_product_attention", gm):
+        rewritten = canonicalize_attention(gm)
+    for r in rewritten:
+        log.info("pipefusion: %s at %s rewritten to scaled_dot_product_attention (%s)", r.form.value, r.replaced,
+                 r.node)
     strict = options.strict if options.strict is not None else (options.num_stages or 1) > 1
     try:
         with failures_named("the token analysis", gm):
