@@ -3,7 +3,13 @@ patch they equal the plain model every step; with M = 4 patches they equal the e
 
 The reference is checked on its own first (it runs the model, finds the layers it should, equals the plain
 model with one patch, and differs from it with four), so a failure of the compiled comparisons is the
-backend's."""
+backend's.
+
+Today (before the backend learns these models) the compiled tests pass for timm_dit, hand_mmdit and
+packed_rope, and for uvit with one patch; the others fail at compile time with UnsupportedGraphError:
+manual_* (hand-written softmax attention not recognized), mha_dit (F.multi_head_attention_forward not
+recognized), uvit with 4 patches (two operands of the extra token group in one cat), uvit_registers (extra
+tokens on both sides of the image), factorized_video (reshape folding the token axis into the batch)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -107,3 +113,34 @@ def test_stale_kv_equals_eager_reference(name, stages):
     for got, want in zip(got_steps, want_steps):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_final, want_final, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_pieces_and_attention_kinds():
+    """The reference's own bookkeeping: extra token groups are pieces in sequence order with the bands;
+    attention is told apart by its sequence length (folded rows only where rows != tokens per row)."""
+    model, _ = hd.make_uvit(registers=4)
+    ref = ReferencePipeFusion(model, num_patches=4, text_tokens=2, text_first=True, after_tokens=4)
+    layout = ImageLayout(8, 8, 2, 2)
+    got = [(p.row0, p.n, p.lo, p.hi) for p in ref._pieces(layout, warmup=False)]
+    assert got == [(None, None, 0, 2), (0, 2, 2, 18), (2, 2, 18, 34), (4, 2, 34, 50), (6, 2, 50, 66),
+                   (None, None, 66, 70)]
+    assert [(p.lo, p.hi) for p in ref._pieces(layout, warmup=True)] == [(0, 70)]
+
+    video = ImageLayout(4, 64, 2, 1)  # 4 frames of 64 tokens, batch 2, 2 heads of 16
+    ref = ReferencePipeFusion(model, num_patches=4, layout=video)
+    assert [(p.r0, p.r1) for p in ref._pieces(video, warmup=False)] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+    def kind(q_shape, k_len, layout=video, tokens=256):
+        q = torch.zeros(q_shape)
+        k = torch.zeros(*q_shape[:-2], k_len, q_shape[-1])
+        return ref._kind(q, k, layout, tokens)
+
+    assert kind((2, 2, 256, 16), 256) == "joint"
+    assert kind((2 * 64, 2, 4, 16), 4) == "rows"      # temporal: per position, over the frames
+    assert kind((2 * 64 * 2, 4, 16), 4) == "rows"     # the same with heads folded into the batch (bmm)
+    assert kind((2 * 4, 2, 64, 16), 64) == "local"    # spatial: within a frame
+    assert kind((2, 2, 256, 16), 6) is None           # cross-attention over a prompt
+    square = ImageLayout(8, 8, 2, 2)
+    assert kind((2, 2, 64, 16), 64, square, 64) == "joint"
+    with pytest.raises(ValueError, match="look alike"):
+        kind((2 * 8, 2, 8, 16), 8, square, 64)
