@@ -1,9 +1,15 @@
 """An independent, plainly written eager PipeFusion, for checking the compiled backend.
 
 It knows nothing of graphs. While the model runs, it intercepts every call of
-`torch.nn.functional.scaled_dot_product_attention` (the one attention entry point of diffusers' processors).
-A call whose query and keys both span the image tokens is a self-attention layer (numbered by call order
-within the forward); its K/V are assembled as PipeFusion defines them:
+`torch.nn.functional.scaled_dot_product_attention` (the one attention entry point of diffusers' processors),
+and of any other attention entry point it is given (`attention_fns`: a module and the name of a function
+`fn(query, key, value, ...)` in it that the model calls through that module's globals, e.g. a hand-written
+softmax(q @ k^T) @ v). In every one of them the tokens lie on axis -2 of query, key and value
+([B, H, S, D], or [B * H, S, D] for a bmm-style function).
+
+A call whose query and keys both span the image tokens (plus the extra token groups, below) is a
+self-attention layer (numbered by call order within the forward, over all entry points together); its K/V
+are assembled as PipeFusion defines them:
 
     tokens of patches already done this step   -> their K/V from this step (fresh)
     tokens of the current patch                -> K/V computed now (fresh)
@@ -13,14 +19,27 @@ For each patch of a step the *whole* model runs on the full sequence, and only t
 output are kept. Warmup steps run the model plainly and record all K/V. Slow (M full forwards per step)
 and obviously right, which is the point.
 
-Joint text+image attention (SD3, Flux, CogVideoX): the attention sequence is [image | text] or [text | image]; the
-text is one more patch at its place in that sequence (run once per step, in sequence order with the
-bands, only to refresh its K/V), and with one patch the whole joint sequence is that patch.
+Extra token groups (joint text+image attention in SD3, Flux, CogVideoX; U-ViT's time and class tokens and
+register tokens): the attention sequence is [before | image | after], where `before` is the text when
+`text_first` (Flux, CogVideoX, U-ViT's two global tokens) and `after` is the text when not `text_first`
+(SD3), followed by `after_tokens` more (U-ViT's registers). Each group is one more patch at its place in
+that sequence (run once per step, in sequence order with the bands, only to refresh its K/V), and with one
+patch the whole joint sequence is that patch.
+
+Attention with the image tokens folded into its batch axis (a factorized video model, whose rows are
+frames): with the tokens of a row on the sequence axis and the rows in the batch (spatial attention per
+frame, [B * F, H, HW, D]) a call never mixes rows, so it is local to a band of whole rows and runs as it
+is. With the rows on the sequence axis and the positions of a row in the batch (temporal attention per
+position, [B * HW, H, F, D]) it mixes rows: its K/V are assembled as above along its own sequence axis, in
+rows (a band of rows r0..r1 reads fresh K/V for rows < r1, stale for rows >= r1). The two are told apart
+by the sequence length, so they are recognized only where rows != tokens_per_row (an image whose rows
+are as long as its columns would make row and column attention look alike: that is an error here).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,79 +78,176 @@ def bands(rows: int, num_patches: int) -> list[tuple[int, int]]:
     return out
 
 
+@dataclass
+class _Piece:
+    """One forward of a step: image rows [row0, row0 + n) (row0 None: an extra token group), token range
+    [lo, hi) in the joint attention sequence, row range [r0, r1) for attention over rows (folded)."""
+
+    row0: int | None
+    n: int | None
+    lo: int
+    hi: int
+    r0: int
+    r1: int
+
+
 class ReferencePipeFusion:
-    """Call it like the model's forward (returns the output tensor): one call = one diffusion step."""
+    """Call it like the model's forward (returns the output tensor): one call = one diffusion step.
+
+    attention_fns: more attention entry points to intercept besides F.scaled_dot_product_attention, as
+    (module, function name) pairs; each is called as fn(query, key, value, *rest) with tokens on axis -2.
+    after_tokens: tokens of one more group after the image (and after the text when not text_first).
+    """
 
     def __init__(self, model, num_patches: int, warmup_steps: int = 1, text_tokens: int = 0,
-                 text_first: bool = False, layout: ImageLayout | None = None):
+                 text_first: bool = False, layout: ImageLayout | None = None, after_tokens: int = 0,
+                 attention_fns: Sequence[tuple[object, str]] = ()):
         self.model = model
         self.num_patches = num_patches
         self.warmup_steps = warmup_steps
         self.text_tokens = text_tokens  # text tokens in the joint attention sequence (0: image only)
         self.text_first = text_first
+        self.after_tokens = after_tokens
+        self.attention_fns = list(attention_fns)
         self.layout = layout  # None: derived from the input's shape (`ImageLayout.of`)
         self.step = 0
         self.previous: list[tuple[torch.Tensor, torch.Tensor]] = []  # per self-attention layer, last step
         self.current: list[tuple[torch.Tensor, torch.Tensor]] = []   # per layer, being filled this step
+        # what the last forward saw, for tests to check the interception: stale-assembled layers, and
+        # calls run as they are because they are local to a band (attention within a row, folded)
+        self.layers_seen = 0
+        self.local_calls = 0
 
     def reset(self):
         self.step = 0
         self.previous = []
 
+    def _groups(self) -> tuple[list[int], list[int]]:
+        """Sizes of the extra token groups before and after the image, in sequence order."""
+        before = [self.text_tokens] if self.text_tokens and self.text_first else []
+        after = [self.text_tokens] if self.text_tokens and not self.text_first else []
+        if self.after_tokens:
+            after.append(self.after_tokens)
+        return before, after
+
+    def _kind(self, query, key, layout: ImageLayout, num_tokens: int) -> str | None:
+        """"joint": self-attention over the whole sequence; "rows": over the rows, with the positions of a
+        row folded into the batch; "local": within one row; None: anything else (cross-attention)."""
+        n, m = query.shape[-2], key.shape[-2]
+        if n == num_tokens and m == num_tokens:
+            return "joint"
+        rows, per_row = layout.rows, layout.tokens_per_row
+        if n != m or rows <= 1 or per_row <= 1 or n not in (rows, per_row) or num_tokens != rows * per_row:
+            return None
+        folded = query.numel() // (n * query.shape[-1])  # all leading (batch, heads) elements
+        if rows == per_row:
+            if folded % rows == 0:
+                raise ValueError(
+                    f"reference: a self-attention of {n} tokens with the others in its batch axis, and the "
+                    f"image has {rows} rows of {per_row} tokens: attention within a row and attention over "
+                    "the rows look alike, so it cannot tell whether this one mixes rows"
+                )
+            return None
+        if n == rows and folded % per_row == 0:
+            return "rows"
+        if n == per_row and folded % rows == 0:
+            return "local"
+        return None
+
+    def _assemble(self, layer: int, key, value, lo: int, hi: int, warmup: bool):
+        if len(self.current) <= layer:
+            self.current.append((torch.zeros_like(key), torch.zeros_like(value)))
+        ck, cv = self.current[layer]
+        ck[..., lo:hi, :] = key[..., lo:hi, :]
+        cv[..., lo:hi, :] = value[..., lo:hi, :]
+        if warmup:
+            return key, value
+        # warmup_steps=0: the first step's "previous" K/V are the zero-initialised caches
+        pk, pv = self.previous[layer] if self.previous else (torch.zeros_like(ck), torch.zeros_like(cv))
+        key = torch.cat([ck[..., :hi, :], pk[..., hi:, :]], dim=-2)
+        value = torch.cat([cv[..., :hi, :], pv[..., hi:, :]], dim=-2)
+        return key, value
+
     @contextlib.contextmanager
-    def _stale_attention(self, num_tokens: int, lo: int, hi: int, warmup: bool):
-        original = F.scaled_dot_product_attention
+    def _stale_attention(self, layout: ImageLayout, num_tokens: int, piece: _Piece, warmup: bool):
         layer = 0
+        inside = False  # an entry point that calls another one is one attention layer, not two
+        self.layers_seen = self.local_calls = 0
 
-        def attention(query, key, value, *args, **kwargs):
-            nonlocal layer
-            if query.shape[-2] != num_tokens or key.shape[-2] != num_tokens:
-                return original(query, key, value, *args, **kwargs)  # cross-attention over the prompt
-            if len(self.current) <= layer:
-                self.current.append((torch.zeros_like(key), torch.zeros_like(value)))
-            ck, cv = self.current[layer]
-            ck[..., lo:hi, :] = key[..., lo:hi, :]
-            cv[..., lo:hi, :] = value[..., lo:hi, :]
-            if not warmup:
-                # warmup_steps=0: the first step's "previous" K/V are the zero-initialised caches
-                pk, pv = self.previous[layer] if self.previous else (torch.zeros_like(ck), torch.zeros_like(cv))
-                key = torch.cat([ck[..., :hi, :], pk[..., hi:, :]], dim=-2)
-                value = torch.cat([cv[..., :hi, :], pv[..., hi:, :]], dim=-2)
-            layer += 1
-            return original(query, key, value, *args, **kwargs)
+        def intercept(original: Callable) -> Callable:
+            def attention(query, key, value, *args, **kwargs):
+                nonlocal layer, inside
+                kind = None if inside else self._kind(query, key, layout, num_tokens)
+                if kind == "local":
+                    self.local_calls += 1
+                if kind not in ("joint", "rows"):
+                    return original(query, key, value, *args, **kwargs)  # cross-attention, or local
+                lo, hi = (piece.lo, piece.hi) if kind == "joint" else (piece.r0, piece.r1)
+                key, value = self._assemble(layer, key, value, lo, hi, warmup)
+                layer += 1
+                self.layers_seen += 1
+                inside = True
+                try:
+                    return original(query, key, value, *args, **kwargs)
+                finally:
+                    inside = False
 
-        F.scaled_dot_product_attention = attention
+            return attention
+
+        # Eager nn.MultiheadAttention (need_weights=False) reaches attention in one of two ways: its fast
+        # path (torch._native_multi_head_attention, taken for batch_first self-attention in eval mode under
+        # no_grad) never calls a Python function, so it is switched off here; its regular path,
+        # F.multi_head_attention_forward, calls `scaled_dot_product_attention` through torch.nn.functional's
+        # module globals, with query/key/value [B, H, S, D], so the patched F.scaled_dot_product_attention
+        # below sees it (checked by the MHA tests in test_handwritten.py through `layers_seen`).
+        targets = [(F, "scaled_dot_product_attention"), *self.attention_fns]
+        originals = [getattr(module, name) for module, name in targets]
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        for (module, name), original in zip(targets, originals):
+            setattr(module, name, intercept(original))
         try:
             yield
         finally:
-            F.scaled_dot_product_attention = original
+            for (module, name), original in zip(targets, originals):
+                setattr(module, name, original)
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+    def _pieces(self, layout: ImageLayout, warmup: bool) -> list[_Piece]:
+        before, after = self._groups()
+        per_row = layout.tokens_per_row
+        image_at = sum(before)  # where the image tokens start in the sequence
+        num_tokens = image_at + layout.rows * per_row + sum(after)
+        if warmup or self.num_patches == 1:  # the whole (joint) sequence is one patch
+            return [_Piece(0, layout.rows, 0, num_tokens, 0, layout.rows)]
+        pieces, at = [], 0
+        for size in before:
+            pieces.append(_Piece(None, None, at, at + size, 0, 0))
+            at += size
+        for row0, n in bands(layout.rows, self.num_patches):
+            pieces.append(_Piece(row0, n, at, at + n * per_row, row0, row0 + n))
+            at += n * per_row
+        for size in after:  # the image is all done: rows all fresh
+            pieces.append(_Piece(None, None, at, at + size, layout.rows, layout.rows))
+            at += size
+        return pieces
 
     @torch.no_grad()
     def __call__(self, hidden_states, **kwargs):
         layout = self.layout or ImageLayout.of(self.model, hidden_states)
-        image_tokens = layout.rows * layout.tokens_per_row
-        num_tokens = image_tokens + self.text_tokens
-        image_at = self.text_tokens if self.text_first else 0  # where the image tokens start in the sequence
+        before, after = self._groups()
+        num_tokens = sum(before) + layout.rows * layout.tokens_per_row + sum(after)
         warmup = self.step < self.warmup_steps
-        one_patch = warmup or (self.text_tokens and self.num_patches == 1)
-        # (first row, rows, token range in the attention sequence), in sequence order; rows None = text
-        pieces = [(row0, n, image_at + row0 * layout.tokens_per_row, image_at + (row0 + n) * layout.tokens_per_row)
-                  for row0, n in ([(0, layout.rows)] if one_patch else bands(layout.rows, self.num_patches))]
-        if one_patch:
-            pieces = [(0, layout.rows, 0, num_tokens)]
-        elif self.text_tokens:
-            text = (None, None, 0, self.text_tokens) if self.text_first else (None, None, image_tokens, num_tokens)
-            pieces = [text, *pieces] if self.text_first else [*pieces, text]
         result = None
-        for row0, n, lo, hi in pieces:
-            with self._stale_attention(num_tokens, lo, hi, warmup):
+        for piece in self._pieces(layout, warmup):
+            with self._stale_attention(layout, num_tokens, piece, warmup):
                 out = self.model(hidden_states, **kwargs, return_dict=False)[0]
             if result is None:
                 result = torch.empty_like(out)
-            if row0 is None:
-                continue  # the text piece only refreshes the text K/V
+            if piece.row0 is None:
+                continue  # an extra token group's piece only refreshes its K/V
             a, k = layout.out_axis, layout.out_per_row
-            result.narrow(a, row0 * k, n * k).copy_(out.narrow(a, row0 * k, n * k))
+            result.narrow(a, piece.row0 * k, piece.n * k).copy_(out.narrow(a, piece.row0 * k, piece.n * k))
         self.previous = [(k.clone(), v.clone()) for k, v in self.current]
         self.step += 1
         return result
