@@ -5,6 +5,7 @@ model: everything comes from dynamo's fake example values.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import re
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import torch.fx as fx
 
 from .errors import PlanError
 from .options import PipefusionOptions
+from .passes.canonical_attention import AttentionForm, attention_form
 from .passes.cost import analyze_cost
 from .passes.meta import example_value, node_meta
 from .passes.partition import (
@@ -24,11 +26,35 @@ from .passes.partition import (
     token_nodes,
     uniform_layers,
 )
-from .passes.pieces import BAND, FULL, TEXT, Piece, check_one_text_group
+from .passes.pieces import BAND, FULL, HEAD, TAIL, Piece
 from .passes.sdpa import sdpa_qkv
 from .passes.tokens import TokenAnalysis, analyze_tokens
 
 log = logging.getLogger("pipefusion_compile")
+
+
+class MixingRule(enum.Enum):
+    """How the pipeline handles an op that combines image tokens across patches."""
+
+    STALE_KV = "K/V cache: fresh for the patches done this step, one step stale for the rest"
+    LOCAL = "local to a token row (attention within a frame): needs nothing of other patches"
+
+
+@dataclass(frozen=True)
+class MixingOp:
+    """One token-mixing op of the graph and the rule that pipelines it."""
+
+    node: str
+    form: AttentionForm      # how the model wrote it (rewritten to SDPA if it was not SDPA)
+    rule: MixingRule
+    stage: int
+    source: str              # the user's source line, as dynamo recorded it ("" if none)
+
+
+def _source_line(n: fx.Node) -> str:
+    trace = n.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().strip("^~ ")]  # not the carets
+    return lines[-1] if lines else ""
 
 
 @dataclass(frozen=True)
@@ -92,8 +118,10 @@ class PipelinePlan:
     order: tuple[str, ...] = field(repr=False, default=())
     attention_positions: tuple[int, ...] = field(repr=False, default=())  # index in `order` per self-attention
     crossing: tuple[CrossingTensor, ...] = field(repr=False, default=())
-    text: str | None = None   # joint text+image sequence: "first" or "last" (where the text lies); None: image only
+    text: str | None = None   # joint sequence: other tokens (text, extra tokens) "first", "last" or "both" (before
+                              # and after the image along the token axis); None: image only
     input_shape: tuple[int, ...] = ()  # the image input's shape (to say what a patch is)
+    mixing: tuple[MixingOp, ...] = ()  # every op that mixes image tokens, with the rule that handles it
 
     @property
     def split(self) -> str:
@@ -116,11 +144,9 @@ class PipelinePlan:
         if not pipelined or (self.text and self.num_patches == 1):
             return (Piece(FULL, 0, self.token_rows) if self.text else Piece(BAND, 0, self.token_rows),)
         bands = tuple(Piece(BAND, r0, n) for r0, n in self.patches)
-        if self.text == "first":
-            return (Piece(TEXT), *bands)
-        if self.text == "last":
-            return (*bands, Piece(TEXT))
-        return bands
+        head = (Piece(HEAD),) if self.text in ("first", "both") else ()
+        tail = (Piece(TAIL),) if self.text in ("last", "both") else ()
+        return (*head, *bands, *tail)
 
     def p2p_bytes_per_step(self, stage: int) -> int:
         """Bytes stage `stage` sends to later stages per step: every patch of every value it produces, once
@@ -152,7 +178,10 @@ class PipelinePlan:
             f"warmup_steps={self.warmup_steps}, partition={self.partition}",
             f"image input {self.token_input}: axis {self.token_axis}, {self.input_rows} rows "
             f"= {self.token_rows} token rows x {self.granule}; "
-            f"{len(self.self_attention)} self-attention, {len(self.cross_attention)} cross-attention layers"
+            f"{len(self.self_attention)} self-attention, "
+            + (f"{len(self.mixing) - len(self.self_attention)} row-local attention, " if len(self.mixing) > len(
+                self.self_attention) else "")
+            + f"{len(self.cross_attention)} cross-attention layers"
             + (f"; positional: {_names(self.positional)}" if self.positional else ""),
             "",
             f"{'stage':>5}  {'attn layers':<12} {'FLOP/step':>10} {'share':>6} {'global FLOP':>12} "
@@ -170,12 +199,19 @@ class PipelinePlan:
             for c in self.cuts:
                 desc = "; ".join(_describe_crossing(t, self.num_stages) for t in c.tensors)
                 lines.append(f"{c.after_stage:>3}|{c.after_stage + 1:<1}  {c.after_node:<24} {desc}")
+        if self.mixing:
+            lines += ["", f"{'stage':>5}  {'token-mixing op':<28} {'written as':<32} rule"]
+            for m in self.mixing:
+                lines.append(f"{m.stage:>5}  {m.node:<28} {m.form.value:<32} {m.rule.name}: {m.rule.value}"
+                             + (f"\n{'':>7}{m.source}" if m.source else ""))
         lines += ["", "patches (token rows): " + ", ".join(f"[{r0}, {r0 + n})" for r0, n in self.patches),
                   f"split: {self.split}"]
         if self.text:
+            where = {"first": "before the image bands (head)", "last": "after the image bands (tail)",
+                     "both": "before (head) and after (tail) the image bands"}[self.text]
             lines.append(
-                f"joint text+image sequence (text {self.text} along the token axis): the text is one more patch, "
-                f"run once per pipelined step {'before' if self.text == 'first' else 'after'} the image bands"
+                f"joint sequence (other tokens {self.text} along the token axis: text, extra tokens): each group "
+                f"is one more patch, run once per pipelined step {where}"
                 + (" (M=1: the whole joint sequence is one patch)" if self.num_patches == 1 else "")
             )
         return "\n".join(lines)
@@ -283,12 +319,12 @@ def build_plan(
         analysis = analyze_tokens(gm, example_inputs, options.token_axis)
     total = analyze_cost(gm)
     n_stages, n_patches = options.num_stages, options.num_patches
-    n_layers = len(analysis.self_attention)
-    if n_layers == 0:
+    n_layers = analysis.attention_layers
+    if not analysis.self_attention:
         raise PlanError("no self-attention over the image tokens was found: nothing to pipeline")
     if n_stages > n_layers:
         raise PlanError(
-            f"num_stages={n_stages} is more than the {n_layers} self-attention layers of this graph (if the "
+            f"num_stages={n_stages} is more than the {n_layers} attention layers of this graph (if the "
             "model has more, dynamo split it into several graphs at graph breaks; each graph is planned on "
             "its own, so every graph needs at least num_stages layers)"
         )
@@ -389,6 +425,11 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         crossing=tuple(crossing),
         text=_text_side(nodes),
         input_shape=tuple(example_value(next(n for n in gm.graph.nodes if n.name == analysis.token_input)).shape),
+        mixing=tuple(
+            MixingOp(n.name, attention_form(n),
+                     MixingRule.STALE_KV if node_meta(n).token.attention == "self" else MixingRule.LOCAL,
+                     next(st.index for st in stages if st.start <= i < st.end), _source_line(n))
+            for i, n in enumerate(nodes) if node_meta(n).token.attention in ("self", "local")),
     )
 
 
@@ -398,11 +439,10 @@ def _text_side(nodes: list[fx.Node]) -> str | None:
     for n in nodes:
         if node_meta(n).token.attention == "self":
             info = node_meta(sdpa_qkv(n)[1]).token
-            check_one_text_group(info, n)
             if info.prefix:
                 sides.add("first")
             if info.suffix:
                 sides.add("last")
     if len(sides) > 1:
-        raise PlanError("self-attention layers disagree on where the text tokens lie (before / after the image)")
+        return "both"
     return sides.pop() if sides else None

@@ -23,7 +23,7 @@ from .options import PipefusionOptions
 from .passes.kernels import select_kernels
 from .passes.lower import LoweredStage, PieceGraph, StageInput
 from .passes.meta import example_value, node_meta
-from .passes.pieces import FULL, TEXT, Piece
+from .passes.pieces import EXTRA, FULL, Piece
 from .plan import PipelinePlan
 
 log = logging.getLogger("pipefusion_compile")
@@ -205,7 +205,7 @@ class PipelineProgram:
                           *caches]
                 result = self._stage_fn(s, piece, inputs)(*inputs)
                 carry.update(zip(pg.outputs, result))
-            if piece.kind != TEXT:
+            if piece.kind not in EXTRA:
                 for o in self._token_outputs:
                     op, rest = o.writer(pg, piece)  # pg: the last stage's piece graph
                     op(outputs[o.name], carry[o.name], *rest, kernels=self.options.kernels)
@@ -262,7 +262,7 @@ class PipelineProgram:
         fn = s.compiled.get(piece.key)
         if fn is None:
             t0 = time.perf_counter()
-            what = "the text piece" if piece.kind == TEXT else f"a {piece.kind} piece of {piece.rows} token rows"
+            what = f"the {piece.index_name}" if piece.kind in EXTRA else f"a {piece.kind} piece of {piece.rows} token rows"
             gm = select_kernels(s.lowered.piece_graph(piece).gm, self.options.kernels)
             try:
                 fn = compile_stage_graph(gm, inputs, self.options.stage_backend)

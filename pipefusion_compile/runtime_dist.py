@@ -40,7 +40,7 @@ from .options import PipefusionOptions
 from .passes.kernels import select_kernels
 from .passes.lower import LoweredStage, StageInput
 from .passes.meta import example_value
-from .passes.pieces import TEXT, Piece
+from .passes.pieces import EXTRA, Piece
 from .plan import PipelinePlan
 from .runtime import PipelineProgram
 
@@ -224,7 +224,7 @@ class DistributedProgram(PipelineProgram):
             available = {**sliced[j], **values}
             pg = self.own.lowered.piece_graph(piece)
             args = [j, row_start[j], hoisted] + [available[i.name] for i in pg.inputs if i.source != "global"] + caches
-            target = "stage_text" if piece.kind == TEXT else f"stage_{piece.kind}{piece.rows}"
+            target = f"stage_{piece.kind}" if piece.kind in EXTRA else f"stage_{piece.kind}{piece.rows}"
             if not hasattr(root, target):
                 root.add_module(target, _StageCall(self, piece))
             result = g.call_module(target, tuple(args))
@@ -233,7 +233,7 @@ class DistributedProgram(PipelineProgram):
                 packed = g.call_function(torch.ops.pipefusion.pack.default,
                                          ([produced[i.name] for i in routes[j][(k, c)]],))
                 g.call_function(torch.ops.pipefusion.isend.default, (packed, c, j, channel))
-            if k == last and piece.kind != TEXT:
+            if k == last and piece.kind not in EXTRA:
                 for slot, out in zip(self._token_outputs, outs):
                     op, rest = slot.writer(pg, piece)
                     g.call_function(op, (out, produced[slot.name], *rest))

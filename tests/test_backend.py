@@ -49,7 +49,7 @@ def test_unknown_option_is_a_clear_error():
 def test_more_stages_than_layers_is_a_clear_error():
     model, kwargs = dit(num_layers=2)
     compiled = torch.compile(model, backend="pipefusion", options={"num_stages": 3})
-    with pytest.raises(Exception, match="num_stages=3 is more than the 2 self-attention layers"):
+    with pytest.raises(Exception, match="num_stages=3 is more than the 2 attention layers"):
         with torch.no_grad():
             compiled(**kwargs)
 
@@ -125,7 +125,7 @@ def test_cli_module_function_and_errors(capsys, monkeypatch):
     assert main(["plan", "toy_models:make_toy", "--stages", "2", "--partition", "uniform"]) == 0
     assert "partition=uniform" in capsys.readouterr().out
     assert main(["plan", "DiTTransformer2DModel", "--stages", "9"]) == 2
-    assert "num_stages=9 is more than the 4 self-attention layers" in capsys.readouterr().err
+    assert "num_stages=9 is more than the 4 attention layers" in capsys.readouterr().err
     assert main(["plan", "NoSuchModel"]) == 2
 
 
@@ -193,5 +193,5 @@ def test_inductor_compiles_the_text_piece_and_the_bands_of_a_joint_model():
 
     programs = _inductor_matches_eager(flux, steps=2)
     for stage in programs[0].stages:  # full sequence (warmup), the text piece, the bands: each compiled once
-        assert set(stage.compiled) == {("full", 64), ("text",), ("band", 32)}
+        assert set(stage.compiled) == {("full", 64), ("head",), ("band", 32)}
         assert not any(isinstance(fn, torch.fx.GraphModule) for fn in stage.compiled.values())

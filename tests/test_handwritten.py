@@ -33,13 +33,15 @@ class Case:
     local: int = 0                # attention calls local to a band (spatial attention within a frame)
     reference: dict = field(default_factory=dict)  # extra ReferencePipeFusion arguments
     layout: ImageLayout | None = None  # None: from the input's shape and config.patch_size
+    rewritten: bool = False       # attention the backend rewrites to SDPA: the same function summed in another
+                                  # order (fp32, ~1e-7 per call), so vs the plain model a looser tolerance
 
 
 CASES = {
     "timm_dit": Case(hd.make_timm_dit, 4),
-    "manual_softmax": Case(lambda: hd.make_manual_attention_dit("softmax"), 4),
-    "manual_bmm": Case(lambda: hd.make_manual_attention_dit("bmm"), 4),
-    "manual_einsum": Case(lambda: hd.make_manual_attention_dit("einsum"), 4),
+    "manual_softmax": Case(lambda: hd.make_manual_attention_dit("softmax"), 4, rewritten=True),
+    "manual_bmm": Case(lambda: hd.make_manual_attention_dit("bmm"), 4, rewritten=True),
+    "manual_einsum": Case(lambda: hd.make_manual_attention_dit("einsum"), 4, rewritten=True),
     "mha_dit": Case(hd.make_mha_dit, 4),  # plus 4 cross-attentions over the prompt (not assembled)
     # [time token, class token | image]
     "uvit": Case(hd.make_uvit, 4, reference=dict(text_tokens=2, text_first=True)),
@@ -95,8 +97,9 @@ def test_one_patch_equals_plain_model_every_step(name):
     _, got_steps = sample_loop(call_model(compiled), kwargs, steps=STEPS)
     assert len(programs) == 1
     assert programs[0].stats["pipelined_calls"] > 0
+    tol = dict(rtol=1e-4, atol=1e-5) if case.rewritten else dict(rtol=1e-5, atol=1e-6)
     for got, want in zip(got_steps, want_steps):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.parametrize("stages", [2, 4])  # every model here has 4 attention layers (4 blocks)

@@ -94,7 +94,7 @@ def test_joint_schedule_sends_the_text_piece_once_per_step(tmp_path):
     results = run_ranks(generate, 2, [("FluxTransformer2DModel", {}, {"num_patches": 2})], 2, tmp_path=tmp_path)
     first, last = (r["value"][0]["schedule"] for r in results)
     assert first.count("pipefusion.isend") == 3 and last.count("pipefusion.irecv") == 3
-    assert first.index("stage_text") < first.index("stage_band")
+    assert first.index("stage_head") < first.index("stage_band")
     assert last.count("pipefusion.write_band") == 2  # the text piece writes no model output
 
 

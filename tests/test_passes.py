@@ -120,14 +120,15 @@ def test_stage_boundaries_carry_only_the_planned_values():
 def test_joint_pieces_keep_their_token_group_and_write_kv_at_its_offset():
     """Flux: [text (6) | image (64)] along the attention's token axis; SD3: [image (64) | text (6)]."""
     from pipefusion_compile.models import flux, sd3
-    from pipefusion_compile.passes.pieces import BAND, TEXT, Piece
+    from pipefusion_compile.passes.pieces import BAND, EXTRA, HEAD, TAIL, Piece
 
     for factory, band_offset, text_offset in ((flux, 6, 0), (sd3, 0, 64)):
         program = build_program(factory, num_stages=2, num_patches=2)
-        assert [p.kind for p in program.plan.pieces(pipelined=True)].count(TEXT) == 1
+        text_kind = HEAD if factory is flux else TAIL
+        assert [p.kind for p in program.plan.pieces(pipelined=True) if p.kind in EXTRA] == [text_kind]
         for stage in program.stages:
             band = stage.lowered.piece_graph(Piece(BAND, 0, 4 if factory is sd3 else 32))
-            text = stage.lowered.piece_graph(Piece(TEXT))
+            text = stage.lowered.piece_graph(Piece(text_kind))
             for pg, offset in ((band, band_offset), (text, text_offset)):
                 updates = [n for n in pg.gm.graph.nodes if n.target is KV_UPDATE]
                 assert updates and all(u.args[7] == offset for u in updates), (factory.__name__, offset)
@@ -180,7 +181,7 @@ def test_a_stage_output_replaced_by_select_group_keeps_its_name():
     operand; the piece graph still returns it under the cat's name, which is what the next stage reads."""
     from pipefusion_compile.models import flux
     from pipefusion_compile.passes.lower import output_names
-    from pipefusion_compile.passes.pieces import BAND, TEXT, Piece
+    from pipefusion_compile.passes.pieces import BAND, HEAD, Piece
 
     for partition in ([2, 4], [3, 3]):
         program = build_program(flux, num_stages=2, num_patches=2, partition=partition)
@@ -189,7 +190,7 @@ def test_a_stage_output_replaced_by_select_group_keeps_its_name():
         cat = next(n for n in first.stage_gm.graph.nodes if n.name == cut)
         assert node_meta(cat).token.rule == "cat-joint" and cut in first.outputs
         text_operand, image_operand = (t.name for t in cat.args[0])  # Flux: text first
-        for piece, operand in ((Piece(BAND, 0, 4), image_operand), (Piece(TEXT), text_operand)):
+        for piece, operand in ((Piece(BAND, 0, 4), image_operand), (Piece(HEAD), text_operand)):
             pg = first.piece_graph(piece)
             returned = dict(zip(pg.outputs, next(iter(pg.gm.graph.find_nodes(op="output"))).args[0]))
             assert output_names(pg.gm) == pg.outputs and set(pg.outputs) <= set(first.outputs)

@@ -413,5 +413,5 @@ def test_mmdit_joint_attention_is_analyzed_planned_and_lowered(factory):
     assert any(t.text_bytes for c in plan.cuts for t in c.tensors)  # the text stream crosses the cut
     assert plan.text == ("first" if factory is flux else "last")
     assert [p.kind for p in plan.pieces(pipelined=True)] == (
-        ["text", "band", "band"] if factory is flux else ["band", "band", "text"])
+        ["head", "band", "band"] if factory is flux else ["band", "band", "tail"])
     assert [p.kind for p in plan.pieces(pipelined=False)] == ["full"]

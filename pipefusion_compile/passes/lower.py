@@ -36,7 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .. import ops  # noqa: F401  (registers torch.ops.pipefusion.*)
 from ..errors import PipefusionError, UnsupportedGraphError
 from .meta import META_KEY, Kind, NodeMeta, TokenInfo, example_value, node_meta
-from .pieces import BAND, FULL, TEXT, Piece, check_one_text_group, extent, group_offset, holds, token_range
+from .pieces import BAND, FULL, HEAD, Piece, extent, group_offset, holds, token_range
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
 from .side_effects import alias_root, check_kept, is_impure, mutated_operand, mutation_closure
 from .tokens import TokenAnalysis
@@ -220,19 +220,22 @@ def _image_operand(info: TokenInfo) -> bool:
 
 def _group_extent(info: TokenInfo, kind: str) -> tuple[int, ...]:
     """What of a value's token axis belongs to pieces of `kind`, to compare a selection with its input."""
-    return (info.epr,) if kind == BAND else (info.prefix + info.suffix,)
+    return (info.epr,) if kind == BAND else (info.prefix if kind == HEAD else info.suffix,)
 
 
 def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
-    """Keep, of every value, the part that pieces of `kind` (BAND: image rows, TEXT: the text group) hold.
+    """Keep, of every value, the part that pieces of `kind` (BAND: image rows, HEAD / TAIL: the tokens before /
+    after the image, e.g. the text) hold.
 
-    Before (Flux, text first):                     After, BAND:                  After, TEXT:
+    Before (Flux, text first):                     After, BAND:                  After, HEAD:
         %q = cat([%txt_q, %img_q], 1)  [txt|img]       (uses of %q -> %img_q)        (uses of %q -> %txt_q)
         %o = sdpa(%q, %k, %v)          [txt|img]       %o = sdpa(%img_q, ...)        %o = sdpa(%txt_q, ...)
         %s = split_with_sizes(%o', [6, 64], 1)         (removed)                     (removed)
         %t = getitem(%s, 0)            text            (removed)                     (uses of %t -> %o')
         %i = getitem(%s, 1)            image           (uses of %i -> %o')           (removed)
         %x = gelu(%t)                  text            (removed)                     %x = gelu(%o')
+    Several operands on one side (`cat([%time_tok, %cls_tok, %img, %registers], 1)`, U-ViT with registers):
+    the HEAD piece keeps `cat([%time_tok, %cls_tok], 1)`, the band `%img`, the TAIL piece `%registers`.
     A FULL piece keeps everything. Sizes are rewritten afterwards (`rewrite_token_sizes`); the outputs the
     piece does not hold are dropped from the graph output. An output that is replaced keeps its stage-output
     name (`output_names`): the next stage reads `%q` (its placeholder is named so), whatever node computes
@@ -257,14 +260,25 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
         if info is None or not holds(info, kind):
             continue
         if info.rule == "cat-joint":
-            tensors = n.args[0] if n.args else n.kwargs["tensors"]
-            keep = [t for t in tensors if isinstance(t, fx.Node) and (
-                _image_operand(node_meta(t).token) if kind == BAND else holds(node_meta(t).token, TEXT)
-                or not node_meta(t).token.carries_tokens)]
-            if len(keep) != 1:
+            tensors = list(n.args[0] if n.args else n.kwargs["tensors"])
+            image = next(i for i, t in enumerate(tensors) if isinstance(t, fx.Node) and _image_operand(node_meta(t).token))
+            if kind == BAND:
+                keep = [tensors[image]]
+            else:  # the operands on the piece's side of the image operand, and that operand's own part there
+                side = tensors[:image] if kind == HEAD else tensors[image + 1:]
+                keep = [*side, tensors[image]] if kind == HEAD else [tensors[image], *side]
+                keep = [t for t in keep if t is not tensors[image] or holds(node_meta(t).token, kind)]
+            if len(keep) > 1:
+                # several operands on one side (U-ViT: a time token and a class token before the image): the
+                # piece concatenates them; the node's token info already measures that group
+                if n.args:
+                    n.args = (keep, *n.args[1:])
+                else:
+                    n.kwargs = {**n.kwargs, "tensors": keep}
+                continue
+            if len(keep) != 1 or not isinstance(keep[0], fx.Node):
                 raise UnsupportedGraphError(
-                    f"concatenation along the token axis with {len(keep)} operands holding the "
-                    f"{'image' if kind == BAND else 'text'} group (one expected)", n)
+                    f"concatenation along the token axis with {len(keep)} operands holding the {kind} group", n)
             replace(n, keep[0])
         elif info.rule == "getitem-group":
             src = n.args[0]
@@ -275,7 +289,7 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
                 replace(n, src)
         elif info.rule == "setitem-group":  # `x[:, :, text_len:] = f(...)`: a write into one token group
             part, pos = node_meta(n).extra["group_write"]
-            if (part == "image") != (kind == BAND):
+            if part != ("image" if kind == BAND else kind):
                 g.erase_node(n)                 # the piece does not hold that group
                 continue
             index = n.args[1]
@@ -672,16 +686,12 @@ def detach_fresh_tensors(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def check_lowerable(gm: fx.GraphModule) -> None:
-    """What the piece lowering cannot express yet, refused with the node that shows it: a value with text on
-    both sides of the image part, and a model output that holds text tokens."""
+    """What the piece lowering cannot express yet, refused with the node that shows it: a model output that
+    holds tokens of another group than the image (text, extra tokens)."""
     out = next(iter(gm.graph.find_nodes(op="output")))
-    for n in gm.graph.nodes:
-        info = node_meta(n).token if n.op != "output" else None
-        if info is None or not (info.carries_tokens or info.kind is Kind.POSITIONAL):
-            continue
-        for i in info.elements or (info,):
-            check_one_text_group(i, n)
-        if n in out.all_input_nodes and info.carries_tokens and (info.joint or info.epr == 0):
+    for n in out.all_input_nodes:
+        info = node_meta(n).token
+        if info is not None and info.carries_tokens and (info.joint or info.epr == 0):
             raise UnsupportedGraphError("a model output that holds text tokens of a joint sequence", n)
 
 

@@ -76,7 +76,9 @@ def find_cut_candidates(gm: fx.GraphModule) -> CutCandidates:
         live.update(starts.get(i, []))
         live = {v for v in live if last_use[v] >= i}
         live_at[i] = tuple(sorted(live, key=index.get))
-    attn = tuple(i for i, n in enumerate(nodes) if node_meta(n).token.attention == "self")
+    # attention layers: self-attention over the tokens, and attention local to a token row (per-frame
+    # spatial attention with frames as rows) -- a block boundary either way
+    attn = tuple(i for i, n in enumerate(nodes) if node_meta(n).token.attention in ("self", "local"))
     # A value in flight on a long skip at position i (two or more self-attention layers between its definition
     # and i, or between i and its next use, e.g. HunyuanDiT's skips) travels from its producer to its consumer
     # wherever the cuts lie, so it does not make one position of a gap dearer than another: positions are

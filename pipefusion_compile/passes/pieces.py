@@ -2,40 +2,43 @@
 
 A step is a sequence of pieces, each one compiled stage graph per stage:
 
-    full   the whole sequence (warmup steps; every step when M = 1 on a joint text+image model)
+    full   the whole sequence (warmup steps; every step when M = 1 on a joint sequence)
     band   image token rows [row0, row0 + rows) (the PipeFusion patches)
-    text   the text group of a joint text+image sequence (SD3, Flux, CogVideoX): one more patch of the
-           joint sequence, processed once per pipelined step at its place in the sequence (first when the
-           text comes before the image along the token axis, as in Flux; last when after it, as in SD3)
+    head   the tokens of other groups *before* the image along the token axis: Flux's and CogVideoX's text,
+           U-ViT's time and class tokens; one more patch of the joint sequence, processed once per pipelined
+           step, first
+    tail   the tokens *after* the image: SD3's text, register tokens; once per pipelined step, last
 
-Along a token axis a value holds `prefix` text elements, the image part (`per_row` elements per token row)
-and `suffix` text elements (`TokenInfo`); at most one of prefix/suffix is non-zero in a lowered graph. A
-piece keeps, of every value, only its own part: `extent` and `token_range` say which elements those are.
+Along a token axis a value holds `prefix` elements of the head group, the image part (`per_row` elements per
+token row) and `suffix` elements of the tail group (`TokenInfo`); a value with no image part holds one of the
+two (prefix or suffix says which). A piece keeps, of every value, only its own part: `extent` and
+`token_range` say which elements those are.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UnsupportedGraphError
 from .meta import TokenInfo
 
-FULL, BAND, TEXT = "full", "band", "text"
+FULL, BAND, HEAD, TAIL = "full", "band", "head", "tail"
+EXTRA = (HEAD, TAIL)   # the pieces of the other token groups (text, extra tokens), once per step
 
 
 @dataclass(frozen=True)
 class Piece:
-    kind: str        # FULL, BAND or TEXT
+    kind: str        # FULL, BAND, HEAD or TAIL
     row0: int = 0    # first token row (BAND; 0 otherwise)
-    rows: int = 0    # token rows (BAND and FULL; 0 for TEXT)
+    rows: int = 0    # token rows (BAND and FULL; 0 for HEAD and TAIL)
 
     @property
     def key(self) -> tuple:
         """What the compiled graph depends on (the row offset is a run-time input)."""
-        return (self.kind,) if self.kind == TEXT else (self.kind, self.rows)
+        return (self.kind,) if self.kind in EXTRA else (self.kind, self.rows)
 
     @property
     def index_name(self) -> str:
-        return {FULL: "full sequence", TEXT: "text"}.get(self.kind, f"rows [{self.row0}, {self.row0 + self.rows})")
+        return {FULL: "full sequence", HEAD: "tokens before the image", TAIL: "tokens after the image"}.get(
+            self.kind, f"rows [{self.row0}, {self.row0 + self.rows})")
 
 
 def holds(info: TokenInfo | None, kind: str) -> bool:
@@ -48,7 +51,7 @@ def holds(info: TokenInfo | None, kind: str) -> bool:
         return True
     if kind == BAND:
         return info.epr > 0
-    return bool(info.prefix or info.suffix)
+    return bool(info.prefix if kind == HEAD else info.suffix)
 
 
 def extent(info: TokenInfo, per_row: int, token_rows: int, piece: Piece) -> int:
@@ -61,25 +64,17 @@ def extent_of(prefix: int, suffix: int, per_row: int, token_rows: int, piece: Pi
         return prefix + suffix + per_row * token_rows
     if piece.kind == BAND:
         return per_row * piece.rows
-    return prefix + suffix
-
-
-def check_one_text_group(info: TokenInfo, node) -> None:
-    """The lowering keeps one text group per value, before or after the image part: refuse both sides."""
-    if info.prefix and info.suffix:
-        raise UnsupportedGraphError(
-            "text tokens on both sides of the image tokens along the token axis (one text group, before or "
-            "after the image, is supported)", node)
+    return prefix if piece.kind == HEAD else suffix
 
 
 def group_offset(prefix: int, suffix: int, full: int, kind: str) -> int:
     """Where the token group that pieces of `kind` hold starts along a token axis of `full` elements (a band
-    adds its own rows to this): FULL at 0, BAND after the text before the image, TEXT where the text lies."""
-    if kind == FULL:
+    adds its own rows to this): FULL and HEAD at 0, BAND after the head group, TAIL after the image."""
+    if kind in (FULL, HEAD):
         return 0
     if kind == BAND:
         return prefix
-    return 0 if prefix else full - suffix
+    return full - suffix
 
 
 def token_range(prefix: int, suffix: int, per_row: int, token_rows: int, piece: Piece) -> tuple[int, int]:

@@ -198,11 +198,44 @@ def rule_reshape(ctx: RuleContext) -> TokenInfo:
     if b is not None:
         return ctx.patched(b, "reshape", extra={"shape_arg": True})
     fold = fold_axis(in_shape, info.axis, out)
+    if fold is None and not info.joint:
+        fold = split_fold_axis(in_shape, info.axis, out, info.epr)
     if fold is None or info.joint:
         raise ctx.fail("reshape merges the token axis with the dims before it (e.g. batch) in a way that is "
                        "not a plain fold, so a patch is no longer a contiguous range of one axis")
     b, outer = fold
     return ctx.patched(b, "reshape-fold", extra={"shape_arg": True}, outer=outer * info.outer)
+
+
+def split_fold_axis(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, ...],
+                    epr: Fraction) -> tuple[int, int] | None:
+    """(out dim, outer) when a reshape splits the token axis into (units, rest) and folds the units with the
+    dims before it, each unit whole input rows' worth of elements: [B, F * HW, D] -> [B * F, HW, D] for
+    frames as token rows (per-frame spatial attention). Else None."""
+    for j in range(axis + 1):
+        before = math.prod(in_shape[j:axis])
+        for b in range(len(out_shape)):
+            if math.prod(out_shape[:b]) != math.prod(in_shape[:j]) or out_shape[b] % before:
+                continue
+            units = out_shape[b] // before
+            if units <= 1 or in_shape[axis] % units:
+                continue
+            rest = in_shape[axis] // units
+            # the rest of the token axis and the dims after it follow, unchanged in order
+            if math.prod(out_shape[b + 1:]) != rest * math.prod(in_shape[axis + 1:]):
+                continue
+            if (epr / rest).denominator != 1 or not _suffix_dims(out_shape[b + 1:], rest, in_shape[axis + 1:]):
+                continue
+            return b, before
+    return None
+
+
+def _suffix_dims(out_rest: tuple[int, ...], rest: int, in_after: tuple[int, ...]) -> bool:
+    """out_rest is `rest` (split into any dims) followed by exactly `in_after`."""
+    n = len(in_after)
+    if n and tuple(out_rest[len(out_rest) - n:]) != tuple(in_after):
+        return False
+    return math.prod(out_rest[:len(out_rest) - n]) == rest
 
 
 def rule_expand(ctx: RuleContext) -> TokenInfo:
@@ -344,6 +377,8 @@ def rule_sdpa(ctx: RuleContext) -> TokenInfo:
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     iq, ik, iv = ctx.info(q), ctx.info(k), ctx.info(v)
     mask = ctx.arg(3, "attn_mask")
+    if any(i.outer > 1 for i in (iq, ik, iv)):
+        return _local_attention(ctx, (q, k, v), (iq, ik, iv), mask)
     if isinstance(mask, fx.Node) and ctx.info(mask).carries_tokens:
         raise ctx.fail("attention mask computed from the image tokens")
     if ctx.arg(5, "is_causal", False):
@@ -365,14 +400,38 @@ def rule_sdpa(ctx: RuleContext) -> TokenInfo:
     return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING)
 
 
+def _local_attention(ctx: RuleContext, qkv, infos, mask) -> TokenInfo:
+    """Attention whose token rows lie on a batch dim (folded with the real batch, `outer` > 1), e.g. spatial
+    attention per frame on [B * F, H, HW, D] with frames as token rows: each row attends within itself, so a
+    patch of rows needs nothing of the others (no cache, no stale values). Its sequence axis must not carry
+    tokens, and q, k, v must carry the same rows."""
+    nq = len(shape_of(qkv[0]))
+    for t, i in zip(qkv, infos):
+        if i.carries_tokens and i.outer > 1 and i.axis >= nq - 2:
+            raise ctx.fail("attention along a token axis folded with the dims before it (e.g. batch x frames): "
+                           "a patch is not a contiguous range of its sequence")
+        if not i.carries_tokens or i.axis >= nq - 2 or (i.axis, i.epr, i.outer) != (infos[0].axis, infos[0].epr,
+                                                                                      infos[0].outer):
+            raise ctx.fail("attention whose query, key and value carry the token rows on a batch dim, but not "
+                           "all three on the same one")
+    if isinstance(mask, fx.Node) and ctx.info(mask).carries_tokens:
+        raise ctx.fail("attention mask computed from the image tokens")
+    return ctx.patched(infos[0].axis, "attention-local", attention="local")
+
+
 def _select_range(ctx: RuleContext, info: TokenInfo, extent: int, lo: int, hi: int, out_axis: int,
                   shape: tuple[int, ...]) -> TokenInfo:
     """Info of elements [lo, hi) of a token axis of `extent` elements whose image part is
     [info.prefix, extent - info.suffix): the whole image part with some text around it, or text only.
     A range that cuts through the image part has no rule (it would split image tokens by position)."""
     img_lo, img_hi = info.prefix, extent - info.suffix
-    if img_hi == img_lo or hi <= img_lo or lo >= img_hi:    # text only
+    if img_hi == img_lo:    # a value of one group only: the part keeps its side
+        side = "prefix" if info.prefix else "suffix"
+        return ctx.analysis.make_info(None, out_axis, "text-group", shape=shape, **{side: hi - lo})
+    if hi <= img_lo:        # tokens of the head group (before the image)
         return ctx.analysis.make_info(None, out_axis, "text-group", shape=shape, prefix=hi - lo)
+    if lo >= img_hi:        # tokens of the tail group (after the image)
+        return ctx.analysis.make_info(None, out_axis, "text-group", shape=shape, suffix=hi - lo)
     if lo <= img_lo and hi >= img_hi:
         return ctx.analysis.make_info(None, out_axis, "token-group", shape=shape, prefix=img_lo - lo,
                                       suffix=hi - img_hi)
@@ -386,6 +445,8 @@ def _split_like(ctx: RuleContext, dim_index: int, drop_dim: bool) -> TokenInfo:
     dim = _norm_dim(ctx.arg(dim_index, "dim", 0), nd)
     val = example_value(ctx.node)
     if dim == info.axis:
+        if info.outer > 1:
+            raise ctx.fail("splitting a token axis folded with the dims before it (e.g. batch x frames)")
         if drop_dim:
             raise ctx.fail("unbind along the token axis (one tensor per token) has no rule")
         extent, lo, elements = shape_of(a)[dim], 0, []
@@ -396,7 +457,7 @@ def _split_like(ctx: RuleContext, dim_index: int, drop_dim: bool) -> TokenInfo:
         return TokenInfo(Kind.PATCHED, rule="split-groups", elements=tuple(elements))
     axis = info.axis - (1 if drop_dim and dim < info.axis else 0)
     elements = tuple(ctx.analysis.make_info(None, axis, "split", shape=tuple(v.shape), prefix=info.prefix,
-                                            suffix=info.suffix) for v in val)
+                                            suffix=info.suffix, outer=info.outer) for v in val)
     return TokenInfo(Kind.PATCHED, rule="split", elements=elements)
 
 
@@ -452,8 +513,13 @@ def _cat_groups(ctx: RuleContext, tensors, axis: int) -> TokenInfo:
             before += extent
         else:
             after += extent
-    if image is None:  # text only (e.g. two text groups)
-        return ctx.patched(axis, "cat-text", prefix=before + after, suffix=0)
+    if image is None:  # tokens of other groups only: one side (two parts of the head group, say)
+        sides = {"suffix" if ctx.info(t).suffix else "prefix" for t in tensors if ctx.info(t).carries_tokens}
+        if len(sides) > 1:
+            raise ctx.fail("concatenating tokens from before and after the image tokens without the image")
+        groups = {"prefix": 0, "suffix": 0}
+        groups[sides.pop() if sides else "prefix"] = before + after
+        return ctx.patched(axis, "cat-text", **groups)
     return ctx.patched(axis, "cat-joint", prefix=before, suffix=after)
 
 
@@ -500,6 +566,8 @@ def rule_getitem(ctx: RuleContext) -> TokenInfo:
         raise ctx.fail("advanced (tensor) indexing of a token-carrying tensor")
     if out_axis is None:
         out_axis = out_dim + (info.axis - in_dim)
+    if selected is not None and info.outer > 1:
+        raise ctx.fail("slicing a token axis folded with the dims before it (e.g. batch x frames)")
     if selected is not None:
         choice = _select_range(ctx, info, in_shape[info.axis], *selected, out_axis, ctx.out_shape())
         return ctx.patched(out_axis, "getitem-group", prefix=choice.prefix, suffix=choice.suffix)
@@ -544,7 +612,8 @@ def rule_setitem(ctx: RuleContext) -> TokenInfo:
         if not (lines_up or (part.epr == 0 and not vinfo.carries_tokens)):
             raise ctx.fail("in-place write into one token group of a joint sequence of a value that does not "
                            "hold exactly that group")
-        node_meta(ctx.node).extra["group_write"] = ("text" if part.epr == 0 else "image", pos)
+        node_meta(ctx.node).extra["group_write"] = (
+            "image" if part.epr != 0 else "head" if part.prefix else "tail", pos)
         return TokenInfo(Kind.PATCHED, info.axis, info.epr, "setitem-group", prefix=info.prefix, suffix=info.suffix)
     if isinstance(value, fx.Node) and isinstance(example_value(value), torch.Tensor):
         nd = len(shape_of(value))
@@ -647,7 +716,7 @@ for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
 # Rules that may run on a folded token axis (`TokenInfo.outer` > 1): they never use token positions (their
 # POSITIONAL operands are refused by `RuleContext.positional`) or handle the fold themselves (reshape, conv).
 FOLD_SAFE_RULES = {rule_elementwise, rule_cast, rule_reshape, rule_permute, rule_linear, rule_norm, rule_reduce,
-                   rule_conv}
+                   rule_conv, rule_sdpa, rule_chunk_split, rule_unbind, rule_getitem}
 
 
 def rule_for(node: fx.Node) -> Callable[[RuleContext], TokenInfo] | None:

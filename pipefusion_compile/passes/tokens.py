@@ -41,6 +41,12 @@ class TokenAnalysis:
     cross_attention: list[str]
     positional: list[str]
     patched_inputs: list[str] = field(default_factory=list)
+    local_attention: list[str] = field(default_factory=list)  # attention within a token row (no cache)
+
+    @property
+    def attention_layers(self) -> int:
+        """Layers a stage boundary can fall between: self-attention and attention local to a row."""
+        return len(self.self_attention) + len(self.local_attention)
 
     @property
     def token_rows(self) -> int:
@@ -193,7 +199,7 @@ def analyze_tokens(
 
     granule = 1
     counts = {k.value: 0 for k in Kind}
-    self_attn, cross_attn = [], []
+    self_attn, cross_attn, local_attn = [], [], []
     for node in gm.graph.nodes:
         info = node_meta(node).token if node.op != "output" else None
         if info is None:
@@ -207,6 +213,8 @@ def analyze_tokens(
             self_attn.append(node.name)
         elif info.attention == "cross":
             cross_attn.append(node.name)
+        elif info.attention == "local":
+            local_attn.append(node.name)
     return TokenAnalysis(
         token_input=token_input.name,
         input_axis=axis,
@@ -217,4 +225,5 @@ def analyze_tokens(
         cross_attention=cross_attn,
         positional=sorted(analyzer.positional),
         patched_inputs=[token_input.name],
+        local_attention=local_attn,
     )

@@ -1,0 +1,112 @@
+"""The token-mixing rules beyond plain self-attention, at the analysis, graph and plan levels (the numerics
+against the eager reference are in test_handwritten.py):
+
+  * attention local to a token row: the rows lie on a batch dim ([B * F, HW, D], spatial attention per frame
+    with frames as token rows), reached by a reshape that splits the token axis into (rows, rest) and folds
+    the rows into the batch; no cache, a stage boundary like any attention layer;
+  * extra token groups on either side of the image (U-ViT's time and class tokens before it, register tokens
+    after it): a HEAD and a TAIL piece, each run once per pipelined step;
+  * the plan (and `pipefusion-compile plan`) lists every token-mixing op with the rule that handles it.
+"""
+from __future__ import annotations
+
+import torch
+
+import handwritten_dits as hd
+from graph_utils import by_name, capture_model
+from helpers import compile_pf
+from pipefusion_compile.cli import plan_graphs
+from pipefusion_compile.passes.canonical_attention import AttentionForm
+from pipefusion_compile.passes.meta import node_meta
+from pipefusion_compile.passes.pieces import BAND, HEAD, TAIL, Piece
+from pipefusion_compile.passes.sdpa import is_sdpa
+from pipefusion_compile.passes.tokens import analyze_tokens
+from pipefusion_compile.plan import MixingRule
+
+KV_UPDATE = torch.ops.pipefusion.kv_cache_update.default
+
+
+def _program(make, **options):
+    model, kwargs = make()
+    compiled, programs = compile_pf(model, stage_backend="eager", **options)
+    with torch.no_grad():
+        compiled(**kwargs)
+    (program,) = programs
+    return program
+
+
+def test_analysis_spatial_attention_per_frame_is_local_and_temporal_mixes():
+    model, kwargs = hd.make_factorized_video_dit()   # [2, 4, 4 frames, 16, 16], frames are the token rows
+    gm, ex = capture_model(model, kwargs)
+    a = analyze_tokens(gm, ex)
+    assert (a.input_axis, a.token_rows) == (2, 4)
+    nodes = by_name(gm)
+    assert len(a.self_attention) == 2 and len(a.local_attention) == 2 and a.attention_layers == 4
+    for name in a.local_attention:
+        info = node_meta(nodes[name]).token
+        # [B * F, H, HW, D]: the rows on dim 0, folded with the batch (outer 2), one per frame
+        assert (info.rule, info.axis, info.outer, info.epr) == ("attention-local", 0, 2, 2)
+        assert not info.kind.value == "mixing"
+    folds = [n for n in gm.graph.nodes if node_meta(n).token is not None and node_meta(n).token.rule == "reshape-fold"]
+    assert folds and all(node_meta(n).token.outer == 2 for n in folds)
+    for name in a.self_attention:   # temporal: [B * HW, H, F, D], the frames on the sequence axis
+        info = node_meta(nodes[name]).token
+        assert (info.rule, info.axis, info.outer, info.epr) == ("self-attention", 2, 1, 1)
+
+
+def test_graph_local_attention_has_no_cache_and_temporal_writes_its_rows():
+    program = _program(hd.make_factorized_video_dit, num_stages=2, num_patches=2)
+    assert [len(s.attention_layers) for s in program.plan.stages] == [2, 2]
+    for stage in program.stages:
+        assert len(stage.lowered.caches) == 1   # one temporal attention per stage: its K/V only
+        g = stage.lowered.patch_graph(2).graph
+        attn = [n for n in g.nodes if is_sdpa(n)]
+        local = [n for n in attn if node_meta(n).token.attention == "local"]
+        stale = [n for n in attn if node_meta(n).token.attention == "self"]
+        assert len(local) == len(stale) == 1
+        assert all(a.op != "placeholder" for a in local[0].args[1:3])      # its own K/V, not a cache
+        assert all("cache" in a.name for a in stale[0].args[1:3])
+        (update,) = [n for n in g.nodes if n.target is KV_UPDATE]
+        assert update.args[5:8] == (2, 1, 0)   # frames on axis 2 of [B * HW, H, F, D], 1 per row, no text
+
+
+def test_analysis_extra_tokens_on_both_sides_are_head_and_tail_groups():
+    model, kwargs = hd.make_uvit(registers=4)   # [time, class | 64 image tokens | 4 registers]
+    gm, ex = capture_model(model, kwargs)
+    a = analyze_tokens(gm, ex)
+    for name in a.self_attention:
+        k = node_meta(by_name(gm)[name]).token
+        assert (k.prefix, k.suffix, k.epr * a.granule) == (2, 4, 8)
+    program = _program(lambda: hd.make_uvit(registers=4), num_stages=2, num_patches=4)
+    assert program.plan.text == "both"
+    assert [p.kind for p in program.plan.pieces(pipelined=True)] == [HEAD, BAND, BAND, BAND, BAND, TAIL]
+
+
+def test_graph_head_and_tail_pieces_write_kv_at_their_place():
+    program = _program(lambda: hd.make_uvit(registers=4), num_stages=2, num_patches=4)
+    full = 2 + 64 + 4
+    for stage in program.stages:
+        for piece, offset in ((Piece(HEAD), 0), (Piece(BAND, 0, 2), 2), (Piece(TAIL), full - 4)):
+            pg = stage.lowered.piece_graph(piece)
+            updates = [n for n in pg.gm.graph.nodes if n.target is KV_UPDATE]
+            assert updates and all(u.args[7] == offset for u in updates), (piece, [u.args for u in updates])
+    first = program.stages[0].lowered.piece_graph(Piece(HEAD)).gm.graph
+    cats = [n for n in first.nodes if n.target is torch.cat]
+    # the head piece concatenates the two tokens before the image (time, class), not the image
+    assert any(len(c.args[0]) == 2 for c in cats)
+
+
+def test_plan_names_the_rule_of_every_mixing_op():
+    model, kwargs = hd.make_factorized_video_dit()
+    (plan,) = plan_graphs(model, kwargs, num_stages=2, num_patches=2)
+    assert [m.rule for m in plan.mixing] == [MixingRule.LOCAL, MixingRule.STALE_KV] * 2
+    assert [m.stage for m in plan.mixing] == [0, 0, 1, 1]
+    text = str(plan)
+    assert "LOCAL" in text and "STALE_KV" in text and "scaled_dot_product_attention(q, k, v)" in text
+    model, kwargs = hd.make_manual_attention_dit("einsum")
+    (plan,) = plan_graphs(model, kwargs, num_stages=2, num_patches=2)
+    assert {m.form for m in plan.mixing} == {AttentionForm.HAND_WRITTEN} and len(plan.mixing) == 4
+    assert all("einsum" in m.source for m in plan.mixing)
+    model, kwargs = hd.make_mha_dit()
+    (plan,) = plan_graphs(model, kwargs, num_stages=2, num_patches=2)
+    assert {m.form for m in plan.mixing} == {AttentionForm.MHA} and len(plan.mixing) == 4
