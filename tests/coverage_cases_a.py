@@ -428,7 +428,8 @@ CASES: list[Case] = [
         "of earlier chunks that the pipeline threads through (kv_cache, kv_cache_flag, flex-attention BlockMask)")),
     *_video("AnyFlowTransformer3DModel", anyflow, layout=lambda f: ImageLayout(f, 64, 1, 1),
             options=(("token_axis", 1),)),
-    Case("AuraFlowTransformer2DModel", auraflow),
+    # joint attention [text | image]; the text is the 8 learned register tokens followed by the prompt
+    Case("AuraFlowTransformer2DModel", auraflow, text_tokens=8 + L, text_first=True),
     Case("BriaFibo2Transformer2DModel", None, skip=(
         "builder not written yet: perceiver gist tokens over the prompt, refiner layers and context latents "
         "need a config worked out")),
@@ -461,10 +462,12 @@ CASES: list[Case] = [
     Case("HiDreamImageTransformer2DModel", None, skip=(
         "builder not written yet: takes `timesteps` (not `timestep`), T5 + per-layer Llama states, MoE blocks")),
     Case("HunyuanDiT2DModel", hunyuan_dit),
-    Case("HunyuanImageTransformer2DModel", hunyuan_image, text_tokens=L),
-    *_video("HunyuanVideo15Transformer3DModel", hunyuan_video15, text_tokens=L),
-    *_video("HunyuanVideoFramepackTransformer3DModel", hunyuan_framepack, text_tokens=L),
-    *_video("HunyuanVideoTransformer3DModel", hunyuan_video, text_tokens=L),
+    # patch_size is a tuple (1, 1), which ImageLayout.of does not read: 8 rows of 8 tokens, 1 output row each
+    Case("HunyuanImageTransformer2DModel", hunyuan_image, text_tokens=L, layout=ImageLayout(8, 8, 2, 1)),
+    *_video("HunyuanVideo15Transformer3DModel", hunyuan_video15, text_tokens=L, layout=_frames_layout(64)),
+    *_video("HunyuanVideoFramepackTransformer3DModel", hunyuan_framepack, text_tokens=L, layout=_frames_layout(64)),
+    # the Hunyuan video classes take an int patch_size, which ImageLayout.of does not read: frames of 8 x 8 tokens
+    *_video("HunyuanVideoTransformer3DModel", hunyuan_video, text_tokens=L, layout=_frames_layout(64)),
     Case("Ideogram4Transformer2DModel", None, skip=(
         "builder not written yet: one packed [text | image] sequence with position/segment ids and an indicator "
         "built by the pipeline")),

@@ -10,6 +10,7 @@ from coverage_cases import Case, all_cases
 from coverage_runner import run_case
 
 CASES = [c for c in all_cases() if not c.skip]
+MAIN = [c for c in CASES if "[" not in c.name]  # one case per class (the extra frame counts only in the table)
 SAMPLE = ("DiTTransformer2DModel", "FluxTransformer2DModel", "AllegroTransformer3DModel")
 
 
@@ -25,14 +26,15 @@ def test_every_class_has_one_case_or_a_skip_reason():
     import diffusers.models.transformers as t
 
     names = {c.name.split("[")[0] for c in all_cases()}
-    ours = {n for n in dir(t) if ("Transformer" in n or "DiT" in n) and n[0] <= "K"}
+    # coverage_cases_a.py holds AceStep.. up to the Kandinsky classes; Krea2 onwards is coverage_cases_b.py's
+    ours = {n for n in dir(t) if ("Transformer" in n or "DiT" in n) and n < "Krea"}
     assert ours <= names, f"classes A..K with no case: {sorted(ours - names)}"
     for c in all_cases():
         assert (c.build is None) == bool(c.skip), c.name
         assert c.name.split("[")[0] in dir(t), f"{c.name} is not a diffusers transformer class"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", MAIN, ids=[c.name for c in MAIN])
 def test_case_builds_and_is_traced(case):
     torch.manual_seed(0)
     model, kwargs = case.build()
@@ -58,7 +60,7 @@ def test_case_builds_and_is_traced(case):
 @pytest.mark.parametrize("name", SAMPLE)
 def test_sample_is_pipelined_and_equal(name):
     (case,) = [c for c in CASES if c.name == name]
-    row = run_case(case, stages=2, patches=4, steps=3)
+    row = run_case(case, stages=2, patches=4, steps=2)  # warmup 1: the second step is pipelined
     assert row.plan.startswith("2 stages"), row
     assert (row.m1_equal_plain, row.m4_equal_reference) == ("yes", "yes"), row.error
 
