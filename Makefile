@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # (the package itself only asks for torch>=2.6).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv venv-examples test demo bench bench-quality train-digits sweep clean
+.PHONY: venv venv-examples test demo bench bench-quality train-digits sweep coverage clean
 
 venv: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ SWEEP_SEED ?= 0
 sweep: venv
 	PIPEFUSION_SWEEP=$(SWEEP) PIPEFUSION_SWEEP_SEED=$(SWEEP_SEED) PIPEFUSION_SWEEP_REPORT=benchmarks/results/sweep.md \
 		$(BIN)/python -m pytest -q tests/test_sweep.py
+
+# every diffusers DiT class (tiny, random weights) through the backend: benchmarks/results/coverage.md
+coverage: venv
+	$(BIN)/python benchmarks/coverage.py --out benchmarks/results/coverage.md
 
 bench-quality: venv-examples
 	$(BIN)/python benchmarks/bench_quality.py

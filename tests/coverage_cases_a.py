@@ -1,0 +1,482 @@
+"""Coverage cases for the diffusers transformer classes A..K (see coverage_cases.py for the interface).
+
+Every builder: tiny config (2-4 blocks, hidden 32, 2 heads), random weights seeded by the caller, fp32, CFG
+batch 2, and the forward kwargs as the class's diffusers pipeline passes them (random prompt embeddings of
+the right width instead of text encoders).
+"""
+from __future__ import annotations
+
+import torch
+
+from coverage_cases import Case
+from reference_pipefusion import ImageLayout
+
+B = 2      # CFG batch
+L = 6      # prompt tokens
+H = W = 16  # latent height and width (patch 2: 8 x 8 tokens)
+
+
+def _ids(frames, height, width, axes=3, batch=None, t_axis=0):
+    """Flux-style position ids [height * width, axes] (frame, row, col) for packed tokens."""
+    ids = torch.zeros(frames, height, width, axes)
+    if axes == 4:  # Flux 2: (t, h, w, l)
+        ids[..., 0] = torch.arange(frames)[:, None, None]
+        ids[..., 1] = torch.arange(height)[None, :, None]
+        ids[..., 2] = torch.arange(width)[None, None, :]
+    else:
+        ids[..., 0] = torch.arange(frames)[:, None, None] if frames > 1 else 0
+        ids[..., 1] = torch.arange(height)[None, :, None]
+        ids[..., 2] = torch.arange(width)[None, None, :]
+    ids = ids.reshape(frames * height * width, axes)
+    return ids if batch is None else ids.expand(batch, -1, -1).clone()
+
+
+def _t(value=500, dtype=torch.int64):
+    return torch.full((B,), value, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- audio
+def ace_step():
+    from diffusers import AceStepTransformer1DModel
+
+    model = AceStepTransformer1DModel(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=16, in_channels=24, audio_acoustic_hidden_dim=8, patch_size=2, sliding_window=8,
+        encoder_hidden_size=32,
+    ).eval()
+    frames = 32  # audio latent frames: 16 tokens after the patch-2 conv
+    kwargs = dict(hidden_states=torch.randn(B, frames, 8), timestep=_t(0.5, torch.float32),
+                  timestep_r=_t(0.5, torch.float32), encoder_hidden_states=torch.randn(B, L, 32),
+                  context_latents=torch.randn(B, frames, 16))
+    return model, kwargs
+
+
+# ---------------------------------------------------------------------------------------------------- video
+def allegro(frames=4):
+    from diffusers import AllegroTransformer3DModel
+
+    model = AllegroTransformer3DModel(
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        num_layers=2, cross_attention_dim=32, sample_height=H, sample_width=W, sample_frames=frames,
+        caption_channels=16,
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 4, frames, H, W), encoder_hidden_states=torch.randn(B, L, 16),
+                  encoder_attention_mask=torch.ones(B, L), timestep=_t())
+    return model, kwargs
+
+
+def _wan_like(cls, frames, extra_init=(), **extra_kwargs):
+    import diffusers
+
+    model = getattr(diffusers, cls)(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, **{"rope_max_seq_len": 32, **dict(extra_init)},
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 4, frames, H, W), timestep=_t(),
+                  encoder_hidden_states=torch.randn(B, L, 16), **extra_kwargs)
+    return model, kwargs
+
+
+class TupleOutput(torch.nn.Module):
+    """Kandinsky 5's forward returns a bare tensor for return_dict=False (its pipelines use return_dict=True);
+    the shared loop takes `[0]` of the return_dict=False result, as for every other class."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, *args, return_dict=False, **kwargs):
+        return (self.model(*args, return_dict=False, **kwargs),)
+
+
+class PerFrameTimestep(torch.nn.Module):
+    """AnyFlow's pipeline passes a per-frame timestep [B, F] (the same t for every frame); the shared DDIM loop
+    (tests/helpers.py) passes [B]: this repeats it over the frames, as the pipeline does, and nothing else."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, hidden_states, timestep, **kwargs):
+        timestep = timestep.unsqueeze(-1).repeat(1, hidden_states.shape[1])
+        return self.model(hidden_states, timestep=timestep, **kwargs)
+
+
+def anyflow(frames=4):
+    """Latents [B, F, C, H, W] (the model permutes to [B, C, F, H, W]); r_timestep [B, F] like the pipeline's."""
+    model, kwargs = _wan_like("AnyFlowTransformer3DModel", frames, extra_init={}.items())
+    kwargs["hidden_states"] = kwargs["hidden_states"].transpose(1, 2).contiguous()
+    kwargs["r_timestep"] = torch.full((B, frames), 500, dtype=torch.int64)
+    return PerFrameTimestep(model).eval(), kwargs
+
+
+def chronoedit(frames=4):
+    return _wan_like("ChronoEditTransformer3DModel", frames)
+
+
+def helios(frames=4):
+    from diffusers import HeliosTransformer3DModel
+
+    model = HeliosTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, rope_dim=(4, 6, 6),
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 4, frames, H, W), timestep=_t(),
+                  encoder_hidden_states=torch.randn(B, L, 16))
+    return model, kwargs
+
+
+def cogvideox(frames=4):
+    from pipefusion_compile.models import cogvideox as build
+
+    return build(frames=frames, height=H, width=W, num_layers=2, batch=B, prompt_tokens=L)
+
+
+def _cog_layout(frames, patch_t=1):
+    return ImageLayout(frames // patch_t, (H // 2) * (W // 2), 1, patch_t)
+
+
+def consisid(frames=4):
+    from diffusers import ConsisIDTransformer3DModel
+
+    model = ConsisIDTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+        text_embed_dim=32, num_layers=2, sample_width=W, sample_height=H, sample_frames=(frames - 1) * 4 + 1,
+        patch_size=2, max_text_seq_length=L, is_train_face=False,
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, frames, 4, H, W), encoder_hidden_states=torch.randn(B, L, 32),
+                  timestep=_t())
+    return model, kwargs
+
+
+def cosmos(frames=4):
+    """concat_padding_mask=False: with True the model resizes the mask with torchvision, not installed here."""
+    from diffusers import CosmosTransformer3DModel
+
+    model = CosmosTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, mlp_ratio=2.0,
+        text_embed_dim=32, adaln_lora_dim=8, max_size=(8, H, W), patch_size=(1, 2, 2), concat_padding_mask=False,
+        extra_pos_embed_type="learnable",
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 4, frames, H, W), timestep=_t(0.5, torch.float32),
+                  encoder_hidden_states=torch.randn(B, L, 32), fps=24)
+    return model, kwargs
+
+
+def easyanimate(frames=4):
+    from diffusers import EasyAnimateTransformer3DModel
+
+    model = EasyAnimateTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2, sample_width=W,
+        sample_height=H, num_layers=2, mmdit_layers=2, time_embed_dim=32, text_embed_dim=32,
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 4, frames, H, W), timestep=_t(),
+                  encoder_hidden_states=torch.randn(B, L, 32))
+    return model, kwargs
+
+
+def hunyuan_video(frames=4):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6), guidance_embeds=True,
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 4, frames, H, W), timestep=_t(),
+                  encoder_hidden_states=torch.randn(B, L, 32), encoder_attention_mask=torch.ones(B, L),
+                  pooled_projections=torch.randn(B, 16), guidance=torch.full((B,), 6000.0))
+    return model, kwargs
+
+
+def hunyuan_video15(frames=4):
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    model = HunyuanVideo15Transformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=16,
+        image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=H, task_type="t2v",
+    ).eval()
+    # in_channels=4: the pipeline concatenates [noise | condition | mask] along channels before each call (65 in
+    # the released config); the shared DDIM loop steps the model's input, so here the input is the latent alone
+    kwargs = dict(hidden_states=torch.randn(B, 4, frames, 8, 8), timestep=_t(500.0, torch.float32),
+                  encoder_hidden_states=torch.randn(B, L, 32), encoder_attention_mask=torch.ones(B, L),
+                  encoder_hidden_states_2=torch.randn(B, 4, 16), encoder_attention_mask_2=torch.ones(B, 4),
+                  image_embeds=torch.zeros(B, 4, 16))
+    return model, kwargs
+
+
+def hunyuan_framepack(frames=4):
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    model = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+        text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6), guidance_embeds=True,
+        image_condition_type=None, has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True,
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 4, frames, H, W), timestep=_t(),
+                  encoder_hidden_states=torch.randn(B, L, 32), encoder_attention_mask=torch.ones(B, L),
+                  pooled_projections=torch.randn(B, 16), image_embeds=torch.randn(B, 4, 16),
+                  indices_latents=torch.arange(frames), guidance=torch.full((B,), 6000.0),
+                  # the clean context frames the pipeline always passes (1 clean, 2 at 2x, 4 at 4x downsampling)
+                  latents_clean=torch.randn(B, 4, 1, H, W), indices_latents_clean=torch.arange(frames, frames + 1),
+                  latents_history_2x=torch.randn(B, 4, 2, H, W),
+                  indices_latents_history_2x=torch.arange(frames + 1, frames + 3),
+                  latents_history_4x=torch.randn(B, 4, 4, H, W),
+                  indices_latents_history_4x=torch.arange(frames + 3, frames + 7))
+    return model, kwargs
+
+
+# ---------------------------------------------------------------------------------------------------- image
+def auraflow():
+    from diffusers import AuraFlowTransformer2DModel
+
+    model = AuraFlowTransformer2DModel(
+        sample_size=H, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=2,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+        out_channels=4, pos_embed_max_size=64,
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 4, H, W), encoder_hidden_states=torch.randn(B, L, 32),
+                  timestep=_t(0.5, torch.float32))
+    return model, kwargs
+
+
+def _flux_like(cls, text_ids_axes=3, batched_ids=False, init=(), **extra):
+    import diffusers
+
+    model = getattr(diffusers, cls)(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, **dict(init),
+    ).eval()
+    h = w = 8
+    kwargs = dict(hidden_states=torch.randn(B, h * w, 16), encoder_hidden_states=torch.randn(B, L, 32),
+                  timestep=_t(0.5, torch.float32),
+                  img_ids=_ids(1, h, w, text_ids_axes, B if batched_ids else None),
+                  txt_ids=torch.zeros((B, L, text_ids_axes) if batched_ids else (L, text_ids_axes)), **extra)
+    return model, kwargs
+
+
+def bria():
+    return _flux_like("BriaTransformer2DModel", init={"axes_dims_rope": [4, 6, 6]}.items())
+
+
+def bria_fibo():
+    model, kwargs = _flux_like("BriaFiboTransformer2DModel",
+                               init={"axes_dims_rope": [4, 6, 6], "text_encoder_dim": 16}.items())
+    kwargs["text_encoder_layers"] = [torch.randn(B, L, 16) for _ in range(3)]
+    return model, kwargs
+
+
+def chroma():
+    model, kwargs = _flux_like("ChromaTransformer2DModel", init=dict(
+        axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=32,
+        approximator_layers=1).items())
+    kwargs["attention_mask"] = torch.ones(B, L + 64, dtype=torch.bool)
+    return model, kwargs
+
+
+def flux():
+    from pipefusion_compile.models import flux as build
+
+    return build(height=8, width=8, num_layers=1, num_single_layers=2, batch=B, prompt_tokens=L)
+
+
+def flux2():
+    return _flux_like("Flux2Transformer2DModel", text_ids_axes=4, batched_ids=True, init=dict(
+        timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False, mlp_ratio=2.0).items())
+
+
+def flux3():
+    import diffusers
+
+    model = diffusers.Flux3Transformer2DModel(
+        in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, timestep_channels=16, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4),
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 64, 16), encoder_hidden_states=torch.randn(B, L, 32),
+                  timestep=_t(0.5, torch.float32), img_ids=_ids(1, 8, 8, 4), txt_ids=torch.zeros(L, 4))
+    return model, kwargs
+
+
+def _cogview_kwargs(extra=()):
+    return dict(hidden_states=torch.randn(B, 4, H, W), encoder_hidden_states=torch.randn(B, L, 32), timestep=_t(),
+                original_size=torch.tensor([[128.0, 128.0]] * B), target_size=torch.tensor([[128.0, 128.0]] * B),
+                crop_coords=torch.zeros(B, 2), **dict(extra))
+
+
+def cogview3plus():
+    from diffusers import CogView3PlusTransformer2DModel
+
+    model = CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2, out_channels=4,
+        text_embed_dim=32, time_embed_dim=32, condition_dim=8, pos_embed_max_size=16, sample_size=H,
+    ).eval()
+    return model, _cogview_kwargs()
+
+
+def cogview4():
+    from diffusers import CogView4Transformer2DModel
+
+    model = CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        text_embed_dim=32, time_embed_dim=32, condition_dim=8, pos_embed_max_size=16, sample_size=H,
+        rope_axes_dim=(8, 8),
+    ).eval()
+    return model, _cogview_kwargs()
+
+
+def glm_image():
+    from diffusers import GlmImageTransformer2DModel
+
+    model = GlmImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        text_embed_dim=32, time_embed_dim=32, condition_dim=8, prior_vq_quantizer_codebook_size=16,
+    ).eval()
+    kwargs = _cogview_kwargs()
+    del kwargs["original_size"]
+    kwargs.update(prior_token_id=torch.randint(0, 16, (B, 64)), prior_token_drop=torch.zeros(B, dtype=torch.bool))
+    return model, kwargs
+
+
+def dit():
+    from pipefusion_compile.models import dit as build
+
+    return build(sample_size=H, num_layers=2, batch=B)
+
+
+def ernie_image():
+    from diffusers import ErnieImageTransformer2DModel
+
+    model = ErnieImageTransformer2DModel(
+        hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=64, in_channels=8, out_channels=8,
+        patch_size=1, text_in_dim=16, rope_axes_dim=(4, 6, 6),
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 8, 8, 8), timestep=_t(500.0, torch.float32),
+                  text_bth=torch.randn(B, L, 16), text_lens=torch.full((B,), L, dtype=torch.int64))
+    return model, kwargs
+
+
+def hunyuan_dit():
+    from pipefusion_compile.models import hunyuan_dit as build
+
+    return build(sample_size=H, num_layers=4, batch=B)
+
+
+def hunyuan_image():
+    from diffusers import HunyuanImageTransformer2DModel
+
+    model = HunyuanImageTransformer2DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=(1, 1), text_embed_dim=32,
+        rope_axes_dim=(8, 8),
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 16, 8, 8), timestep=_t(500.0, torch.float32),
+                  encoder_hidden_states=torch.randn(B, L, 32),
+                  encoder_attention_mask=torch.ones(B, L))
+    return model, kwargs
+
+
+def joyimage_edit(frames=1):
+    from diffusers import JoyImageEditTransformer3DModel
+
+    model = JoyImageEditTransformer3DModel(
+        patch_size=[1, 2, 2], in_channels=4, out_channels=4, hidden_size=32, num_attention_heads=2, text_dim=16,
+        mlp_width_ratio=2.0, num_layers=2, rope_dim_list=[4, 6, 6],
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 4, frames, H, W), timestep=_t(500.0, torch.float32),
+                  encoder_hidden_states=torch.randn(B, L, 16))
+    return model, kwargs
+
+
+def kandinsky5(frames=4):
+    """Latents [B, F, H, W, C] (channels last); RoPE positions per axis as the pipeline builds them."""
+    from diffusers import Kandinsky5Transformer3DModel
+
+    model = Kandinsky5Transformer3DModel(
+        in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=32, out_visual_dim=4, patch_size=(1, 2, 2),
+        model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=False,
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, frames, H, W, 4), encoder_hidden_states=torch.randn(B, L, 16),
+                  pooled_projections=torch.randn(B, 8), timestep=_t(500.0, torch.float32),
+                  visual_rope_pos=[torch.arange(frames), torch.arange(H // 2), torch.arange(W // 2)],
+                  text_rope_pos=torch.arange(L), scale_factor=(1.0, 1.0, 1.0))
+    return TupleOutput(model).eval(), kwargs
+
+
+def _video(name, fn, frames=4, short=2, **case):
+    """A video class at `frames` latent frames, and a second case `name[<short>f]` at `short` frames."""
+    layout = case.pop("layout", None)
+    out = []
+    for f, suffix in ((frames, ""), (short, f"[{short}f]")):
+        out.append(Case(name + suffix, lambda f=f: fn(f), layout=layout(f) if callable(layout) else layout, **case))
+    return out
+
+
+def _frames_layout(tokens_per_frame, out_axis=2):
+    return lambda f: ImageLayout(f, tokens_per_frame, out_axis, 1)
+
+
+CASES: list[Case] = [
+    Case("AceStepTransformer1DModel", ace_step, layout=ImageLayout(16, 1, 1, 2)),
+    *_video("AllegroTransformer3DModel", allegro, layout=_frames_layout(64)),
+    Case("AnyFlowFARTransformer3DModel", None, skip=(
+        "not a whole-latent denoiser call: autoregressive frame chunks, each call conditioned on a K/V cache "
+        "of earlier chunks that the pipeline threads through (kv_cache, kv_cache_flag, flex-attention BlockMask)")),
+    *_video("AnyFlowTransformer3DModel", anyflow, layout=lambda f: ImageLayout(f, 64, 1, 1),
+            options=(("token_axis", 1),)),
+    # joint attention [text | image]; the text is the 8 learned register tokens followed by the prompt
+    Case("AuraFlowTransformer2DModel", auraflow, text_tokens=8 + L, text_first=True),
+    Case("BriaFibo2Transformer2DModel", None, skip=(
+        "builder not written yet: perceiver gist tokens over the prompt, refiner layers and context latents "
+        "need a config worked out")),
+    Case("BriaFiboTransformer2DModel", bria_fibo, text_tokens=L, text_first=True),
+    Case("BriaTransformer2DModel", bria, text_tokens=L, text_first=True),
+    Case("ChromaTransformer2DModel", chroma, text_tokens=L, text_first=True),
+    *_video("ChronoEditTransformer3DModel", chronoedit),
+    *_video("CogVideoXTransformer3DModel", cogvideox, text_tokens=L, text_first=True, layout=_cog_layout,
+            options=(("token_axis", 1),)),
+    Case("CogView3PlusTransformer2DModel", cogview3plus, text_tokens=L, text_first=True),
+    Case("CogView4Transformer2DModel", cogview4, text_tokens=L, text_first=True),
+    *_video("ConsisIDTransformer3DModel", consisid, text_tokens=L, text_first=True, layout=_cog_layout,
+            options=(("token_axis", 1),)),
+    Case("Cosmos3OmniTransformer", None, skip=(
+        "builder not written yet: a unified multimodal LLM forward (token ids, per-modality sequence indexes and "
+        "token lists), not a latent-in/latent-out call")),
+    *_video("CosmosTransformer3DModel", cosmos),
+    Case("DiTTransformer2DModel", dit),
+    Case("DreamLiteTransformer2DModel", None, skip=(
+        "not a denoiser on its own: a transformer block inside the DreamLite UNet (unet_dreamlite.py)")),
+    Case("DualTransformer2DModel", None, skip="not a denoiser: two Transformer2DModel blocks mixed over two "
+                                              "prompts, used inside the Versatile Diffusion UNet"),
+    *_video("EasyAnimateTransformer3DModel", easyanimate, layout=_frames_layout(64)),
+    Case("ErnieImageTransformer2DModel", ernie_image),
+    Case("Flux2Transformer2DModel", flux2, text_tokens=L, text_first=True),
+    Case("Flux3Transformer2DModel", flux3, text_tokens=L, text_first=True),
+    Case("FluxTransformer2DModel", flux, text_tokens=L, text_first=True),
+    Case("GlmImageTransformer2DModel", glm_image, text_tokens=L, text_first=True),
+    *_video("HeliosTransformer3DModel", helios),
+    Case("HiDreamImageTransformer2DModel", None, skip=(
+        "builder not written yet: takes `timesteps` (not `timestep`), T5 + per-layer Llama states, MoE blocks")),
+    Case("HunyuanDiT2DModel", hunyuan_dit),
+    # patch_size is a tuple (1, 1), which ImageLayout.of does not read: 8 rows of 8 tokens, 1 output row each
+    Case("HunyuanImageTransformer2DModel", hunyuan_image, text_tokens=L, layout=ImageLayout(8, 8, 2, 1)),
+    *_video("HunyuanVideo15Transformer3DModel", hunyuan_video15, text_tokens=L, layout=_frames_layout(64)),
+    *_video("HunyuanVideoFramepackTransformer3DModel", hunyuan_framepack, text_tokens=L, layout=_frames_layout(64)),
+    # the Hunyuan video classes take an int patch_size, which ImageLayout.of does not read: frames of 8 x 8 tokens
+    *_video("HunyuanVideoTransformer3DModel", hunyuan_video, text_tokens=L, layout=_frames_layout(64)),
+    Case("Ideogram4Transformer2DModel", None, skip=(
+        "builder not written yet: one packed [text | image] sequence with position/segment ids and an indicator "
+        "built by the pipeline")),
+    Case("JoyImageEditPlusTransformer3DModel", None, skip=(
+        "builder not written yet: multi-item input [B, items, C, F, H, W] with a per-item shape_list")),
+    Case("JoyImageEditTransformer3DModel", joyimage_edit),
+    *_video("Kandinsky5Transformer3DModel", kandinsky5, layout=lambda f: ImageLayout(f, 64, 1, 1)),
+    Case("Kandinsky6SRTransformer3DModel", None, skip=(
+        "builder not written yet: super-resolution model with tiled NABLA sparse attention")),
+    Case("Kandinsky6Transformer3DModel", None, skip=(
+        "builder not written yet: joint video + audio streams, visual conditioning channels")),
+]
