@@ -289,7 +289,7 @@ def latte(frames: int = 4):
                        timestep=_t(500, torch.long), enable_temporal_attentions=True)
 
 
-def mochi(frames: int = 2):
+def mochi(frames: int = 4):
     model = _build("MochiTransformer3DModel", dict(
         patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
         in_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=L))
@@ -297,7 +297,7 @@ def mochi(frames: int = 2):
                        timestep=_t(), encoder_attention_mask=_mask(valid=(L, L)), attention_kwargs=None)
 
 
-def motif_video(frames: int = 2):
+def motif_video(frames: int = 4):
     model = _build("MotifVideoTransformer3DModel", dict(
         in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
         num_single_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=16,
@@ -393,9 +393,9 @@ CASES: list[Case] = [
     Case("MiniMaxH3Transformer3DModel[1f]", functools.partial(minimax_h3, 1), text_tokens=L, text_first=True),
     Case("MiniMaxMusic3Transformer1DModel", minimax_music3, text_tokens=1, text_first=True,
          layout=ImageLayout(16, 1, 2, 1)),
-    Case("MochiTransformer3DModel", mochi, text_tokens=L, layout=_video_layout(2, 16, 16)),
+    Case("MochiTransformer3DModel", mochi, text_tokens=L, layout=_video_layout(4, 16, 16)),
     Case("MochiTransformer3DModel[1f]", functools.partial(mochi, 1), text_tokens=L, layout=_video_layout(1, 16, 16)),
-    Case("MotifVideoTransformer3DModel", motif_video, text_tokens=L, layout=_video_layout(2, 16, 16)),
+    Case("MotifVideoTransformer3DModel", motif_video, text_tokens=L, layout=_video_layout(4, 16, 16)),
     Case("MotifVideoTransformer3DModel[1f]", functools.partial(motif_video, 1), text_tokens=L,
          layout=_video_layout(1, 16, 16)),
     Case("NucleusMoEImageTransformer2DModel", nucleus_moe),
