@@ -131,11 +131,14 @@ class ReferencePipeFusion:
         return before, after
 
     def _kind(self, query, key, layout: ImageLayout, num_tokens: int) -> str | None:
-        """"joint": self-attention over the whole sequence; "rows": over the rows, with the positions of a
+        """"joint": self-attention over the whole sequence; "image": over the image tokens alone (in a model
+        whose sequence has other groups too); "rows": over the rows, with the positions of a
         row folded into the batch; "local": within one row; None: anything else (cross-attention)."""
         n, m = query.shape[-2], key.shape[-2]
         if n == num_tokens and m == num_tokens:
             return "joint"
+        if n == m == layout.rows * layout.tokens_per_row:
+            return "image"  # a joint model's self-attention over its image tokens alone (Flux3's per-mode blocks)
         rows, per_row = layout.rows, layout.tokens_per_row
         if n != m or rows <= 1 or per_row <= 1 or n not in (rows, per_row) or num_tokens != rows * per_row:
             return None
@@ -180,9 +183,10 @@ class ReferencePipeFusion:
                 kind = None if inside else self._kind(query, key, layout, num_tokens)
                 if kind == "local":
                     self.local_calls += 1
-                if kind not in ("joint", "rows"):
+                if kind not in ("joint", "rows", "image"):
                     return original(query, key, value, *args, **kwargs)  # cross-attention, or local
-                lo, hi = (piece.lo, piece.hi) if kind == "joint" else (piece.r0, piece.r1)
+                lo, hi = {"joint": (piece.lo, piece.hi), "rows": (piece.r0, piece.r1),
+                          "image": (piece.r0 * layout.tokens_per_row, piece.r1 * layout.tokens_per_row)}[kind]
                 key, value = self._assemble(layer, key, value, lo, hi, warmup)
                 layer += 1
                 self.layers_seen += 1

@@ -110,3 +110,40 @@ def test_plan_names_the_rule_of_every_mixing_op():
     model, kwargs = hd.make_mha_dit()
     (plan,) = plan_graphs(model, kwargs, num_stages=2, num_patches=2)
     assert {m.form for m in plan.mixing} == {AttentionForm.MHA} and len(plan.mixing) == 4
+
+
+class ImageQueriesJointKeys(torch.nn.Module):
+    """Image queries over [image | text] keys (NucleusMoE-Image's attention): refused, not run wrongly."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(4, dim, 2, stride=2)
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(2))
+        self.txt = torch.nn.Linear(8, 2 * dim)
+        self.out = torch.nn.Linear(dim, 16)
+
+    def forward(self, hidden_states, encoder_hidden_states, return_dict=True):
+        b = hidden_states.shape[0]
+        x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+        for qkv in self.qkv:
+            q, k, v = qkv(x).unsqueeze(1).chunk(3, dim=-1)
+            tk, tv = self.txt(encoder_hidden_states).unsqueeze(1).chunk(2, dim=-1)
+            x = x + torch.nn.functional.scaled_dot_product_attention(
+                q, torch.cat([k, tk], 2), torch.cat([v, tv], 2)).squeeze(1)
+        x = self.out(x).reshape(b, 8, 8, 2, 2, 4).permute(0, 5, 1, 3, 2, 4).reshape(b, 4, 16, 16)
+        return (x,)
+
+
+def test_image_queries_over_joint_keys_are_refused_not_run_wrongly():
+    from pipefusion_compile.errors import UnsupportedGraphError
+
+    torch.manual_seed(0)
+    model = ImageQueriesJointKeys().eval()
+    kwargs = {"hidden_states": torch.randn(2, 4, 16, 16), "encoder_hidden_states": torch.randn(2, 6, 8)}
+    gm, ex = capture_model(model, kwargs)
+    try:
+        analyze_tokens(gm, ex)
+    except UnsupportedGraphError as e:
+        assert "keys hold other token groups than its query" in str(e) and "node:" in str(e)
+    else:
+        raise AssertionError("image queries over [image | text] keys were accepted")

@@ -140,6 +140,16 @@ def rule_elementwise(ctx: RuleContext) -> TokenInfo:
     return ctx.patched(out_axis, "elementwise")
 
 
+def rule_view_complex(ctx: RuleContext) -> TokenInfo:
+    """`view_as_complex` drops the last dim (the real/imaginary pair), `view_as_real` adds one: the dims before
+    it, the token axis among them, stay where they are (aligning from the right, as for a broadcast, would
+    move the axis by one)."""
+    (a, info), = token_operands(ctx)
+    if info.axis >= min(len(shape_of(a)), len(ctx.out_shape())) - (ctx.node.target is torch.view_as_complex):
+        raise ctx.fail("view_as_complex over the token axis")
+    return ctx.patched(info.axis, "view-complex")
+
+
 def rule_cast(ctx: RuleContext) -> TokenInfo:
     """`x.type_as(other)` / `x.to(other)`: only `x`'s values matter; `other` only lends its dtype."""
     x = ctx.node.args[0]
@@ -397,6 +407,13 @@ def rule_sdpa(ctx: RuleContext) -> TokenInfo:
     for t, it in ((k, ik), (v, iv)):
         if it.axis != len(shape_of(t)) - 2 or it.epr != iq.epr:
             raise ctx.fail("self-attention whose K/V token layout differs from its query's")
+        if (it.prefix, it.suffix) != (iq.prefix, iq.suffix):
+            # e.g. image queries over [image | text] keys: the pieces that hold the keys' other tokens run no
+            # query through this attention, so nothing would write those tokens' K/V into the cache
+            raise ctx.fail(
+                f"self-attention whose keys hold other token groups than its query (query: {iq.prefix} tokens "
+                f"before and {iq.suffix} after the image; keys: {it.prefix} before and {it.suffix} after), e.g. "
+                "image queries over [image | text] keys; not supported yet")
     return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING)
 
 
@@ -644,7 +661,7 @@ _ELEMENTWISE_FUNCS = [
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.exp, torch.sin, torch.cos, torch.tanh,
     torch.sigmoid, torch.rsqrt, torch.sqrt, torch.abs, torch.where, torch.clamp, torch.pow, torch.erf,
     torch.square, torch.relu, torch.maximum, torch.minimum, torch.lerp, torch.addcmul, torch.nan_to_num,
-    torch.view_as_real, torch.view_as_complex, torch.real, torch.imag, torch.zeros_like, torch.ones_like,
+    torch.real, torch.imag, torch.zeros_like, torch.ones_like,
     torch.empty_like, torch.full_like, torch.randn_like,
     F.silu, F.gelu, torch._C._nn.gelu, F.relu, F.dropout, F.mish, F.softplus, F.sigmoid, F.tanh, F.leaky_relu,
     F.hardswish, F.elu,
@@ -695,6 +712,7 @@ for _t in (torch.cat, torch.concat, torch.concatenate):
     RULES[_t] = rule_cat
 RULES[torch.stack] = lambda ctx: rule_cat(ctx, stack=True)
 RULES["to"] = RULES["type_as"] = rule_cast
+RULES[torch.view_as_complex] = RULES[torch.view_as_real] = rule_view_complex
 RULES[operator.getitem] = rule_getitem
 RULES[operator.setitem] = rule_setitem
 
@@ -716,7 +734,7 @@ for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
 # Rules that may run on a folded token axis (`TokenInfo.outer` > 1): they never use token positions (their
 # POSITIONAL operands are refused by `RuleContext.positional`) or handle the fold themselves (reshape, conv).
 FOLD_SAFE_RULES = {rule_elementwise, rule_cast, rule_reshape, rule_permute, rule_linear, rule_norm, rule_reduce,
-                   rule_conv, rule_sdpa, rule_chunk_split, rule_unbind, rule_getitem}
+                   rule_conv, rule_sdpa, rule_chunk_split, rule_unbind, rule_getitem, rule_view_complex}
 
 
 def rule_for(node: fx.Node) -> Callable[[RuleContext], TokenInfo] | None:
