@@ -51,25 +51,41 @@ _SINUSOID_TARGETS = (torch.sin, torch.cos, "sin", "cos")
 def find_timestep_input(gm: fx.GraphModule, example_inputs: list) -> int | None:
     """Position of the diffusion timestep among the graph's inputs, or None.
 
-    The timestep is the user input (0-d or 1-d, GLOBAL) that feeds a sinusoidal embedding (sin/cos);
-    class labels and prompts do not. The runtime watches it to detect a new generation.
+    The timestep is the user input (0-d or 1-d, GLOBAL) that feeds a sinusoidal embedding (sin/cos) which an
+    MLP (a linear) then reads: the timestep embedding. Class labels and prompts feed no sin/cos; 1-d inputs
+    that feed RoPE tables (text lengths, position ids) feed sin/cos too, but their tables are combined with
+    the queries and keys, not read by a linear, so they rank after. The runtime watches it to detect a new
+    generation (and the call streams of one step).
     """
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    found = []
     for i, ph in enumerate(placeholders):
         val = ph.meta.get("example_value", example_inputs[i] if i < len(example_inputs) else None)
         if not isinstance(val, torch.Tensor) or val.dim() > 1 or not is_user_input(ph, example_inputs[i]):
             continue
         if node_meta(ph).token.kind not in (Kind.GLOBAL,):
             continue
-        stack, seen = [ph], set()
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n.op in ("call_function", "call_method") and n.target in _SINUSOID_TARGETS:
-                return i
-            stack.extend(u for u in n.users if not node_meta(u).token or not node_meta(u).token.carries_tokens)
+        sinusoid = _global_reach(ph, lambda n: n.target in _SINUSOID_TARGETS)
+        if sinusoid is not None:
+            mlp = _global_reach(sinusoid, lambda n: n.target in _LINEAR_TARGETS)
+            found.append((mlp is None, i))
+    return min(found)[1] if found else None
+
+
+_LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def _global_reach(start: fx.Node, pred) -> fx.Node | None:
+    """The first node matching `pred` reached from `start` through values that carry no image tokens."""
+    stack, seen = [start], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is not start and n.op in ("call_function", "call_method") and pred(n):
+            return n
+        stack.extend(u for u in n.users if not node_meta(u).token or not node_meta(u).token.carries_tokens)
     return None
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import pipefusion_compile
 
+from graph_utils import capture_model
 from helpers import compile_pf
 from pipefusion_compile.models import dit, pixart
 
@@ -195,3 +196,17 @@ def test_inductor_compiles_the_text_piece_and_the_bands_of_a_joint_model():
     for stage in programs[0].stages:  # full sequence (warmup), the text piece, the bands: each compiled once
         assert set(stage.compiled) == {("full", 64), ("head",), ("band", 32)}
         assert not any(isinstance(fn, torch.fx.GraphModule) for fn in stage.compiled.values())
+
+
+def test_timestep_is_the_input_whose_sinusoid_an_mlp_reads_not_a_rope_position():
+    """ErnieImage passes `text_lens` (1-d, feeds RoPE's sin/cos) as well as the timestep: taking text_lens,
+    equal at every call, made every call a new call stream, so nothing was ever pipelined."""
+    from coverage_cases import case_by_name
+    from pipefusion_compile.backend import find_timestep_input
+    from pipefusion_compile.passes.tokens import analyze_tokens
+
+    model, kwargs = case_by_name("ErnieImageTransformer2DModel").build()
+    gm, ex = capture_model(model, kwargs)
+    analyze_tokens(gm, ex)
+    names = [ph.name for ph in gm.graph.find_nodes(op="placeholder")]
+    assert "timestep" in names[find_timestep_input(gm, ex)]

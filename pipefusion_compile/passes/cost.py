@@ -41,9 +41,16 @@ def _fresh(value):
     return value
 
 
+# Context-manager entry/exit that dynamo records as nodes (`with torch.autocast(...)`, grad mode): no compute,
+# and not runnable on their own (the exit takes the entry's context object)
+_CONTEXT_OPS = tuple(f for f in (
+    getattr(torch.amp.autocast_mode, "_enter_autocast", None), getattr(torch.amp.autocast_mode, "_exit_autocast", None),
+    torch._C._set_grad_enabled) if f is not None)
+
+
 def node_flops(node: fx.Node, fake_mode: FakeTensorMode | None = None) -> int:
     """FLOPs of one call node, counted by running it on fake tensors of its operands' shapes."""
-    if node.op not in ("call_function", "call_method"):
+    if node.op not in ("call_function", "call_method") or node.target in _CONTEXT_OPS:
         return 0
     fake_mode = fake_mode or FakeTensorMode(allow_non_fake_inputs=True)
     counter = FlopCounterMode(display=False)
