@@ -280,7 +280,7 @@ def build_plan(
     positions, the cuts still candidates), so each stage keeps the same layers, hence the same parameters on
     its rank, whatever the resolution."""
     if analysis is None:
-        analysis = analyze_tokens(gm, example_inputs, options.token_axis)
+        analysis = analyze_tokens(gm, example_inputs, options.token_axis, options.image_input)
     total = analyze_cost(gm)
     n_stages, n_patches = options.num_stages, options.num_patches
     n_layers = len(analysis.self_attention)
