@@ -15,8 +15,8 @@ MODELS = {"pixart": pixart, "dit": dit, "ltx_video": ltx_video, "hunyuan_dit": h
 COGVIDEOX = ("cogvideox", "cogvideox_rope", "cogvideox_1_5")
 # joint attention: [image | text] (SD3) or [text | image] (Flux, CogVideoX)
 TEXT_FIRST = {"sd3": False, "flux": True, **{name: True for name in COGVIDEOX}}
-# options a model needs: CogVideoX's latents are [B, F, C, H, W] (frames, the token rows, on axis 1)
-OPTIONS = {name: {"token_axis": 1} for name in COGVIDEOX}
+# options a model needs: none (CogVideoX's [B, F, C, H, W] latents get token axis 1, the frames, from the analysis)
+OPTIONS: dict[str, dict] = {}
 
 
 def layout(name, model, kwargs):
