@@ -82,7 +82,10 @@ def _argument(node: fx.Node) -> tuple[str, str | None, int | None]:
     source = getattr(node.meta.get("grapharg"), "source", None)
     root = _source_root(source)
     local = getattr(root, "local_name", None)
-    if local is None:
+    if local is None:  # dynamo drops the sources once a compile is done; its placeholder names keep the argument
+        for prefix in ("l_kwargs_", "l_"):
+            if node.name.startswith(prefix) and node.name.endswith("_") and len(node.name) > len(prefix) + 1:
+                return node.name[len(prefix):-1], node.name[len(prefix):-1], None
         return node.name, None, None
     if source is root:
         return local, local, None
@@ -108,7 +111,7 @@ def _is_patch_ratio(big: int, small: int) -> bool:
     if small <= 0 or big % small:
         return False
     r = big // small
-    return any(r % pt == 0 and math.isqrt(r // pt) ** 2 == r // pt and r // pt > 1 for pt in (1, 2, 4))
+    return any(r % pt == 0 and r // pt > 1 and math.isqrt(r // pt) ** 2 == r // pt for pt in (1, 2, 4))
 
 
 def _match(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> InputMatch | None:
@@ -119,6 +122,7 @@ def _match(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> InputMatch | N
     ins, outs = _per_channel(shape), _per_channel(out_shape, drop_extra=True)
     if ins & outs:
         return InputMatch.SAME_TOKENS
+    outs = _per_channel(out_shape)  # a patch factor relates the tokens themselves, not tokens x an extra dim
     if any(_is_patch_ratio(a, b) or _is_patch_ratio(b, a) for a in ins for b in outs):
         return InputMatch.PATCHIFIED
     return None
@@ -207,7 +211,7 @@ def _no_image_input(out_shape, candidates: list[InputCandidate], image_input: st
         f"could not find the image input: no user input matches the output {list(out_shape)} by batch and "
         f"tokens (the output's shape in all dims but the channels, or as many elements per channel, or a patch "
         f"factor p^2 more or fewer); the user tensor inputs:{listed}\n  pass options={{'image_input': "
-        "'<forward argument>'}} to name it")
+        "'<forward argument>'} to name it")
 
 
 def find_token_inputs(gm: fx.GraphModule, example_inputs: list | None = None,
