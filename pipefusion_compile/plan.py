@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .errors import PlanError
+from .errors import PlanError, TooFewLayersError
 from .options import PipefusionOptions
 from .passes.cost import analyze_cost
 from .passes.meta import example_value, node_meta
@@ -287,7 +287,7 @@ def build_plan(
     if n_layers == 0:
         raise PlanError("no self-attention over the image tokens was found: nothing to pipeline")
     if n_stages > n_layers:
-        raise PlanError(
+        raise TooFewLayersError(
             f"num_stages={n_stages} is more than the {n_layers} self-attention layers of this graph (if the "
             "model has more, dynamo split it into several graphs at graph breaks; each graph is planned on "
             "its own, so every graph needs at least num_stages layers)"
