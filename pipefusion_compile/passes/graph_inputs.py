@@ -78,7 +78,11 @@ class InputCandidate:
 
 
 def _argument(node: fx.Node) -> tuple[str, str | None, int | None]:
-    """(display name, root forward argument, list index or None) of a placeholder."""
+    """(display name, root forward argument, list index or None) of a placeholder.
+
+    Sources as dynamo writes them: `L['x']` (an argument), `L['x'][0]` (an element of a list argument), and
+    through `nn.Module.__call__`'s `*args, **kwargs`: `L['args'][0]`, `L['kwargs']['x']`, `L['args'][0][1]`.
+    """
     source = getattr(node.meta.get("grapharg"), "source", None)
     root = _source_root(source)
     local = getattr(root, "local_name", None)
@@ -87,13 +91,24 @@ def _argument(node: fx.Node) -> tuple[str, str | None, int | None]:
             if node.name.startswith(prefix) and node.name.endswith("_") and len(node.name) > len(prefix) + 1:
                 return node.name[len(prefix):-1], node.name[len(prefix):-1], None
         return node.name, None, None
-    if source is root:
-        return local, local, None
-    index = getattr(source, "index", None)
-    if getattr(source, "base", None) is root and isinstance(index, int):
-        return f"{local}[{index}]", local, index
-    name = source.name
-    return (name() if callable(name) else str(name)), local, None
+    chain = []
+    s = source
+    while s is not None and s is not root:
+        chain.append(s)
+        s = getattr(s, "base", None)
+    chain.reverse()                       # outermost access first
+    name, levels = local, chain
+    if local in ("args", "kwargs") and chain and hasattr(chain[0], "index"):
+        index = chain[0].index            # the wrapper's varargs: args[0] or kwargs['x'] is the argument
+        name = index if isinstance(index, str) else f"args[{index}]"
+        levels = chain[1:]
+    if not levels:
+        return name, name, None
+    first = getattr(levels[0], "index", None)
+    display = f"{name}[{first}]" if isinstance(first, int) else source.name
+    if isinstance(first, int) and len(levels) == 1:
+        return display, name, first
+    return (display() if callable(display) else str(display)), name, None
 
 
 def _per_channel(shape: tuple[int, ...], drop_extra: bool = False) -> set[int]:
