@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from .declines import decline
-from .errors import PipefusionError, UnsupportedGraphError, failures_named
+from .errors import PipefusionError, TooFewLayersError, UnsupportedGraphError, failures_named, graph_break_report
 from .options import PipefusionOptions
 from .passes.canonical_attention import canonicalize_attention
 from .passes.graph_inputs import is_user_input
@@ -123,7 +123,14 @@ def compile_program(gm: fx.GraphModule, example_inputs: list, options: Pipefusio
     """Phases 1-3 for one graph; returns the runnable program (stage graphs compile on first use)."""
     t0 = time.perf_counter()
     with failures_named("planning the pipeline", gm):
-        plan, analysis = build_plan(gm, example_inputs, options, analysis, keep=_kept_cuts(example_inputs, options))
+        try:
+            plan, analysis = build_plan(gm, example_inputs, options, analysis,
+                                        keep=_kept_cuts(example_inputs, options))
+        except TooFewLayersError as e:  # usually graph breaks: name each one dynamo recorded and its fix
+            report = graph_break_report()
+            if not report:
+                raise
+            raise TooFewLayersError(f"{e}{report}") from None
     _keep_cuts(example_inputs, options, plan)
     t1 = time.perf_counter()
     with failures_named("lowering the plan to stage graphs", gm):
@@ -165,7 +172,7 @@ def analyze_for_pipeline(gm: fx.GraphModule, example_inputs, options: Pipefusion
     strict = options.strict if options.strict is not None else (options.num_stages or 1) > 1
     try:
         with failures_named("the token analysis", gm):
-            analysis = analyze_tokens(gm, example_inputs, options.token_axis)
+            analysis = analyze_tokens(gm, example_inputs, options.token_axis, options.image_input)
     except UnsupportedGraphError as e:
         if any(is_sdpa(n) for n in gm.graph.nodes):
             raise

@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partition", default="flops", help="flops | uniform | comma-separated layers per stage")
     p.add_argument("--warmup-steps", type=int, default=1)
     p.add_argument("--token-axis", type=int, default=None,
-                   help="axis of the image input that carries the token rows (default: 1 for [B, S, C], else 2; "
-                        "built-in models that need another axis set it)")
+                   help="axis of the image input that carries the token rows (default: found by the token "
+                        "analysis)")
+    p.add_argument("--image-input", default=None,
+                   help="forward argument (or graph input) that is the image input (default: found by matching "
+                        "the inputs against the output)")
     p.add_argument("-v", "--verbose", action="store_true", help="log the passes at DEBUG")
     t = sub.add_parser("timeline", help="merge the ranks' timeline records (option timeline=DIR) into a "
                                         "Chrome/Perfetto trace and a Gantt PNG")
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if partition not in ("flops", "uniform"):
         partition = [int(x) for x in partition.split(",")]
     options = dict(num_stages=args.stages, num_patches=args.patches, partition=partition,
-                   warmup_steps=args.warmup_steps, token_axis=args.token_axis)
+                   warmup_steps=args.warmup_steps, token_axis=args.token_axis,
+                   image_input=args.image_input)
     from .errors import PipefusionError
 
     try:

@@ -164,7 +164,7 @@ def flux(height: int = 8, width: int = 8, num_layers: int = 2, num_single_layers
 def cogvideox(frames: int = 4, height: int = 8, width: int = 8, num_layers: int = 4, heads: int = 2,
               head_dim: int = 16, batch: int = 1, prompt_tokens: int = 6, rope: bool = False,
               patch_size_t: int | None = None, seed: int = 0):
-    """CogVideoX: video latents [B, F, C, H, W] (frames before channels: token axis 1), text and video
+    """CogVideoX: video latents [B, F, C, H, W] (frames before channels: token axis 1, found by the analysis), text and video
     concatenated [text | video] before every block's joint attention; sin-cos 3-D positional embeddings, or
     with `rope` (CogVideoX-5B) 3-D RoPE over the video tokens, given by the pipeline as (cos, sin);
     `patch_size_t` (CogVideoX 1.5, with `rope`): frames patched in pairs, a token row is `patch_size_t` frames."""
@@ -205,11 +205,9 @@ BUILTIN: dict[str, Callable] = {
 }
 
 
-# Options a built-in model needs (the CLI uses them unless told otherwise): CogVideoX's latents are
-# [B, F, C, H, W], its token rows (frames) on axis 1 where the default for 5-D inputs is 2 ([B, C, F, H, W]).
-BUILTIN_OPTIONS: dict[str, dict] = {
-    "CogVideoXTransformer3DModel": {"token_axis": 1},
-}
+# Options a built-in model needs (the CLI uses them unless told otherwise). None today: the token analysis
+# finds the image input and its token axis, e.g. axis 1 (frames) of CogVideoX's [B, F, C, H, W] latents.
+BUILTIN_OPTIONS: dict[str, dict] = {}
 
 
 def load_model(spec: str, **config):

@@ -32,7 +32,12 @@ class PipefusionOptions:
     simulate: bool | None = None
     """Run all stages in this process. Default: True when no process group is initialized."""
     token_axis: int | None = None
-    """Axis of the image input that carries token rows. Default: 1 for [B, S, C], else 2 ([B, C, H, W], [B, C, F, H, W])."""
+    """Axis of the image input that carries token rows. Default: found by the token analysis (the leading
+    non-batch axis under which it succeeds and finds self-attention: 1 for [B, S, C] and [B, F, C, H, W], 2 for
+    [B, C, H, W] and [B, C, F, H, W])."""
+    image_input: str | None = None
+    """The image input: a forward argument ("hidden_states") or graph placeholder ("l_hidden_states_") name.
+    Default: found by matching the user inputs against the model output by batch and tokens."""
     group: Any = None
     """Process group to pipeline over (multi-process mode). Default: the default (world) group."""
     timeout_s: float = 300.0
@@ -90,6 +95,9 @@ class PipefusionOptions:
         positive_int("warmup_steps", self.warmup_steps, 0)
         if self.token_axis is not None:
             positive_int("token_axis", self.token_axis, 1)
+        if self.image_input is not None and (not isinstance(self.image_input, str) or not self.image_input):
+            raise OptionsError(f"option image_input={self.image_input!r}: expected the name of a forward argument "
+                               "(e.g. 'hidden_states') or of a graph input")
         p = self.partition
         if isinstance(p, str):
             if p not in ("flops", "uniform"):

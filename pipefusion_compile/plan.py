@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .errors import PlanError
+from .errors import PlanError, TooFewLayersError
 from .options import PipefusionOptions
 from .passes.canonical_attention import AttentionForm, attention_form
 from .passes.cost import analyze_cost
@@ -316,14 +316,14 @@ def build_plan(
     positions, the cuts still candidates), so each stage keeps the same layers, hence the same parameters on
     its rank, whatever the resolution."""
     if analysis is None:
-        analysis = analyze_tokens(gm, example_inputs, options.token_axis)
+        analysis = analyze_tokens(gm, example_inputs, options.token_axis, options.image_input)
     total = analyze_cost(gm)
     n_stages, n_patches = options.num_stages, options.num_patches
     n_layers = analysis.attention_layers
     if not analysis.self_attention:
         raise PlanError("no self-attention over the image tokens was found: nothing to pipeline")
     if n_stages > n_layers:
-        raise PlanError(
+        raise TooFewLayersError(
             f"num_stages={n_stages} is more than the {n_layers} attention layers of this graph (if the "
             "model has more, dynamo split it into several graphs at graph breaks; each graph is planned on "
             "its own, so every graph needs at least num_stages layers)"

@@ -106,8 +106,8 @@ def test_cli_prints_plan(capsys):
     assert "patches (token rows): [0, 2), [2, 4), [4, 6), [6, 8)" in out
 
 
-def test_cli_plans_a_builtin_model_with_the_options_it_needs(capsys):
-    """CogVideoX's latents are [B, F, C, H, W]: the built-in entry sets token_axis=1 (frames); --token-axis
+def test_cli_plans_a_builtin_model_with_the_token_axis_found(capsys):
+    """CogVideoX's latents are [B, F, C, H, W]: the analysis finds token axis 1 (frames); --token-axis
     overrides it (axis 2, the channels, fails at the patch embedding's conv)."""
     from pipefusion_compile.cli import main
 

@@ -276,7 +276,7 @@ BAD_INPUT = [
      "option token_axis=3 puts the token rows on axis 3"),
     # the model and the plan
     ("more stages than attention layers", _toy(num_stages=3), PlanError,
-     "num_stages=3 is more than the 2 self-attention layers"),
+     "num_stages=3 is more than the 2 attention layers"),
     ("M larger than the token rows", _toy(num_stages=2, num_patches=9), PlanError,
      "num_patches=9 is larger than the 8 token rows"),
     ("image too small to split", _toy_at(2, num_stages=1), UnsupportedGraphError,

@@ -15,8 +15,8 @@ MODELS = {"pixart": pixart, "dit": dit, "ltx_video": ltx_video, "hunyuan_dit": h
 COGVIDEOX = ("cogvideox", "cogvideox_rope", "cogvideox_1_5")
 # joint attention: [image | text] (SD3) or [text | image] (Flux, CogVideoX)
 TEXT_FIRST = {"sd3": False, "flux": True, **{name: True for name in COGVIDEOX}}
-# options a model needs: CogVideoX's latents are [B, F, C, H, W] (frames, the token rows, on axis 1)
-OPTIONS = {name: {"token_axis": 1} for name in COGVIDEOX}
+# options a model needs: none (CogVideoX's [B, F, C, H, W] latents get token axis 1, the frames, from the analysis)
+OPTIONS: dict[str, dict] = {}
 
 
 def layout(name, model, kwargs):
@@ -165,13 +165,13 @@ def test_cogvideox_batch_of_two_folds_batch_with_frames():
     [B * F, C, H, W] for a per-frame conv and back; each patch's frames go through it for both samples."""
     model, kwargs = cogvideox(batch=2)
     plain, plain_steps = sample_loop(call_model(model), kwargs, steps=5)
-    compiled, _ = compile_pf(model, num_stages=2, num_patches=1, stage_backend="eager", **OPTIONS["cogvideox"])
+    compiled, _ = compile_pf(model, num_stages=2, num_patches=1, stage_backend="eager")
     _, steps = sample_loop(call_model(compiled), kwargs, steps=5)
     for got, want in zip(steps, plain_steps):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     reference = make_reference("cogvideox", model, kwargs, 2)
     want, _ = sample_loop(lambda x, t, **kw: reference(x, timestep=t, **kw), kwargs, steps=5)
-    compiled, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager", **OPTIONS["cogvideox"])
+    compiled, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
     got, _ = sample_loop(call_model(compiled), kwargs, steps=5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert (got - plain).abs().max() > 1e-4

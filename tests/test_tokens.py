@@ -9,7 +9,7 @@ from graph_utils import by_name, capture_graphs, capture_model
 from pipefusion_compile.errors import UnsupportedGraphError
 from pipefusion_compile.models import dit, flux, ltx_video, pixart, sd3
 from pipefusion_compile.passes.meta import Kind, node_meta
-from pipefusion_compile.passes.tokens import analyze_tokens
+from pipefusion_compile.passes.tokens import AttemptOutcome, analyze_tokens
 
 
 def _info(gm, name):
@@ -161,16 +161,28 @@ def test_rule_fold_batch_with_frames_for_a_per_frame_conv_and_unfold():
     assert a.token_rows == 3 and a.granule == 1
 
 
-def test_default_token_axis_failure_names_the_option():
+def test_frames_first_token_axis_is_found_and_a_failure_lists_the_axes_tried():
     w = torch.randn(4, 4, 1, 1)
 
-    def f(x):   # [B, F, C, H, W]: the default axis for 5-D inputs (2) is the channels here
-        return F.conv2d(x.reshape(-1, 4, 8, 8), w).view(2, 3, 4, 8, 8)
+    def f(x):   # [B, F, C, H, W]: the conventional axis for 5-D inputs (2) is the channels here
+        t = F.conv2d(x.reshape(-1, 4, 8, 8), w).view(2, 3, 4, 8, 8)
+        q = t.permute(0, 1, 3, 4, 2).reshape(2, 1, 3 * 64, 4)
+        return F.scaled_dot_product_attention(q, q, q).reshape(2, 3, 8, 8, 4).permute(0, 1, 4, 2, 3)
 
     (gm, ex), = capture_graphs(f, torch.randn(2, 3, 4, 8, 8))
+    a = analyze_tokens(gm, ex)
+    assert (a.input_axis, a.token_rows, len(a.self_attention)) == (1, 3, 1)
+    assert [(t.axis, t.outcome) for t in a.attempts] == [(1, AttemptOutcome.CHOSEN)]
+
+    def g(x):   # no attention: nothing tells the axes apart, so the conventional axis decides
+        return F.conv2d(x.reshape(-1, 4, 8, 8), w).view(2, 3, 4, 8, 8)
+
+    (gm, ex), = capture_graphs(g, torch.randn(2, 3, 4, 8, 8))
     with pytest.raises(UnsupportedGraphError, match="conv over the channels") as err:
         analyze_tokens(gm, ex)
-    assert "default for a 5-D input" in str(err.value) and "token_axis" in str(err.value)
+    text = str(err.value)
+    assert "axis 1: the analysis succeeded but found no self-attention" in text
+    assert "axis 2: the analysis failed: conv over the channels" in text and "token_axis" in text
     assert analyze_tokens(gm, ex, token_axis=1).token_rows == 3
 
 

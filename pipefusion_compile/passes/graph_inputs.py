@@ -1,7 +1,9 @@
 """Which placeholders of a dynamo graph are the user's inputs, and which one carries the image tokens."""
 from __future__ import annotations
 
+import enum
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -38,21 +40,131 @@ def graph_outputs(gm: fx.GraphModule) -> list:
     return pytree.tree_leaves(out.args[0])
 
 
-def find_token_input(gm: fx.GraphModule, example_inputs: list | None = None) -> fx.Node:
-    """The image input: the user tensor input whose shape equals the model output's in all dims but one.
+class InputMatch(enum.IntEnum):
+    """How a user input's shape relates to the model output's (stronger first)."""
 
-    A DiT maps a latent to a latent of the same spatial extent ([B, C, H, W] -> [B, C', H, W]; packed
-    [B, S, C] -> [B, S, C']). Among several candidates the largest wins.
+    NAMED = 0             # option image_input names it
+    SAME_BUT_CHANNELS = 1  # the output's shape in all dims but one ([B, C, H, W] -> [B, C', H, W])
+    SAME_TOKENS = 2       # as many elements per channel as the output, laid out otherwise
+                          # (packed [B, H * W, C] in, [B, C, H, W] out, or the reverse; an output with extra dims)
+    PATCHIFIED = 3        # p_t * p^2 times more or fewer elements per channel than the output
+                          # ([B, C, H, W] in, packed [B, H/p * W/p, p * p * C] out, or the reverse)
+
+
+class InputRejection(enum.Enum):
+    """Why a user tensor input is not taken as the image input."""
+
+    TOO_FEW_DIMS = "fewer than 3 dims (an image input is [B, tokens..., C] or [B, C, spatial...])"
+    OTHER_BATCH = "its batch dim (0) differs from the output's"
+    NO_TOKEN_MATCH = "no way of reading its dims as channels x tokens matches the output's tokens"
+    LIST_ELEMENT = "an element of a list argument: a latent passed as a list of per-sample tensors"
+    NOT_NAMED = "option image_input names another input"
+
+
+@dataclass(frozen=True)
+class InputCandidate:
+    """One user tensor input of the graph, as the image-input search saw it."""
+
+    name: str                    # placeholder name (l_hidden_states_)
+    argument: str                # forward argument as dynamo's source names it (hidden_states, latents[0])
+    shape: tuple[int, ...]
+    match: InputMatch | None     # None: rejected
+    rejected: InputRejection | None = None
+    per_sample_match: bool = False  # a list element whose shape matches one sample of the output
+
+    def describe(self) -> str:
+        how = self.match.name.lower() if self.match is not None else f"not taken: {self.rejected.value}"
+        return f"{self.argument} ({self.name}) {list(self.shape)}: {how}"
+
+
+def _argument(node: fx.Node) -> tuple[str, str | None, int | None]:
+    """(display name, root forward argument, list index or None) of a placeholder.
+
+    Sources as dynamo writes them: `L['x']` (an argument), `L['x'][0]` (an element of a list argument), and
+    through `nn.Module.__call__`'s `*args, **kwargs`: `L['args'][0]`, `L['kwargs']['x']`, `L['args'][0][1]`.
     """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    outputs = [o for o in graph_outputs(gm) if isinstance(o, fx.Node)]
-    out_vals = [example_value(o) for o in outputs]
-    out_vals = [v for v in out_vals if isinstance(v, torch.Tensor)]
-    if not out_vals:
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    root = _source_root(source)
+    local = getattr(root, "local_name", None)
+    if local is None:  # dynamo drops the sources once a compile is done; its placeholder names keep the argument
+        for prefix in ("l_kwargs_", "l_"):
+            if node.name.startswith(prefix) and node.name.endswith("_") and len(node.name) > len(prefix) + 1:
+                return node.name[len(prefix):-1], node.name[len(prefix):-1], None
+        return node.name, None, None
+    chain = []
+    s = source
+    while s is not None and s is not root:
+        chain.append(s)
+        s = getattr(s, "base", None)
+    chain.reverse()                       # outermost access first
+    name, levels = local, chain
+    if local in ("args", "kwargs") and chain and hasattr(chain[0], "index"):
+        index = chain[0].index            # the wrapper's varargs: args[0] or kwargs['x'] is the argument
+        name = index if isinstance(index, str) else f"args[{index}]"
+        levels = chain[1:]
+    if not levels:
+        return name, name, None
+    first = getattr(levels[0], "index", None)
+    display = f"{name}[{first}]" if isinstance(first, int) else source.name
+    if isinstance(first, int) and len(levels) == 1:
+        return display, name, first
+    return (display() if callable(display) else str(display)), name, None
+
+
+def _per_channel(shape: tuple[int, ...], drop_extra: bool = False) -> set[int]:
+    """Elements per channel of one sample, for each choice of the channel dim (and, for outputs of 4+ non-batch
+    dims with `drop_extra`, of one more dim the output carries besides the tokens)."""
+    rest = shape[1:]
+    total = math.prod(rest)
+    sizes = {total // d for d in rest if d}
+    if drop_extra and len(rest) >= 4:
+        sizes |= {total // (a * b) for i, a in enumerate(rest) for b in rest[i + 1:] if a and b}
+    return sizes
+
+
+def _is_patch_ratio(big: int, small: int) -> bool:
+    if small <= 0 or big % small:
+        return False
+    r = big // small
+    return any(r % pt == 0 and r // pt > 1 and math.isqrt(r // pt) ** 2 == r // pt for pt in (1, 2, 4))
+
+
+def _match(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> InputMatch | None:
+    if len(out_shape) < 3:  # an image output has a batch, tokens (or rows) and channels
+        return None
+    if len(shape) == len(out_shape) and sum(a != b for a, b in zip(shape, out_shape)) <= 1:
+        return InputMatch.SAME_BUT_CHANNELS
+    ins, outs = _per_channel(shape), _per_channel(out_shape, drop_extra=True)
+    if ins & outs:
+        return InputMatch.SAME_TOKENS
+    outs = _per_channel(out_shape)  # a patch factor relates the tokens themselves, not tokens x an extra dim
+    if any(_is_patch_ratio(a, b) or _is_patch_ratio(b, a) for a in ins for b in outs):
+        return InputMatch.PATCHIFIED
+    return None
+
+
+def _output_shape(gm: fx.GraphModule) -> tuple[int, ...]:
+    outputs = [example_value(o) for o in graph_outputs(gm) if isinstance(o, fx.Node)]
+    outputs = [v for v in outputs if isinstance(v, torch.Tensor)]
+    if not outputs:
         raise UnsupportedGraphError("the graph returns no tensor, so no image output to pipeline")
-    out_shape = tuple(out_vals[0].shape)
-    candidates = []
-    for i, ph in enumerate(placeholders):
+    big = [v for v in outputs if v.dim() >= 3]
+    return tuple((big or outputs)[0].shape)
+
+
+def image_input_candidates(gm: fx.GraphModule, example_inputs: list | None = None,
+                           image_input: str | None = None) -> tuple[tuple[int, ...], list[InputCandidate]]:
+    """(the output's shape, every user tensor input as a candidate image input), the matched ones first,
+    strongest match first, then the largest.
+
+    The image input is matched against the model output by batch and by tokens: its elements per channel
+    (for some choice of the channel dim) equal the output's, or differ by a patch factor p_t * p^2; the
+    same shape in all dims but one is the strongest match. `image_input` (a forward argument or a placeholder
+    name) takes that input whatever its shape.
+    """
+    out_shape = _output_shape(gm)
+    found = []
+    for i, ph in enumerate(gm.graph.find_nodes(op="placeholder")):
         ex = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else None
         val = example_value(ph)
         if val is None:
@@ -60,13 +172,84 @@ def find_token_input(gm: fx.GraphModule, example_inputs: list | None = None) -> 
         if not isinstance(val, torch.Tensor) or not is_user_input(ph, ex):
             continue
         shape = tuple(val.shape)
-        if len(shape) != len(out_shape) or len(shape) < 3:
+        if any(not isinstance(s, int) for s in shape):
             continue
-        if sum(a != b for a, b in zip(shape, out_shape)) <= 1:
-            candidates.append((math.prod(shape), ph))
-    if not candidates:
-        raise UnsupportedGraphError(
-            f"could not find the image input: no user input has the output's shape {out_shape} "
-            "in all dims but the channels"
-        )
-    return max(candidates, key=lambda c: c[0])[1]
+        argument, root, index = _argument(ph)
+        if image_input is not None:
+            named = image_input in (ph.name, argument, root)
+            if named and index is None:
+                found.append(InputCandidate(ph.name, argument, shape, InputMatch.NAMED))
+            elif named:
+                found.append(InputCandidate(ph.name, argument, shape, None, InputRejection.LIST_ELEMENT,
+                                            per_sample_match=True))
+            else:
+                found.append(InputCandidate(ph.name, argument, shape, None, InputRejection.NOT_NAMED))
+            continue
+        if index is not None:
+            per_sample = len(out_shape) >= 3 and _match((1, *shape), (1, *out_shape[1:])) is not None
+            found.append(InputCandidate(ph.name, argument, shape, None, InputRejection.LIST_ELEMENT, per_sample))
+            continue
+        if len(shape) < 3:
+            found.append(InputCandidate(ph.name, argument, shape, None, InputRejection.TOO_FEW_DIMS))
+        elif shape[0] != out_shape[0]:
+            found.append(InputCandidate(ph.name, argument, shape, None, InputRejection.OTHER_BATCH))
+        else:
+            match = _match(shape, out_shape)
+            found.append(InputCandidate(ph.name, argument, shape, match,
+                                        None if match is not None else InputRejection.NO_TOKEN_MATCH))
+    found.sort(key=lambda c: (c.match is None, c.match or 0, -math.prod(c.shape)))
+    return out_shape, found
+
+
+def list_latent_error(candidates: list[InputCandidate], out_shape) -> UnsupportedGraphError | None:
+    """The error for a latent passed as a list of per-sample tensors (one graph input per element), if the
+    candidates show one."""
+    elements = [c for c in candidates if c.rejected is InputRejection.LIST_ELEMENT and c.per_sample_match]
+    if not elements:
+        return None
+    root = elements[0].argument.split("[")[0]
+    same = [c for c in elements if c.argument.split("[")[0] == root]
+    return UnsupportedGraphError(
+        f"the image input looks like the list argument `{root}`: {len(same)} per-sample tensors "
+        f"({', '.join(f'{c.argument} {list(c.shape)}' for c in same)}) for an output {list(out_shape)}. "
+        "dynamo makes one graph input per list element, and a patch is a band of one tensor's token rows, so a "
+        "latent passed as a list is not supported: pass one batched tensor (torch.stack of the samples)")
+
+
+def _no_image_input(out_shape, candidates: list[InputCandidate], image_input: str | None) -> UnsupportedGraphError:
+    listed = "".join(f"\n  - {c.describe()}" for c in candidates) or "\n  (the graph has no user tensor input)"
+    if image_input is not None:
+        return UnsupportedGraphError(
+            f"option image_input={image_input!r} names no tensor input of this graph; its user tensor inputs "
+            f"(forward argument, graph input, shape):{listed}")
+    return UnsupportedGraphError(
+        f"could not find the image input: no user input matches the output {list(out_shape)} by batch and "
+        f"tokens (the output's shape in all dims but the channels, or as many elements per channel, or a patch "
+        f"factor p^2 more or fewer); the user tensor inputs:{listed}\n  pass options={{'image_input': "
+        "'<forward argument>'} to name it")
+
+
+def find_token_inputs(gm: fx.GraphModule, example_inputs: list | None = None,
+                      image_input: str | None = None) -> tuple[list[fx.Node], list[InputCandidate]]:
+    """The candidate image inputs in the order to try them, and every candidate as seen (for errors)."""
+    out_shape, candidates = image_input_candidates(gm, example_inputs, image_input)
+    matched = [c for c in candidates if c.match is not None]
+    listed = list_latent_error(candidates, out_shape)
+    if listed is not None and (not matched or matched[0].match > InputMatch.SAME_BUT_CHANNELS
+                               or image_input is not None):
+        raise listed
+    if not matched:
+        raise _no_image_input(out_shape, candidates, image_input)
+    by_name = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
+    return [by_name[c.name] for c in matched], candidates
+
+
+def find_token_input(gm: fx.GraphModule, example_inputs: list | None = None,
+                     image_input: str | None = None) -> fx.Node:
+    """The image input: the best-matching user tensor input (see `image_input_candidates`).
+
+    A DiT maps a latent to a latent of the same spatial extent ([B, C, H, W] -> [B, C', H, W]; packed
+    [B, S, C] -> [B, S, C']), or packs or unpacks it on the way ([B, S, C] -> [B, C, H, W]). Among several
+    candidates of one kind the largest wins; `tokens.analyze_tokens` tries the others when the analysis fails.
+    """
+    return find_token_inputs(gm, example_inputs, image_input)[0][0]

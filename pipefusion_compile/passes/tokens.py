@@ -15,6 +15,8 @@ makes every `rows * epr` integral, i.e. a multiple of the lcm of the denominator
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -23,8 +25,8 @@ import torch
 import torch.fx as fx
 
 from ..errors import OptionsError, PipefusionError, UnsupportedGraphError, symbolic_hint
-from .graph_inputs import find_token_input
-from .meta import Kind, TokenInfo, example_value, node_meta
+from .graph_inputs import find_token_inputs
+from .meta import META_KEY, Kind, TokenInfo, example_value, node_meta
 from .token_rules import FOLD_SAFE_RULES, GLOBAL, RuleContext, op_name, rule_for, shape_of, token_operands
 
 
@@ -42,6 +44,7 @@ class TokenAnalysis:
     positional: list[str]
     patched_inputs: list[str] = field(default_factory=list)
     local_attention: list[str] = field(default_factory=list)  # attention within a token row (no cache)
+    attempts: tuple = ()          # every (image input, token axis) tried: `AxisAttempt`s, in order
 
     @property
     def attention_layers(self) -> int:
@@ -73,6 +76,7 @@ class _Analyzer:
         self.input_rows = shape_of(token_input)[axis]
         self.axis = axis
         self.positional: dict[str, fx.Node] = {}
+        self.reached = 0   # index of the node the analysis is at (how far a failing attempt got)
 
     def make_info(self, node, axis, rule, kind=Kind.PATCHED, attention=None, extra=None, shape=None,
                   prefix=0, suffix=0, outer=1):
@@ -103,7 +107,8 @@ class _Analyzer:
         self.positional[node.name] = node
 
     def run(self) -> None:
-        for node in self.gm.graph.nodes:
+        for index, node in enumerate(self.gm.graph.nodes):
+            self.reached = index
             meta = node_meta(node)
             if node.op == "placeholder":
                 if node is self.token_input:
@@ -167,36 +172,66 @@ class _Analyzer:
 
 
 def default_token_axis(ndim: int) -> int:
+    """The axis tried first in the principled order of `candidate_axes`, kept for callers that want one
+    guess without a graph: 1 for [B, S, C], else 2 ([B, C, H, W], [B, C, F, H, W])."""
     return 1 if ndim == 3 else 2
 
 
-def analyze_tokens(
-    gm: fx.GraphModule, example_inputs: list | None = None, token_axis: int | None = None
-) -> TokenAnalysis:
-    """Run the token analysis over `gm`; per-node results in `node.meta["pipefusion"].token`."""
-    token_input = find_token_input(gm, example_inputs)
-    ndim = len(shape_of(token_input))
-    axis = token_axis if token_axis is not None else default_token_axis(ndim)
-    if not 0 < axis < ndim:
-        raise OptionsError(
-            f"option token_axis={axis}: the image input {token_input.name} {list(shape_of(token_input))} has "
-            f"{ndim} dims, so the token axis is one of 1..{ndim - 1}")
+def candidate_axes(ndim: int) -> list[int]:
+    """The token axes `analyze_tokens` tries, in order: every dim but the batch dim 0, leading first.
+
+    The token rows are the leading spatial or temporal axis, so the first axis that is not the channels is
+    right: the channel axis (the one the patch embedding's conv or linear contracts) fails the analysis at that
+    op ("conv over the channels", "linear contracts over the token axis"), and so does a trailing spatial axis
+    (its rows are not contiguous once the tokens are flattened)."""
+    return list(range(1, ndim))
+
+
+class AttemptOutcome(enum.Enum):
+    CHOSEN = "chosen"
+    FAILED = "the analysis failed"
+    NO_SELF_ATTENTION = "the analysis succeeded but found no self-attention over the tokens"
+
+
+@dataclass(frozen=True)
+class AxisAttempt:
+    """One (image input, token axis) pair the analysis tried, and what came of it."""
+
+    token_input: str
+    shape: tuple[int, ...]
+    axis: int
+    outcome: AttemptOutcome
+    reason: str = ""     # the analysis' error, for FAILED
+    reached: int = 0     # nodes analyzed before it failed (the furthest failure is the likeliest cause)
+
+    def describe(self) -> str:
+        text = f"{self.token_input} {list(self.shape)} axis {self.axis}: {self.outcome.value}"
+        if self.reason:
+            text += ": " + self.reason.splitlines()[0]
+        return text
+
+
+def _reset(gm: fx.GraphModule, saved: dict) -> None:
+    """Undo what a previous attempt wrote into the node meta (token infos and rule extras)."""
+    for node in gm.graph.nodes:
+        meta = node.meta.get(META_KEY)
+        if meta is not None:
+            meta.token = None
+            meta.extra = dict(saved.get(node, {}))
+
+
+def _run_attempt(gm, token_input: fx.Node, axis: int, saved: dict):
+    """(analyzer, None) or (analyzer, error) for one attempt, the node meta holding its results."""
+    _reset(gm, saved)
     analyzer = _Analyzer(gm, token_input, axis)
     try:
         analyzer.run()
     except UnsupportedGraphError as e:
-        if token_axis is not None:
-            raise UnsupportedGraphError(
-                f"{e.reason}\n  (option token_axis={axis} puts the token rows on axis {axis} of the image input "
-                f"{token_input.name} {list(shape_of(token_input))}; the token rows are the latent's leading "
-                "spatial or temporal axis, e.g. 2 for [B, C, H, W])", e.node) from None
-        if ndim != 5:  # 5-D: [B, C, F, H, W] (the default) or [B, F, C, H, W]
-            raise
-        raise UnsupportedGraphError(
-            f"{e.reason}\n  (the token rows of the image input {token_input.name} {list(shape_of(token_input))} "
-            f"were taken to lie on axis {axis}, the default for a {ndim}-D input; if they lie on another axis, "
-            "e.g. the frames of [B, F, C, H, W] latents, pass options={'token_axis': ...})", e.node) from None
+        return analyzer, e
+    return analyzer, None
 
+
+def _summarize(gm, token_input: fx.Node, axis: int, analyzer: _Analyzer, attempts) -> TokenAnalysis:
     granule = 1
     counts = {k.value: 0 for k in Kind}
     self_attn, cross_attn, local_attn = [], [], []
@@ -226,4 +261,99 @@ def analyze_tokens(
         positional=sorted(analyzer.positional),
         patched_inputs=[token_input.name],
         local_attention=local_attn,
+        attempts=tuple(attempts),
     )
+
+
+def analyze_tokens(
+    gm: fx.GraphModule, example_inputs: list | None = None, token_axis: int | None = None,
+    image_input: str | None = None,
+) -> TokenAnalysis:
+    """Run the token analysis over `gm`; per-node results in `node.meta["pipefusion"].token`.
+
+    The image input and its token axis are found, not asked for: the candidate inputs
+    (`graph_inputs.find_token_inputs`, best match first) and, for each, the axes of `candidate_axes` are tried
+    in order, and the first pair under which the analysis succeeds and finds a self-attention over the tokens
+    wins (`TokenAnalysis.attempts` records every pair tried and why each other one failed):
+
+        [B, C, H, W]     axis 1: conv over the channels (fails)   axis 2: ok (chosen)
+        [B, F, C, H, W]  axis 1: ok (chosen: the frames)
+        [B, C, F, H, W]  axis 1: fails                             axis 2: ok (chosen)
+
+    `token_axis` and `image_input` (options of the same names) restrict the search to that axis / input. When
+    every pair fails, the error is the one of the attempt that got furthest through the graph, followed by the
+    list of attempts. A graph whose analysis succeeds without self-attention returns that analysis (the backend
+    runs it unchanged) when that is the conventional axis (`default_token_axis`) of the best input: without
+    self-attention nothing tells the axes apart, so the conventional one decides, as it did when it was the only
+    one tried.
+    """
+    inputs, candidates = find_token_inputs(gm, example_inputs, image_input)
+    if token_axis is not None:
+        for token_input in inputs:
+            ndim = len(shape_of(token_input))
+            if not 0 < token_axis < ndim:
+                raise OptionsError(
+                    f"option token_axis={token_axis}: the image input {token_input.name} "
+                    f"{list(shape_of(token_input))} has {ndim} dims, so the token axis is one of 1..{ndim - 1}")
+    saved = {n: dict(n.meta[META_KEY].extra) for n in gm.graph.nodes if META_KEY in n.meta}
+    attempts: list[AxisAttempt] = []
+    errors: dict[int, UnsupportedGraphError] = {}
+    first_ok = None       # the conventional attempt, when it succeeded without self-attention
+    chosen = None
+    last_run = None
+    for token_input in inputs:
+        shape = tuple(shape_of(token_input))
+        axes = [token_axis] if token_axis is not None else candidate_axes(len(shape))
+        for axis in axes:
+            analyzer, error = _run_attempt(gm, token_input, axis, saved)
+            last_run = (token_input, axis)
+            if error is not None:
+                errors[len(attempts)] = error
+                attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.FAILED, error.reason,
+                                            analyzer.reached))
+                continue
+            has_self = any(node_meta(n).token is not None and node_meta(n).token.attention == "self"
+                           for n in gm.graph.nodes if n.op != "output")
+            if has_self:
+                chosen = (len(attempts), token_input, axis, analyzer)
+                attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.CHOSEN))
+                break
+            if token_input is inputs[0] and axis == (token_axis or default_token_axis(len(shape))):
+                first_ok = (len(attempts), token_input, axis, analyzer)
+            attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.NO_SELF_ATTENTION))
+        if chosen is not None:
+            break
+    if chosen is None and first_ok is not None:
+        chosen = first_ok
+        index = chosen[0]
+        attempts[index] = dataclasses.replace(attempts[index], outcome=AttemptOutcome.CHOSEN)
+    if chosen is not None:
+        _, token_input, axis, analyzer = chosen
+        if last_run != (token_input, axis):  # a later attempt overwrote the meta: rerun the chosen one
+            analyzer, _ = _run_attempt(gm, token_input, axis, saved)
+        return _summarize(gm, token_input, axis, analyzer, attempts)
+    raise _all_failed(attempts, errors, candidates, token_axis) from None
+
+
+def _all_failed(attempts: list[AxisAttempt], errors: dict, candidates, token_axis: int | None):
+    def conventional(i):
+        a = attempts[i]
+        return a.token_input == attempts[0].token_input and a.axis == (token_axis or default_token_axis(len(a.shape)))
+
+    failed = [i for i in range(len(attempts)) if i in errors]
+    best = max(failed, key=lambda i: (attempts[i].reached, conventional(i), -i))
+    error, attempt = errors[best], attempts[best]
+    where = f"the image input {attempt.token_input} {list(attempt.shape)}"
+    if token_axis is not None:
+        hint = (f"option token_axis={token_axis} puts the token rows on axis {token_axis} of {where}; the token "
+                "rows are the latent's leading spatial or temporal axis, e.g. 2 for [B, C, H, W]")
+    else:
+        hint = (f"no image input and token axis gave an analysis with self-attention over the tokens; this is "
+                f"the error of axis {attempt.axis} of {where}, the failure that got furthest through the graph")
+    tried = "".join(f"\n    - {a.describe()}" for a in attempts)
+    others = [c for c in candidates if c.match is None]
+    seen = "".join(f"\n    - {c.describe()}" for c in others)
+    text = (f"{error.reason}\n  ({hint}; tried:{tried}"
+            + (f"\n  other inputs, not tried:{seen}" if seen else "")
+            + "\n  options={'image_input': ..., 'token_axis': ...} choose them)")
+    return UnsupportedGraphError(text, error.node)

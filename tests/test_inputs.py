@@ -1,0 +1,169 @@
+"""The image input and its token axis are found, not asked for (tests/input_models.py: toy DiTs whose input
+is packed while the output is not, or the reverse, frames before channels, an output with an extra dim, a
+list latent); options image_input and token_axis override the search, with errors listing what was found."""
+import re
+
+import pytest
+import torch
+
+import input_models as im
+from graph_utils import capture_graphs
+from helpers import compile_pf
+from reference_pipefusion import ImageLayout, ReferencePipeFusion
+from pipefusion_compile.errors import PipefusionError, UnsupportedGraphError
+from pipefusion_compile.passes.graph_inputs import InputMatch, image_input_candidates
+from pipefusion_compile.passes.tokens import AttemptOutcome, analyze_tokens
+
+T = torch.full((1,), 500)
+
+# name -> (matched how, token axis, token rows, the axes tried before the chosen one)
+EXPECTED = {
+    "packed_in": (InputMatch.PATCHIFIED, 1, 4, []),      # [1, 24, 16] -> [1, 4, 8, 12]: 24 * 2^2 = 8 * 12
+    "packed_out": (InputMatch.PATCHIFIED, 2, 4, [1]),    # [1, 4, 8, 12] -> [1, 24, 16]; axis 1 = channels
+    "frames_first": (InputMatch.SAME_BUT_CHANNELS, 1, 4, []),   # [1, 4, 6, 8, 8]: the frames
+    "extra_dim": (InputMatch.SAME_TOKENS, 2, 4, [1]),    # [1, 4, 8, 12] -> [1, 2, 4, 8, 12]
+}
+
+
+def _capture(name):
+    model, x, ctx = im.make(name)
+    (gm, ex), = capture_graphs(model, x, T, ctx)
+    return gm, ex
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_image_input_and_token_axis_are_found(name):
+    match, axis, rows, failed_axes = EXPECTED[name]
+    gm, ex = _capture(name)
+    _, candidates = image_input_candidates(gm, ex)
+    assert (candidates[0].name, candidates[0].match) == ("l_hidden_states_", match)
+    # the prompt [1, 5, 12] may match weakly (12 "tokens", a patch factor from the output's): it ranks after
+    context = next(c for c in candidates if c.name == "l_context_")
+    assert context.match is None or context.match >= match
+    a = analyze_tokens(gm, ex)
+    assert (a.token_input, a.input_axis, a.token_rows, len(a.self_attention)) == ("l_hidden_states_", axis, rows, 4)
+    assert [t.axis for t in a.attempts if t.outcome is AttemptOutcome.FAILED] == failed_axes
+    assert all("conv over the channels" in t.reason for t in a.attempts if t.outcome is AttemptOutcome.FAILED)
+    assert a.attempts[-1].outcome is AttemptOutcome.CHOSEN and a.attempts[-1].axis == axis
+
+
+def _loop(fn, model, x, ctx, steps=4):
+    outs = []
+    with torch.no_grad():
+        for t in torch.linspace(900, 100, steps).long():
+            out = fn(x, t.expand(x.shape[0]), ctx)
+            outs.append(out)
+            x = 0.9 * x + 0.1 * model.to_input(out)
+    return outs
+
+
+class _Adapter(torch.nn.Module):
+    """The toy model called as the reference calls a diffusers model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden_states, timestep, context, return_dict=False):
+        return (self.model(hidden_states, timestep, context),)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_pipelined_equals_plain_model_and_the_reference(name):
+    """N=2: M=1, and M=4 with warmup covering every step, equal the plain model at every step; M=4 with one
+    warmup step (stale K/V) equals the plainly written eager PipeFusion at every step."""
+    model, x, ctx = im.make(name)
+    want = _loop(model, model, x, ctx)
+    for patches, warmup in ((1, 1), (4, 4)):
+        compiled, _ = compile_pf(model, num_stages=2, num_patches=patches, warmup_steps=warmup, stage_backend="eager")
+        for got, ref in zip(_loop(compiled, model, x, ctx), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    reference = ReferencePipeFusion(_Adapter(model), num_patches=4, warmup_steps=1,
+                                    layout=ImageLayout(*model.layout()))
+    want = _loop(lambda h, t, c: reference(h, timestep=t, context=c), model, x, ctx)
+    compiled, programs = compile_pf(model, num_stages=2, num_patches=4, warmup_steps=1, stage_backend="eager")
+    got = _loop(compiled, model, x, ctx)
+    assert programs[0].stats["pipelined_calls"] == 3 and programs[0].plan.num_patches == 4
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def _raised(fn, *args) -> PipefusionError:
+    try:
+        with torch.no_grad():
+            fn(*args)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        err = e.inner_exception
+    except Exception as e:
+        err = e
+    else:
+        pytest.fail("no error was raised")
+    assert isinstance(err, PipefusionError), f"{type(err).__name__}: {err}"
+    return err
+
+
+def test_list_latent_is_refused_naming_the_argument():
+    torch.manual_seed(0)
+    model = im.ListLatent().eval()
+    xs, ctx = model.example(2), torch.randn(2, *im.CONTEXT)
+    compiled, _ = compile_pf(model, num_stages=2, stage_backend="eager")
+    err = _raised(compiled, xs, torch.full((2,), 500), ctx)
+    assert isinstance(err, UnsupportedGraphError)
+    text = str(err)
+    assert "the list argument `hidden_states`: 2 per-sample tensors" in text
+    assert "hidden_states[0] [4, 8, 12], hidden_states[1] [4, 8, 12]" in text and "torch.stack" in text
+    # naming it does not make it supported
+    compiled, _ = compile_pf(model, num_stages=2, stage_backend="eager", image_input="hidden_states")
+    assert "list argument `hidden_states`" in str(_raised(compiled, xs, torch.full((2,), 500), ctx))
+
+
+def test_image_input_option_names_the_input():
+    gm, ex = _capture("packed_out")
+    for name in ("hidden_states", "l_hidden_states_"):
+        a = analyze_tokens(gm, ex, image_input=name)
+        assert (a.token_input, a.input_axis) == ("l_hidden_states_", 2)
+        assert a.attempts[-1].outcome is AttemptOutcome.CHOSEN
+    _, candidates = image_input_candidates(gm, ex, image_input="hidden_states")
+    assert [c.match for c in candidates if c.argument == "hidden_states"] == [InputMatch.NAMED]
+
+
+def test_image_input_option_naming_nothing_lists_the_inputs():
+    model, x, ctx = im.make("packed_out")
+    compiled, _ = compile_pf(model, num_stages=2, stage_backend="eager", image_input="latents")
+    err = _raised(compiled, x, T, ctx)
+    text = str(err)
+    assert "option image_input='latents' names no tensor input" in text
+    assert "hidden_states (l_hidden_states_) [1, 4, 8, 12]: not taken: option image_input names another input" in text
+    assert "context (l_context_) [1, 5, 12]" in text
+
+
+def test_image_input_option_on_the_wrong_input_lists_the_axes_tried():
+    gm, ex = _capture("packed_out")
+    with pytest.raises(UnsupportedGraphError) as err:
+        analyze_tokens(gm, ex, image_input="context")
+    text = str(err.value)
+    for axis in (1, 2):
+        assert re.search(rf"l_context_ \[1, 5, 12\] axis {axis}: the analysis (failed|succeeded but found no self)",
+                         text), text
+
+
+def test_token_axis_option_overrides_and_its_failure_says_so():
+    gm, ex = _capture("frames_first")
+    with pytest.raises(UnsupportedGraphError) as err:
+        analyze_tokens(gm, ex, token_axis=2)
+    text = str(err.value)
+    assert "conv over the channels" in text and "option token_axis=2 puts the token rows on axis 2" in text
+    assert "l_hidden_states_ [1, 4, 6, 8, 8] axis 2: the analysis failed" in text
+
+
+def test_no_matching_input_lists_each_candidate_with_its_shape():
+    def f(x, y):   # the output [1, 3, 7] matches neither input's tokens
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x)[:, :3, :7].sum(0, keepdim=True) + y.sum()
+
+    (gm, ex), = capture_graphs(f, torch.randn(1, 8, 16), torch.randn(2, 5))
+    with pytest.raises(UnsupportedGraphError) as err:
+        analyze_tokens(gm, ex)
+    text = str(err.value)
+    assert "could not find the image input" in text and "[1, 3, 7]" in text
+    assert "x (l_x_) [1, 8, 16]: not taken: no way of reading its dims" in text
+    assert "y (l_y_) [2, 5]: not taken: fewer than 3 dims" in text and "image_input" in text
