@@ -427,3 +427,38 @@ def test_mmdit_joint_attention_is_analyzed_planned_and_lowered(factory):
     assert [p.kind for p in plan.pieces(pipelined=True)] == (
         ["head", "band", "band"] if factory is flux else ["band", "band", "tail"])
     assert [p.kind for p in plan.pieces(pipelined=False)] == ["full"]
+
+
+def test_rule_view_as_complex_keeps_the_token_axis():
+    """[B, S, H, D/2, 2] -> complex [B, S, H, D/2]: the token axis stays 1 (aligning from the right moved it
+    to 0 and planned QwenImage as 2 token rows: its batch)."""
+    def f(x):
+        c = torch.view_as_complex(x.reshape(2, 64, 2, 4, 2))
+        return torch.view_as_real(c * c).flatten(2)
+
+    gm, a = analyze_fn(f, torch.randn(2, 64, 16))
+    for n in gm.graph.nodes:
+        info = node_meta(n).token
+        if n.op == "call_function" and n.target in (torch.view_as_complex, torch.view_as_real):
+            assert (info.axis, info.epr) == (1, 1)
+    assert a.token_rows == 64
+
+
+@pytest.mark.parametrize("case", ["repeat", "repeat-tokens", "interleave", "interleave-tokens"])
+def test_rule_repeat_and_repeat_interleave_off_the_token_axis(case):
+    def f(x):   # x [B, S, C], tokens on 1
+        if case == "repeat":
+            return x.repeat(1, 1, 2)
+        if case == "repeat-tokens":
+            return x.repeat(1, 2, 1)
+        if case == "interleave":
+            return x.repeat_interleave(2, dim=2)
+        return x.repeat_interleave(2, dim=1)
+
+    if case.endswith("tokens"):
+        with pytest.raises(UnsupportedGraphError, match="token axis"):
+            analyze_fn(f, torch.randn(2, 16, 4))
+    else:
+        gm, _ = analyze_fn(f, torch.randn(2, 16, 4))
+        out = [n for n in gm.graph.nodes if n.op == "call_method"][-1]
+        assert node_meta(out).token.axis == 1

@@ -643,6 +643,36 @@ def rule_setitem(ctx: RuleContext) -> TokenInfo:
                      prefix=info.prefix, suffix=info.suffix)
 
 
+def rule_repeat(ctx: RuleContext) -> TokenInfo:
+    """`x.repeat(*counts)` tiles x; with count 1 at the token axis the tokens keep their order there (tiling
+    the token axis itself would put a patch's rows in several places: refused)."""
+    (a, info), = token_operands(ctx)
+    counts = ctx.node.args[1:]
+    if len(counts) == 1 and isinstance(counts[0], (tuple, list, torch.Size)):
+        counts = tuple(counts[0])
+    nd = len(shape_of(a))
+    if not counts or any(not isinstance(c, int) for c in counts):
+        raise ctx.fail("repeat with counts computed at run time on a token-carrying tensor")
+    shift = len(counts) - nd
+    if counts[shift + info.axis] != 1:
+        raise ctx.fail("repeat that tiles the token axis")
+    return ctx.patched(info.axis + shift, "repeat")
+
+
+def rule_repeat_interleave(ctx: RuleContext) -> TokenInfo:
+    """`x.repeat_interleave(n, dim)` along another dim than the token axis keeps the token order."""
+    x = ctx.node.args[0]
+    info = ctx.info(x)
+    repeats, dim = ctx.arg(1, "repeats"), ctx.arg(2, "dim")
+    if not info.carries_tokens or isinstance(repeats, fx.Node) and ctx.info(repeats).carries_tokens:
+        raise ctx.fail("repeat_interleave whose repeat counts depend on the image tokens")
+    if dim is None:
+        raise ctx.fail("repeat_interleave without dim flattens the token axis")
+    if _norm_dim(dim, len(shape_of(x))) == info.axis:
+        raise ctx.fail("repeat_interleave along the token axis")
+    return ctx.patched(info.axis, "repeat-interleave")
+
+
 def rule_embedding(ctx: RuleContext) -> TokenInfo:
     idx = ctx.node.args[0]
     info = ctx.info(idx)
@@ -713,6 +743,8 @@ for _t in (torch.cat, torch.concat, torch.concatenate):
 RULES[torch.stack] = lambda ctx: rule_cat(ctx, stack=True)
 RULES["to"] = RULES["type_as"] = rule_cast
 RULES[torch.view_as_complex] = RULES[torch.view_as_real] = rule_view_complex
+RULES["repeat"] = rule_repeat
+RULES["repeat_interleave"] = RULES[torch.repeat_interleave] = rule_repeat_interleave
 RULES[operator.getitem] = rule_getitem
 RULES[operator.setitem] = rule_setitem
 
@@ -734,7 +766,7 @@ for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
 # Rules that may run on a folded token axis (`TokenInfo.outer` > 1): they never use token positions (their
 # POSITIONAL operands are refused by `RuleContext.positional`) or handle the fold themselves (reshape, conv).
 FOLD_SAFE_RULES = {rule_elementwise, rule_cast, rule_reshape, rule_permute, rule_linear, rule_norm, rule_reduce,
-                   rule_conv, rule_sdpa, rule_chunk_split, rule_unbind, rule_getitem, rule_view_complex}
+                   rule_conv, rule_sdpa, rule_chunk_split, rule_unbind, rule_getitem, rule_view_complex, rule_repeat, rule_repeat_interleave}
 
 
 def rule_for(node: fx.Node) -> Callable[[RuleContext], TokenInfo] | None:
