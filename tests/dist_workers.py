@@ -16,6 +16,12 @@ def factory(name):
         from toy_models import make_skips
 
         return make_skips
+    if name.startswith("hw:"):  # a hand-written DiT of tests/handwritten_dits.py: "hw:make_uvit", "hw:make_uvit:4"
+        import handwritten_dits
+
+        _, fn, *args = name.split(":")
+        make = getattr(handwritten_dits, fn)
+        return lambda **kw: make(*[int(a) if a.isdigit() else a for a in args], **kw)
     return BUILTIN[name]
 
 

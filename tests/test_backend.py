@@ -113,7 +113,7 @@ def test_cli_plans_a_builtin_model_with_the_token_axis_found(capsys):
 
     assert main(["plan", "CogVideoXTransformer3DModel", "--stages", "2"]) == 0
     out = capsys.readouterr().out
-    assert "axis 1, 4 rows" in out and "text first" in out
+    assert "axis 1, 4 rows" in out and "other tokens first" in out
     assert main(["plan", "CogVideoXTransformer3DModel", "--stages", "2", "--token-axis", "2"]) == 2
     err = capsys.readouterr().err
     assert "conv over the channels" in err and "image_embeds = self.proj(image_embeds)" in err

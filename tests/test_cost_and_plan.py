@@ -116,7 +116,7 @@ def test_patch_bands():
 
 
 def test_bad_plans_fail_early():
-    with pytest.raises(PlanError, match="num_stages=5 is more than the 4 self-attention layers"):
+    with pytest.raises(PlanError, match="num_stages=5 is more than the 4 attention layers"):
         plan_for(dit(num_layers=4), num_stages=5)
     with pytest.raises(PlanError, match="num_patches=9 is larger than the 8 token rows"):
         plan_for(dit(), num_stages=2, num_patches=9)

@@ -144,7 +144,8 @@ def test_joint_pieces_keep_their_token_group_and_write_kv_at_its_offset():
 
 
 def test_joint_layouts_the_lowering_cannot_express_are_clear_errors():
-    """Text on both sides of the image along the token axis, or a model output holding text tokens."""
+    """The same text tokens on both sides of the image along the token axis (two groups, each its own piece,
+    would both need them), or a model output holding text tokens."""
     import pytest
     import torch.nn.functional as F
 
@@ -167,7 +168,8 @@ def test_joint_layouts_the_lowering_cannot_express_are_clear_errors():
             out = self.unpatchify(x, hidden_states.shape, return_dict=False)[0]
             return (out, t) if not self.both_sides else (out,)
 
-    for both_sides, message in ((True, "both sides of the image"), (False, "model output that holds text")):
+    for both_sides, message in ((True, "same tokens on both sides of the image"),
+                                (False, "model output that holds text")):
         torch.manual_seed(0)
         model = JointToy(both_sides).eval()
         compiled, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")

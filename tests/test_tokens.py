@@ -339,28 +339,33 @@ def test_conv_over_rows_and_unknown_ops_fail_clearly():
 def test_rule_joint_sequences_cat_slice_split_token_groups():
     text = torch.randn(1, 5, 4)   # a prompt: GLOBAL, 5 tokens
 
-    def f(x):
+    def f(x, reorder=False):
         img = x.flatten(2).transpose(1, 2)                     # [1, 64, 4] image tokens
         joint = torch.cat([img, text], dim=1)                  # SD3 order: image first, then text
         joint = joint * 2.0
         image_part, text_part = joint[:, :64], joint[:, 64:]   # back to the groups
-        both = torch.cat([text_part, image_part], dim=1)       # Flux order: text first
-        t2, i2 = both.split_with_sizes([5, 64], dim=1)
+        if reorder:   # the text computed after the image, moved before it
+            image_part = torch.cat([text_part, image_part], dim=1)[:, 5:]
+        both = torch.cat([image_part, text_part * 3.0], dim=1)
+        i2, t2 = both.split_with_sizes([64, 5], dim=1)
         return i2.transpose(1, 2).reshape(1, 4, 8, 8)
 
     gm, a = analyze_fn(f)
     info = {n.name: node_meta(n).token for n in gm.graph.nodes if n.op != "output"}
     cats = [n.name for n in gm.graph.nodes if n.target is torch.cat]
     assert (info[cats[0]].prefix, info[cats[0]].suffix) == (0, 5)          # [image | text]
-    assert (info[cats[1]].prefix, info[cats[1]].suffix) == (5, 0)          # [text | image]
+    assert (info[cats[1]].prefix, info[cats[1]].suffix) == (0, 5)          # [image | text] again
     getitems = [n for n in gm.graph.nodes if n.target is operator.getitem and node_meta(n.args[0]).token.joint]
     image_part, text_part = (info[n.name] for n in getitems[:2])
     assert not image_part.joint and image_part.epr == 8                   # 8 tokens per input row
-    assert text_part.epr == 0 and text_part.prefix == 5                    # text only: no image part
+    assert (text_part.epr, text_part.prefix, text_part.suffix) == (0, 0, 5)  # the text after the image
     split = next(n for n in gm.graph.nodes if n.target == "split_with_sizes")
-    t2, i2 = info[split.name].elements
-    assert (t2.epr, t2.prefix) == (0, 5) and (i2.prefix, i2.suffix) == (0, 0)
+    i2, t2 = info[split.name].elements
+    assert (t2.epr, t2.prefix, t2.suffix) == (0, 0, 5) and (i2.prefix, i2.suffix) == (0, 0)
     assert a.granule == 1 and a.token_rows == 8
+    # each side of the image is its own piece: tokens of the group after the image cannot move before it
+    with pytest.raises(UnsupportedGraphError, match="group after the image tokens and is concatenated before"):
+        analyze_fn(lambda x: f(x, reorder=True))
 
 
 @pytest.mark.parametrize("case", ["image", "text", "image-and-text", "mismatched-value"])
@@ -386,7 +391,7 @@ def test_rule_inplace_write_into_one_token_group(case):
         node = next(n for n in gm.graph.nodes if n.target is operator.setitem)
         info = node_meta(node).token
         assert info.rule == "setitem-group" and (info.prefix, info.suffix) == (5, 0)
-        assert node_meta(node).extra["group_write"] == (case, 1)
+        assert node_meta(node).extra["group_write"] == ({"text": "head"}.get(case, case), 1)
         if case == "image":
             assert [n.name for n in _positional(gm)] == [by_name(gm)[n].name for n in a.positional]
             assert len(a.positional) == 1   # the cos table, sliced per band

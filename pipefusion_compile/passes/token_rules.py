@@ -530,6 +530,19 @@ def _cat_groups(ctx: RuleContext, tensors, axis: int) -> TokenInfo:
             before += extent
         else:
             after += extent
+    if image is not None:
+        seen_image = False
+        for t in tensors:
+            info = ctx.info(t)
+            if info.carries_tokens and info is not image and info.epr == 0 and (
+                    info.suffix if not seen_image else info.prefix):
+                # tokens computed as the group on one side of the image (each side is its own piece) placed
+                # on the other side: the piece that computes them would not be the piece that reads them
+                raise ctx.fail(
+                    f"{t.name} holds tokens of the group {'after' if info.suffix else 'before'} the image tokens "
+                    f"and is concatenated {'before' if not seen_image else 'after'} them (the same tokens on "
+                    "both sides of the image are not supported)")
+            seen_image = seen_image or info is image
     if image is None:  # tokens of other groups only: one side (two parts of the head group, say)
         sides = {"suffix" if ctx.info(t).suffix else "prefix" for t in tensors if ctx.info(t).carries_tokens}
         if len(sides) > 1:
