@@ -42,9 +42,13 @@ def test_image_input_and_token_axis_are_found(name):
     assert context.match is None or context.match >= match
     a = analyze_tokens(gm, ex)
     assert (a.token_input, a.input_axis, a.token_rows, len(a.self_attention)) == ("l_hidden_states_", axis, rows, 4)
-    assert [t.axis for t in a.attempts if t.outcome is AttemptOutcome.FAILED] == failed_axes
-    assert all("conv over the channels" in t.reason for t in a.attempts if t.outcome is AttemptOutcome.FAILED)
-    assert a.attempts[-1].outcome is AttemptOutcome.CHOSEN and a.attempts[-1].axis == axis
+    # every input that matches is tried (the one reaching the most self-attention wins); the latent's own
+    # attempts: the channel axes fail at the patch embedding, then the token axis is chosen
+    own = [t for t in a.attempts if t.token_input == a.token_input]
+    assert [t.axis for t in own if t.outcome is AttemptOutcome.FAILED] == failed_axes
+    assert all("conv over the channels" in t.reason for t in own if t.outcome is AttemptOutcome.FAILED)
+    assert own[-1].outcome is AttemptOutcome.CHOSEN and own[-1].axis == axis
+    assert [t.outcome for t in a.attempts].count(AttemptOutcome.CHOSEN) == 1
 
 
 def _loop(fn, model, x, ctx, steps=4):
@@ -167,3 +171,18 @@ def test_no_matching_input_lists_each_candidate_with_its_shape():
     assert "could not find the image input" in text and "[1, 3, 7]" in text
     assert "x (l_x_) [1, 8, 16]: not taken: no way of reading its dims" in text
     assert "y (l_y_) [2, 5]: not taken: fewer than 3 dims" in text and "image_input" in text
+
+
+def test_the_image_input_is_the_one_whose_tokens_reach_the_most_self_attention():
+    """WanVACE: the control latent [B, 8, F, H, W] is larger than the latent [B, 4, F, H, W] and matches the
+    output too; taken as the image input, the latent's first block was GLOBAL (run in full, never pipelined)
+    and M=4 differed from the reference. The latent's tokens reach every self-attention layer."""
+    from coverage_cases import case_by_name
+    from graph_utils import capture_model
+
+    model, kwargs = case_by_name("WanVACETransformer3DModel").build()
+    gm, ex = capture_model(model, kwargs)
+    a = analyze_tokens(gm, ex)
+    assert "control" not in a.token_input and "hidden_states" in a.token_input
+    assert len(a.self_attention) == 4
+    assert [t.outcome for t in a.attempts if "control" in t.token_input][-1] is AttemptOutcome.FEWER_LAYERS

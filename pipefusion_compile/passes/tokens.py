@@ -191,6 +191,7 @@ class AttemptOutcome(enum.Enum):
     CHOSEN = "chosen"
     FAILED = "the analysis failed"
     NO_SELF_ATTENTION = "the analysis succeeded but found no self-attention over the tokens"
+    FEWER_LAYERS = "the analysis succeeded, but another input's tokens reach more self-attention layers"
 
 
 @dataclass(frozen=True)
@@ -312,17 +313,23 @@ def analyze_tokens(
                 attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.FAILED, error.reason,
                                             analyzer.reached))
                 continue
-            has_self = any(node_meta(n).token is not None and node_meta(n).token.attention == "self"
-                           for n in gm.graph.nodes if n.op != "output")
-            if has_self:
-                chosen = (len(attempts), token_input, axis, analyzer)
+            layers = sum(1 for n in gm.graph.nodes if n.op != "output" and node_meta(n).token is not None
+                         and node_meta(n).token.attention == "self")
+            if layers:
+                # several inputs may pass (WanVACE: its control latent, larger than the latent, matches the
+                # output too): the image input is the one whose tokens reach the most self-attention layers
+                # (the control stream joins the latent's; the latent's own blocks would be GLOBAL otherwise)
+                if chosen is None or layers > chosen[4]:
+                    chosen = (len(attempts), token_input, axis, analyzer, layers)
                 attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.CHOSEN))
                 break
             if token_input is inputs[0] and axis == (token_axis or default_token_axis(len(shape))):
                 first_ok = (len(attempts), token_input, axis, analyzer)
             attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.NO_SELF_ATTENTION))
-        if chosen is not None:
-            break
+    if chosen is not None:   # the attempts of the inputs that lost are recorded as passing, not chosen
+        attempts = [a if a.outcome is not AttemptOutcome.CHOSEN or i == chosen[0] else dataclasses.replace(
+            a, outcome=AttemptOutcome.FEWER_LAYERS) for i, a in enumerate(attempts)]
+        chosen = chosen[:4]
     if chosen is None and first_ok is not None:
         chosen = first_ok
         index = chosen[0]
