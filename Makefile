@@ -47,7 +47,7 @@ sweep: venv
 
 # every diffusers DiT class (tiny, random weights) through the backend: benchmarks/results/coverage.md
 coverage: venv
-	$(BIN)/python benchmarks/coverage.py --out benchmarks/results/coverage.md
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/coverage.py --out benchmarks/results/coverage.md --readme README.md
 
 bench-quality: venv-examples
 	$(BIN)/python benchmarks/bench_quality.py
