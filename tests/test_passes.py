@@ -204,3 +204,32 @@ def test_a_stage_output_replaced_by_select_group_keeps_its_name():
             # the stage interface agrees: every value the next stage's piece receives is one this piece returns
             received = [i.name for i in second.piece_graph(piece).inputs if i.source == "recv"]
             assert cut in received and set(received) <= set(pg.outputs), (partition, piece.kind)
+
+
+def test_a_global_cast_like_a_token_value_reads_only_its_dtype():
+    """`emb.type_as(hidden_states)` (Cosmos): GLOBAL, hoisted into the globals graph, which never sees tokens;
+    it becomes `emb.to(dtype, device)` (before, the lowering failed: a token value asked for as a global)."""
+    import torch.nn as nn
+
+    from toy_models import ToyDiT
+
+    class CastToy(ToyDiT):
+        def __init__(self):
+            super().__init__(ff_mults=(1, 1))
+            self.t_proj = nn.Linear(1, 32)
+
+        def forward(self, hidden_states, timestep, return_dict=True):
+            x = self.embed(hidden_states).flatten(2).transpose(1, 2)
+            emb = self.t_proj(torch.sin(timestep)[:, None]).type_as(x)[:, None]
+            for blk in self.blocks:
+                x = blk(x + emb)
+            return self.unpatchify(x, hidden_states.shape, return_dict)
+
+    torch.manual_seed(0)
+    model = CastToy().eval()
+    kwargs = dict(hidden_states=torch.randn(1, 4, 16, 16), timestep=torch.tensor([0.5]))
+    compiled, programs = compile_pf(model, num_stages=2, num_patches=1, stage_backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**kwargs)[0], model(**kwargs)[0], rtol=1e-5, atol=1e-6)
+    casts = [n for st in programs[0].stages for n in st.lowered.globals_gm.graph.nodes if n.target == "to"]
+    assert casts and all(len(n.args) == 1 and n.kwargs["dtype"] == torch.float32 for n in casts)

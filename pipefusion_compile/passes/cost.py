@@ -76,6 +76,10 @@ def analyze_cost(gm: fx.GraphModule) -> int:
         meta = node_meta(node)
         try:
             meta.flops = node_flops(node, fake_mode)
+        except torch._subclasses.fake_tensor.DataDependentOutputException:
+            # `.item()` / `.tolist()` of a value: no fake result, and no FLOPs to count (Cosmos reads a GLOBAL
+            # scalar this way); a token-carrying one is refused by the token analysis before this runs
+            meta.flops = 0
         except Exception as e:  # e.g. an op without a fake (meta) implementation
             raise UnsupportedGraphError(
                 f"the cost analysis could not run this op on fake tensors to count its FLOPs: "

@@ -653,14 +653,35 @@ _FRESH_FACTORIES = {"new_zeros": torch.zeros, "new_ones": torch.ones, "new_empty
                     "new_full": torch.full}
 
 
+def _detach_cast(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """`x.type_as(t)` / `x.to(t)` of a GLOBAL x with a token-carrying t (Cosmos: `emb.type_as(hidden_states)`):
+    t lends only its dtype (and device), so the cast reads it no more: `x.to(dtype, device)`."""
+    if n.op != "call_method" or n.target not in ("type_as", "to") or len(n.args) != 2:
+        return False
+    x, other = n.args
+    if not isinstance(other, fx.Node) or not isinstance(example_value(other), torch.Tensor):
+        return False
+    info, oinfo = node_meta(n).token, node_meta(other).token
+    if info is None or info.carries_tokens or oinfo is None or not oinfo.carries_tokens:
+        return False
+    val = example_value(other)
+    n.args = (x,)
+    n.target = "to"
+    n.kwargs = {**n.kwargs, "dtype": val.dtype, "device": val.device}
+    return True
+
+
 def detach_fresh_tensors(gm: fx.GraphModule) -> fx.GraphModule:
     """A fresh tensor made from a token-carrying one only for its dtype and device (GLOBAL by the token
     analysis) must not read it in the hoisted globals graph, which never sees tokens.
 
     Before:                                        After:
         %t = new_zeros(%x, 1, 64, 32)  # x PATCHED     %t = zeros((1, 64, 32), dtype=float32, device=cpu)
+        %e = type_as(%emb, %x)         # emb GLOBAL    %e = to(%emb, dtype=float32, device=cpu)
     """
     for n in list(gm.graph.nodes):
+        if _detach_cast(gm, n):
+            continue
         if n.op != "call_method" or n.target not in _FRESH_FACTORIES or not isinstance(n.args[0], fx.Node):
             continue
         src = node_meta(n.args[0]).token
