@@ -11,6 +11,9 @@ from coverage_runner import run_case
 
 CASES = [c for c in all_cases() if not c.skip]
 MAIN = [c for c in CASES if "[" not in c.name]  # one case per class (the extra frame counts only in the table)
+# the L..Z cases' outputs (conditioning stacked on the channels, joint sequences returned whole, list inputs) are
+# checked by test_coverage_cases_b.py; here they are traced and compared with eager
+_B_NAMES = {c.name for c in __import__("coverage_cases_b").CASES}
 SAMPLE = ("DiTTransformer2DModel", "FluxTransformer2DModel", "AllegroTransformer3DModel")
 
 
@@ -39,7 +42,8 @@ def test_case_builds_and_is_traced(case):
     torch.manual_seed(0)
     model, kwargs = case.build()
     assert not model.training
-    assert kwargs["hidden_states"].shape[0] == 2, "CFG batch 2"
+    in_b = case.name in _B_NAMES
+    assert in_b or kwargs["hidden_states"].shape[0] == 2, "CFG batch 2"
     assert all(p.dtype == torch.float32 for p in model.parameters())
     graphs = []
 
@@ -52,7 +56,7 @@ def test_case_builds_and_is_traced(case):
         want = model(**kwargs, return_dict=False)[0]
         got = torch.compile(model, backend=count)(**kwargs, return_dict=False)[0]
     torch._dynamo.reset()
-    assert _latent_like(want, kwargs["hidden_states"]), (tuple(want.shape), tuple(kwargs["hidden_states"].shape))
+    assert in_b or _latent_like(want, kwargs["hidden_states"]), (tuple(want.shape), tuple(kwargs["hidden_states"].shape))
     assert graphs, "dynamo handed no graph to the backend"
     torch.testing.assert_close(got, want)
 
