@@ -18,9 +18,10 @@ from pipefusion_compile.errors import UnsupportedGraphError
 from pipefusion_compile.passes.canonical_attention import AttentionForm, attention_form, canonicalize_attention
 from pipefusion_compile.passes.sdpa import is_sdpa
 
-FORMS = ("sdpa", "manual", "manual_mask", "bmm", "einsum", "aten", "mha", "mha_weights_unused")
+FORMS = ("sdpa", "manual", "manual_mask", "bmm", "einsum", "aten", "aten_mask", "mha", "mha_weights_unused")
 EXPECTED = {"sdpa": AttentionForm.SDPA, "manual": AttentionForm.HAND_WRITTEN, "manual_mask": AttentionForm.HAND_WRITTEN,
             "bmm": AttentionForm.HAND_WRITTEN, "einsum": AttentionForm.HAND_WRITTEN, "aten": AttentionForm.ATEN,
+            "aten_mask": AttentionForm.ATEN,
             "mha": AttentionForm.MHA, "mha_weights_unused": AttentionForm.MHA}
 
 
@@ -65,6 +66,8 @@ class Attend(nn.Module):
             o = torch.einsum("bhij,bhjd->bhid", s.softmax(-1), v)
         elif self.form == "aten":
             o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+        elif self.form == "aten_mask":   # the mask (a keyword of the kernel) must be carried over, not dropped
+            o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=self.bias[None])[0]
         else:
             raise ValueError(self.form)
         return o.transpose(1, 2).reshape(b, n, d)

@@ -383,15 +383,21 @@ def _rewrite_aten(gm: fx.GraphModule, n: fx.Node) -> Rewritten | None:
             return None
         outs = [u for u in getitems if u.args[1] == 0]
         kwargs = {}
-        schema_names = [a.name for a in getattr(n.target, "_schema").arguments] if hasattr(n.target, "_schema") else []
-        for name in ("dropout_p", "is_causal", "scale", "attn_mask"):
-            if name in schema_names:
-                i = schema_names.index(name)
-                val = n.args[i] if len(n.args) > i else n.kwargs.get(name)
-                if val is not None and not (name == "dropout_p" and val == 0) and not (name == "is_causal" and not val):
-                    kwargs[name] = val
-        if kwargs.get("dropout_p"):
+        schema = getattr(n.target, "_schema", None) or getattr(getattr(n.target, "default", None), "_schema", None)
+        if schema is None:
             return None
+        for i, arg in enumerate(schema.arguments[3:], start=3):
+            val = n.args[i] if len(n.args) > i else n.kwargs.get(arg.name)
+            if val is None or val is False or (arg.name == "dropout_p" and val == 0):
+                continue  # the default: nothing to carry over
+            if arg.name in ("scale", "is_causal"):
+                kwargs[arg.name] = val
+            elif arg.name in ("attn_mask", "attn_bias"):
+                kwargs["attn_mask"] = val
+            elif arg.name in ("compute_log_sumexp", "return_debug_mask"):
+                continue  # only change the outputs besides the first, which must be unread (checked above)
+            else:
+                return None  # dropout, or an argument this rewrite does not know: leave it (refused later)
         target_users = outs
     if not outs:
         return None
