@@ -12,6 +12,13 @@ if TYPE_CHECKING:  # no import of torch.fx at run time: kernels/, which never im
     import torch.fx as fx
 
 
+def source_line(node: fx.Node) -> str:
+    """The user's line of code that made `node`, as dynamo recorded it ("" if none)."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().strip("^~ ")]  # not the carets
+    return lines[-1] if lines else ""
+
+
 def describe_node(node: fx.Node) -> str:
     """`node.format_node()` plus the user's source line, as dynamo recorded it."""
     text = node.format_node()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .errors import PlanError, TooFewLayersError
+from .errors import PlanError, TooFewLayersError, source_line
 from .options import PipefusionOptions
 from .passes.canonical_attention import AttentionForm, attention_form
 from .passes.cost import analyze_cost
@@ -49,12 +49,6 @@ class MixingOp:
     rule: MixingRule
     stage: int
     source: str              # the user's source line, as dynamo recorded it ("" if none)
-
-
-def _source_line(n: fx.Node) -> str:
-    trace = n.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().strip("^~ ")]  # not the carets
-    return lines[-1] if lines else ""
 
 
 @dataclass(frozen=True)
@@ -428,7 +422,7 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         mixing=tuple(
             MixingOp(n.name, attention_form(n),
                      MixingRule.STALE_KV if node_meta(n).token.attention == "self" else MixingRule.LOCAL,
-                     next(st.index for st in stages if st.start <= i < st.end), _source_line(n))
+                     next(st.index for st in stages if st.start <= i < st.end), source_line(n))
             for i, n in enumerate(nodes) if node_meta(n).token.attention in ("self", "local")),
     )
 

@@ -1,10 +1,12 @@
 """Shared test helpers: compile with the backend, run a diffusion loop with a real diffusers scheduler."""
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import DDIMScheduler
 
 from pipefusion_compile import pipefusion_backend
+from pipefusion_compile.errors import PipefusionError
 
 
 def compile_pf(model, **options):
@@ -43,3 +45,28 @@ def call_model(model):
         return model(latents, timestep=t, **kw, return_dict=False)[0]
 
     return fn
+
+
+def build_program(factory, **options):
+    """Compile `factory()`'s model (eager stages), call it once, return its one program."""
+    model, kwargs = factory()
+    compiled, programs = compile_pf(model, stage_backend="eager", **options)
+    with torch.no_grad():
+        compiled(**kwargs)
+    (program,) = programs
+    return program
+
+
+def raised(fn, *args, **kwargs) -> PipefusionError:
+    """Call `fn`; return the PipefusionError it raised (unwrapped from dynamo's BackendCompilerFailed)."""
+    try:
+        with torch.no_grad():
+            fn(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        err = e.inner_exception
+    except Exception as e:
+        err = e
+    else:
+        pytest.fail("no error was raised")
+    assert isinstance(err, PipefusionError), f"{type(err).__name__} escaped to the user: {err}"
+    return err

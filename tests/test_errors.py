@@ -24,24 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pipefusion_compile
+from helpers import raised
 from pipefusion_compile import OptionsError, PipefusionError, PlanError, UnsupportedGraphError
 
 PACKAGE = pathlib.Path(pipefusion_compile.__file__).parent
-
-
-def raised(fn, *args, **kwargs) -> PipefusionError:
-    """Call `fn`; return the PipefusionError it raised (unwrapped from dynamo's BackendCompilerFailed)."""
-    try:
-        with torch.no_grad():
-            fn(*args, **kwargs)
-    except torch._dynamo.exc.BackendCompilerFailed as e:
-        err = e.inner_exception
-    except Exception as e:
-        err = e
-    else:
-        pytest.fail("no error was raised")
-    assert isinstance(err, PipefusionError), f"{type(err).__name__} escaped to the user: {err}"
-    return err
 
 
 def compile_pf(fn, **options):

@@ -8,9 +8,9 @@ import torch
 
 import input_models as im
 from graph_utils import capture_graphs
-from helpers import compile_pf
+from helpers import compile_pf, raised
 from reference_pipefusion import ImageLayout, ReferencePipeFusion
-from pipefusion_compile.errors import PipefusionError, UnsupportedGraphError
+from pipefusion_compile.errors import UnsupportedGraphError
 from pipefusion_compile.passes.graph_inputs import InputMatch, image_input_candidates
 from pipefusion_compile.passes.tokens import AttemptOutcome, analyze_tokens
 
@@ -92,33 +92,19 @@ def test_pipelined_equals_plain_model_and_the_reference(name):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-def _raised(fn, *args) -> PipefusionError:
-    try:
-        with torch.no_grad():
-            fn(*args)
-    except torch._dynamo.exc.BackendCompilerFailed as e:
-        err = e.inner_exception
-    except Exception as e:
-        err = e
-    else:
-        pytest.fail("no error was raised")
-    assert isinstance(err, PipefusionError), f"{type(err).__name__}: {err}"
-    return err
-
-
 def test_list_latent_is_refused_naming_the_argument():
     torch.manual_seed(0)
     model = im.ListLatent().eval()
     xs, ctx = model.example(2), torch.randn(2, *im.CONTEXT)
     compiled, _ = compile_pf(model, num_stages=2, stage_backend="eager")
-    err = _raised(compiled, xs, torch.full((2,), 500), ctx)
+    err = raised(compiled, xs, torch.full((2,), 500), ctx)
     assert isinstance(err, UnsupportedGraphError)
     text = str(err)
     assert "the list argument `hidden_states`: 2 per-sample tensors" in text
     assert "hidden_states[0] [4, 8, 12], hidden_states[1] [4, 8, 12]" in text and "torch.stack" in text
     # naming it does not make it supported
     compiled, _ = compile_pf(model, num_stages=2, stage_backend="eager", image_input="hidden_states")
-    assert "list argument `hidden_states`" in str(_raised(compiled, xs, torch.full((2,), 500), ctx))
+    assert "list argument `hidden_states`" in str(raised(compiled, xs, torch.full((2,), 500), ctx))
 
 
 def test_image_input_option_names_the_input():
@@ -134,7 +120,7 @@ def test_image_input_option_names_the_input():
 def test_image_input_option_naming_nothing_lists_the_inputs():
     model, x, ctx = im.make("packed_out")
     compiled, _ = compile_pf(model, num_stages=2, stage_backend="eager", image_input="latents")
-    err = _raised(compiled, x, T, ctx)
+    err = raised(compiled, x, T, ctx)
     text = str(err)
     assert "option image_input='latents' names no tensor input" in text
     assert "hidden_states (l_hidden_states_) [1, 4, 8, 12]: not taken: option image_input names another input" in text

@@ -14,7 +14,7 @@ import torch
 
 import handwritten_dits as hd
 from graph_utils import by_name, capture_model
-from helpers import compile_pf
+from helpers import build_program
 from pipefusion_compile.cli import plan_graphs
 from pipefusion_compile.passes.canonical_attention import AttentionForm
 from pipefusion_compile.passes.meta import node_meta
@@ -24,15 +24,6 @@ from pipefusion_compile.passes.tokens import analyze_tokens
 from pipefusion_compile.plan import MixingRule
 
 KV_UPDATE = torch.ops.pipefusion.kv_cache_update.default
-
-
-def _program(make, **options):
-    model, kwargs = make()
-    compiled, programs = compile_pf(model, stage_backend="eager", **options)
-    with torch.no_grad():
-        compiled(**kwargs)
-    (program,) = programs
-    return program
 
 
 def test_analysis_spatial_attention_per_frame_is_local_and_temporal_mixes():
@@ -55,7 +46,7 @@ def test_analysis_spatial_attention_per_frame_is_local_and_temporal_mixes():
 
 
 def test_graph_local_attention_has_no_cache_and_temporal_writes_its_rows():
-    program = _program(hd.make_factorized_video_dit, num_stages=2, num_patches=2)
+    program = build_program(hd.make_factorized_video_dit, num_stages=2, num_patches=2)
     assert [len(s.attention_layers) for s in program.plan.stages] == [2, 2]
     for stage in program.stages:
         assert len(stage.lowered.caches) == 1   # one temporal attention per stage: its K/V only
@@ -77,13 +68,13 @@ def test_analysis_extra_tokens_on_both_sides_are_head_and_tail_groups():
     for name in a.self_attention:
         k = node_meta(by_name(gm)[name]).token
         assert (k.prefix, k.suffix, k.epr * a.granule) == (2, 4, 8)
-    program = _program(lambda: hd.make_uvit(registers=4), num_stages=2, num_patches=4)
+    program = build_program(lambda: hd.make_uvit(registers=4), num_stages=2, num_patches=4)
     assert program.plan.text == "both"
     assert [p.kind for p in program.plan.pieces(pipelined=True)] == [HEAD, BAND, BAND, BAND, BAND, TAIL]
 
 
 def test_graph_head_and_tail_pieces_write_kv_at_their_place():
-    program = _program(lambda: hd.make_uvit(registers=4), num_stages=2, num_patches=4)
+    program = build_program(lambda: hd.make_uvit(registers=4), num_stages=2, num_patches=4)
     full = 2 + 64 + 4
     for stage in program.stages:
         for piece, offset in ((Piece(HEAD), 0), (Piece(BAND, 0, 2), 2), (Piece(TAIL), full - 4)):

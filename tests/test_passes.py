@@ -1,21 +1,12 @@
 """Graph passes: assertions on the rewritten stage graphs."""
 import torch
 
-from helpers import compile_pf
+from helpers import build_program, compile_pf
 from pipefusion_compile.models import dit, pixart
 from pipefusion_compile.passes.sdpa import is_sdpa, sdpa_qkv
 from pipefusion_compile.passes.meta import node_meta
 
 KV_UPDATE = torch.ops.pipefusion.kv_cache_update.default
-
-
-def build_program(factory, **options):
-    model, kwargs = factory()
-    compiled, programs = compile_pf(model, stage_backend="eager", **options)
-    with torch.no_grad():
-        compiled(**kwargs)
-    (program,) = programs
-    return program
 
 
 def _sdpa(gm):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .meta import example_value, node_meta
 from .sdpa import is_sdpa
+from .side_effects import is_impure
 
 aten = torch.ops.aten
 SDPA = F.scaled_dot_product_attention
@@ -501,12 +502,7 @@ def canonicalize_attention(gm: fx.GraphModule) -> list[Rewritten]:
 
 
 def _remove_dead(gm: fx.GraphModule) -> None:
-    """Remove what the rewrites left without users (only pure ops: in-place writes stay)."""
-    from .side_effects import is_impure
-
-    for n in reversed(list(gm.graph.nodes)):
-        replaced = _is_fn(n, *_ATEN_SDPA, F.multi_head_attention_forward)  # FX calls kernels with dropout impure
-        if n.op in ("call_function", "call_method") and not n.users and (replaced or not is_impure(n)):
-            gm.graph.erase_node(n)
-
-
+    """Remove the calls the rewrites left without users (only pure ones: in-place writes stay; FX's own
+    purity test calls the attention kernels impure, for their dropout, so the replaced ones are named)."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op not in ("call_function", "call_method") or (
+        not _is_fn(n, *_ATEN_SDPA, F.multi_head_attention_forward) and is_impure(n)))
