@@ -21,38 +21,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from ..errors import describe_node
+from .attention_ops import ATEN_SDPA, BADDBMM, EINSUM, MATMUL, MHA, MM, SOFTMAX, OpSet
 
-aten = torch.ops.aten
-
-
-def _packets(*names: str) -> tuple:
-    return tuple(getattr(aten, n) for n in names if hasattr(aten, n))
-
-
-_ATEN_SDPA = _packets(
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_attention_math", "_scaled_dot_product_attention_math_for_mps",
-    "_scaled_dot_product_fused_attention_overrideable", "scaled_dot_product_attention",
-)
-_SOFTMAX = (torch.softmax, F.softmax, torch.special.softmax, torch._softmax, "softmax",
-            *_packets("softmax", "_softmax", "_safe_softmax"))
-_PRODUCT = (torch.matmul, operator.matmul, torch.bmm, torch.einsum, torch.functional.einsum,
-            "matmul", "bmm", "__matmul__", *_packets("matmul", "bmm", "mm"))
-_PRODUCT_ADD = (torch.baddbmm, "baddbmm", *_packets("baddbmm"))  # (bias, a, b)
-_MHA = (F.multi_head_attention_forward,)
+_PRODUCT = MATMUL | MM | EINSUM
 # Between the scores and the softmax: scaling, masking, casts and head reshapes.
-_PASS_THROUGH = (
+_PASS_THROUGH = OpSet((
     operator.mul, operator.truediv, operator.add, operator.sub, operator.neg,
     torch.mul, torch.div, torch.add, torch.sub, torch.where, torch.masked_fill, torch.clamp,
     torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose,
+), (
     "mul", "div", "add", "sub", "neg", "masked_fill", "masked_fill_", "clamp", "float", "half", "bfloat16",
     "double", "to", "type", "type_as", "contiguous", "view", "reshape", "flatten", "unflatten", "squeeze",
     "unsqueeze", "transpose", "mul_", "div_", "add_", "sub_", "__truediv__", "__mul__", "__add__",
-)
+))
 
 
 @dataclass(frozen=True)
@@ -66,16 +49,6 @@ class AttentionLike:
         return f"{self.form}\n  node: {describe_node(self.node)}"
 
 
-def _is(node: fx.Node, targets: tuple) -> bool:
-    if node.op not in ("call_function", "call_method"):
-        return False
-    t = node.target
-    if node.op == "call_method":
-        return isinstance(t, str) and t in targets
-    packet = getattr(t, "overloadpacket", None)
-    return any(t is x or (packet is not None and packet is x) for x in targets if not isinstance(x, str))
-
-
 def depends_on(gm: fx.GraphModule, sources: list[fx.Node]) -> set[fx.Node]:
     """The nodes whose value depends on any of `sources` (forward reachability, sources included)."""
     reach = set(sources)
@@ -86,9 +59,9 @@ def depends_on(gm: fx.GraphModule, sources: list[fx.Node]) -> set[fx.Node]:
 
 
 def _operands(node: fx.Node) -> list:
-    if _is(node, _PRODUCT_ADD):
+    if BADDBMM.matches(node):
         return list(node.args[1:3])
-    if node.target in (torch.einsum, torch.functional.einsum):
+    if EINSUM.matches(node):
         ops = node.args[1:]
         if len(ops) == 1 and isinstance(ops[0], (tuple, list)):
             ops = ops[0]
@@ -106,11 +79,11 @@ def _scores_product(softmax: fx.Node, reach: set[fx.Node], depth: int = 12) -> f
             if n in seen:
                 continue
             seen.add(n)
-            if _is(n, _PRODUCT) or _is(n, _PRODUCT_ADD):
+            if _PRODUCT.matches(n) or BADDBMM.matches(n):
                 ops = _operands(n)
                 if len(ops) == 2 and all(isinstance(o, fx.Node) and o in reach for o in ops):
                     return n
-            elif _is(n, _PASS_THROUGH):
+            elif _PASS_THROUGH.matches(n):
                 nxt.extend(a for a in n.all_input_nodes if a in reach)
         frontier = nxt
     return None
@@ -135,17 +108,17 @@ def find_attention_like(gm: fx.GraphModule, sources: list[fx.Node]) -> list[Atte
     for n in gm.graph.nodes:
         if n not in reach:
             continue
-        if _is(n, _SOFTMAX):
+        if SOFTMAX.matches(n):
             product = _scores_product(n, reach)
             if product is not None:
                 found.append(AttentionLike(n, (
                     f"a hand-written attention: softmax of the product {product.name} ({_op(product)}) of two "
                     "activations, as in softmax(q @ k.transpose(-2, -1) * scale) @ v")))
-        elif _is(n, _MHA):
+        elif MHA.matches(n):
             q, k = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("key")
             if q in reach and k in reach:
                 found.append(AttentionLike(n, "torch.nn.MultiheadAttention (F.multi_head_attention_forward)"))
-        elif _is(n, _ATEN_SDPA):
+        elif ATEN_SDPA.matches(n):
             q, k = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("key")
             if q in reach and k in reach:
                 found.append(AttentionLike(n, f"the aten attention kernel {_op(n)} called directly"))

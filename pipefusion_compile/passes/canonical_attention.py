@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .attention_ops import ATEN_SDPA, BADDBMM, EINSUM, MATMUL, MHA, SOFTMAX
 from .meta import example_value, node_meta
 from .sdpa import is_sdpa
 from .side_effects import is_impure
@@ -112,17 +113,10 @@ def _is_fn(n, *targets) -> bool:
     return any(n.target is t or (packet is not None and packet is t) for t in targets)
 
 
-_SOFTMAX_FNS = (torch.softmax, F.softmax, torch.special.softmax, aten.softmax, aten._softmax, aten._safe_softmax)
-_MATMUL = (torch.matmul, operator.matmul, torch.bmm, aten.matmul, aten.bmm)
-_EINSUM = (torch.einsum, torch.functional.einsum)
 _MUL = (operator.mul, torch.mul)
 _DIV = (operator.truediv, torch.div)
 _ADD = (operator.add, torch.add)
 _DROPOUT = (F.dropout, torch.dropout)
-_ATEN_SDPA = tuple(getattr(aten, n) for n in (
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_attention_math", "scaled_dot_product_attention") if hasattr(aten, n))
 
 
 def _arg(n: fx.Node, i: int, name: str, default=None):
@@ -160,14 +154,11 @@ def _is_last_dim(dim, n: fx.Node) -> bool:
 
 def _softmax_input(n: fx.Node) -> fx.Node | None:
     """x for a softmax over the last dim of x with no dtype change, else None."""
-    if _is_method(n, "softmax"):
-        x, dim = n.args[0], _arg(n, 1, "dim")
-    elif _is_fn(n, *_SOFTMAX_FNS):
-        x, dim = n.args[0], _arg(n, 1, "dim")
-        if _is_fn(n, aten._softmax) and len(n.args) > 2 and n.args[2]:
-            return None  # half_to_float
-    else:
+    if not SOFTMAX.matches(n):
         return None
+    x, dim = n.args[0], _arg(n, 1, "dim")
+    if (n.target is torch._softmax or _is_fn(n, aten._softmax)) and len(n.args) > 2 and n.args[2]:
+        return None  # half_to_float
     if not isinstance(x, fx.Node) or not _is_last_dim(dim, x) or _dtype(n) != _dtype(x):
         return None
     return x
@@ -211,15 +202,15 @@ def _scores(p: fx.Node):
     """(q, k, scale) for a product p = q k^T (matmul/bmm of a transposed k, baddbmm with beta 0, einsum
     '...id,...jd->...ij'), else None. k has the tokens on -2, like q."""
     scale = 1.0
-    if _is_fn(p, *_MATMUL) or _is_method(p, "matmul", "bmm", "__matmul__"):
+    if MATMUL.matches(p):
         q, kt = p.args[0], p.args[1]
-    elif _is_fn(p, torch.baddbmm, aten.baddbmm) or _is_method(p, "baddbmm"):
+    elif BADDBMM.matches(p):
         q, kt = p.args[1], p.args[2]
         beta, alpha = _arg(p, 3, "beta", 1), _arg(p, 4, "alpha", 1)
         if beta != 0 or not isinstance(alpha, (int, float)):
             return None  # the bias would be added (a mask computed into the buffer): not matched
         scale = float(alpha)
-    elif _is_fn(p, *_EINSUM):
+    elif EINSUM.matches(p):
         parts = _einsum_parts(p)
         if parts is None:
             return None
@@ -239,11 +230,11 @@ def _scores(p: fx.Node):
 
 def _av(n: fx.Node, probs: fx.Node):
     """v for n = probs @ v (matmul/bmm or einsum '...ij,...jd->...id'), else None."""
-    if _is_fn(n, *_MATMUL) or _is_method(n, "matmul", "bmm", "__matmul__"):
+    if MATMUL.matches(n):
         if n.args[0] is probs and _is_activation(n.args[1]):
             return n.args[1]
         return None
-    if _is_fn(n, *_EINSUM):
+    if EINSUM.matches(n):
         parts = _einsum_parts(n)
         if parts is None:
             return None
@@ -488,9 +479,9 @@ def canonicalize_attention(gm: fx.GraphModule) -> list[Rewritten]:
         r = None
         if _softmax_input(n) is not None:
             r = _rewrite_hand_written(gm, n)
-        elif _is_fn(n, F.multi_head_attention_forward):
+        elif MHA.matches(n):
             r = _rewrite_mha(gm, n)
-        elif _is_fn(n, *_ATEN_SDPA) and not is_sdpa(n):
+        elif ATEN_SDPA.matches(n) and not is_sdpa(n):
             r = _rewrite_aten(gm, n)
         if r is not None:
             done.append(r)
@@ -505,4 +496,4 @@ def _remove_dead(gm: fx.GraphModule) -> None:
     """Remove the calls the rewrites left without users (only pure ones: in-place writes stay; FX's own
     purity test calls the attention kernels impure, for their dropout, so the replaced ones are named)."""
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op not in ("call_function", "call_method") or (
-        not _is_fn(n, *_ATEN_SDPA, F.multi_head_attention_forward) and is_impure(n)))
+        not (ATEN_SDPA | MHA).matches(n) and is_impure(n)))
