@@ -35,6 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import ops  # noqa: F401  (registers torch.ops.pipefusion.*)
 from ..errors import PipefusionError, UnsupportedGraphError
+from .autocast import autocast_scopes, restore_autocast
 from .meta import META_KEY, Kind, NodeMeta, TokenInfo, example_value, node_meta
 from .pieces import BAND, FULL, HEAD, Piece, extent, group_offset, holds, token_range
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
@@ -727,6 +728,7 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
     """
     check_lowerable(gm)
     _run_pass("detach_fresh_tensors", detach_fresh_tensors, gm)
+    scopes = autocast_scopes(gm)
     nodes_by_name = {n.name: n for n in gm.graph.nodes}
     order = [nodes_by_name[name] for name in plan.order]
     position = {n.name: i for i, n in enumerate(order)}
@@ -756,6 +758,7 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
         unread = tuple(w for w in writes_to_inputs if w not in applied) if sp.index == last else ()
         globals_gm, positions, gouts = _run_pass("extract_globals", extract_globals, gm, needed, allow_write,
                                                  unread)
+        globals_gm = restore_autocast(globals_gm, scopes)
         kept = {n.name for n in globals_gm.graph.nodes}
         applied.update(w for w in writes_to_inputs if w.name in kept)
 
@@ -771,6 +774,7 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
             g = _run_pass("rewrite_token_sizes", rewrite_token_sizes, g, piece, analysis)
             g = _run_pass("propagate_patch_shapes", propagate_patch_shapes, g, piece, analysis)
             g, fused = _run_pass("fuse_unpatchify_output", fuse_unpatchify_output, g, model_outputs)
+            g = _run_pass("restore_autocast", restore_autocast, g, scopes)
             names = output_names(g)
             if not set(names) <= set(stage_outputs):
                 raise PipefusionError(
