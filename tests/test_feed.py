@@ -86,3 +86,10 @@ def test_a_conditioned_case_is_pipelined_and_equal_to_the_reference_fed_the_same
 def test_without_its_feed_the_conditioned_case_fails_to_build():
     row = run_case(Case("ConditionedPixArt", _conditioned_pixart), steps=2)
     assert row.m4_equal_reference == "build failed" and row.error.startswith("build: RuntimeError")
+
+
+def test_motif_video_reaches_the_backend_with_its_conditioning_and_is_equal():
+    from coverage_cases import case_by_name
+
+    row = run_case(case_by_name("MotifVideoTransformer3DModel"), steps=2)
+    assert (row.m1_equal_plain, row.m4_equal_reference) == (PASS, PASS), row.error
