@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from coverage_cases import Case
+from helpers import Feed
 from reference_pipefusion import ImageLayout
 
 B = 2      # CFG batch
@@ -360,6 +361,22 @@ def ernie_image():
     return model, kwargs
 
 
+def hidream_image():
+    """T5 states and a stack of per-layer Llama states ([layers, B, L, D]; block i reads `llama_layers[i]`), MoE
+    feed-forwards; the pipeline calls it with `timesteps` and steps with the negated output."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    model = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, caption_channels=[12, 16], text_emb_dim=16, num_routed_experts=2,
+        num_activated_experts=1, axes_dims_rope=(4, 6, 6), max_resolution=(H, W), llama_layers=[0, 1],
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 4, H, W), timesteps=_t(500.0, torch.float32),
+                  encoder_hidden_states_t5=torch.randn(B, L, 12), encoder_hidden_states_llama3=torch.randn(2, B, L, 16),
+                  pooled_embeds=torch.randn(B, 16), attention_kwargs=None)
+    return model, kwargs
+
+
 def hunyuan_dit():
     from pipefusion_compile.models import hunyuan_dit as build
 
@@ -459,8 +476,9 @@ CASES: list[Case] = [
     Case("FluxTransformer2DModel", flux, text_tokens=L, text_first=True),
     Case("GlmImageTransformer2DModel", glm_image, text_tokens=L, text_first=True),
     *_video("HeliosTransformer3DModel", helios),
-    Case("HiDreamImageTransformer2DModel", None, skip=(
-        "builder not written yet: takes `timesteps` (not `timestep`), T5 + per-layer Llama states, MoE blocks")),
+    # joint attention over [image | T5 + Llama + this block's Llama states]
+    Case("HiDreamImageTransformer2DModel", hidream_image, text_tokens=3 * L,
+         feed=Feed(timestep_arg="timesteps", prediction=lambda out, x: -out)),
     Case("HunyuanDiT2DModel", hunyuan_dit),
     # patch_size is a tuple (1, 1), which ImageLayout.of does not read: 8 rows of 8 tokens, 1 output row each
     Case("HunyuanImageTransformer2DModel", hunyuan_image, text_tokens=L, layout=ImageLayout(8, 8, 2, 1)),

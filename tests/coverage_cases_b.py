@@ -12,6 +12,7 @@ import functools
 import torch
 
 from coverage_cases import Case
+from helpers import Feed, channel_conditioned
 from reference_pipefusion import ImageLayout
 
 B = 2  # CFG batch
@@ -379,6 +380,20 @@ def sana_wm_refiner(frames: int = 2):
                        encoder_attention_mask=_mask(), kv_cache=None, kv_cache_mode=None)
 
 
+# ----------------------------------------------------------------------------------------------- how the pipelines feed them
+# Motif-Video: cat([latents (4) | first-frame condition (4) | its mask (1)], dim=1) every step
+_MOTIF_FEED = channel_conditioned(4)
+# Wan-Animate: cat([latents (4) | reference latents and masks (8)], dim=1); the latents have the reference frame too
+_WAN_ANIMATE_FEED = channel_conditioned(4)
+# QwenImage-2.1 returns its whole joint sequence; the pipeline keeps `noise_pred[:, -latents.size(1):]`
+_QWEN21_FEED = Feed(prediction=lambda out, x: out[:, -x.shape[1]:])
+# Z-Image: forward(x, t, cap_feats) with a list of per-sample [C, 1, H, W] latents; the pipeline steps
+# -stack(outputs).squeeze(2) on [B, C, H, W] latents
+_Z_IMAGE_FEED = Feed(latent_arg="x", timestep_arg="t", latents=lambda built: torch.stack(built).squeeze(2),
+                     model_input=lambda x, built: list(x.unsqueeze(2).unbind(0)),
+                     prediction=lambda out, x: -torch.stack(list(out)).squeeze(2))
+
+
 CASES: list[Case] = [
     Case("LTX2VideoTransformer3DModel", ltx2),
     Case("LTX2VideoTransformer3DModel[1f]", functools.partial(ltx2, 1)),
@@ -395,16 +410,17 @@ CASES: list[Case] = [
          layout=ImageLayout(16, 1, 2, 1)),
     Case("MochiTransformer3DModel", mochi, text_tokens=L, layout=_video_layout(4, 16, 16)),
     Case("MochiTransformer3DModel[1f]", functools.partial(mochi, 1), text_tokens=L, layout=_video_layout(1, 16, 16)),
-    Case("MotifVideoTransformer3DModel", motif_video, text_tokens=L, layout=_video_layout(4, 16, 16)),
+    Case("MotifVideoTransformer3DModel", motif_video, text_tokens=L, layout=_video_layout(4, 16, 16),
+         feed=_MOTIF_FEED),
     Case("MotifVideoTransformer3DModel[1f]", functools.partial(motif_video, 1), text_tokens=L,
-         layout=_video_layout(1, 16, 16)),
+         layout=_video_layout(1, 16, 16), feed=_MOTIF_FEED),
     Case("NucleusMoEImageTransformer2DModel", nucleus_moe),
     Case("OmniGenTransformer2DModel", omnigen, text_tokens=L + 1, text_first=True),
     Case("OvisImageTransformer2DModel", ovis_image, text_tokens=L, text_first=True),
     Case("LongCatImageTransformer2DModel", longcat_image, text_tokens=L, text_first=True),
     Case("PRXTransformer2DModel", prx),
     Case("PixArtTransformer2DModel", pixart),
-    Case("QwenImage21Transformer2DModel", qwen_image21, text_tokens=L, text_first=True),
+    Case("QwenImage21Transformer2DModel", qwen_image21, text_tokens=L, text_first=True, feed=_QWEN21_FEED),
     Case("QwenImageTransformer2DModel", qwen_image, text_tokens=L, text_first=True),
     Case("SD3Transformer2DModel", sd3, text_tokens=L),
     Case("SanaTransformer2DModel", sana),
@@ -417,12 +433,12 @@ CASES: list[Case] = [
     Case("StableAudio3DiTModel", stable_audio3, text_tokens=4, text_first=True, layout=ImageLayout(16, 1, 2, 1)),
     Case("StableAudioDiTModel", stable_audio, text_tokens=1, text_first=True, layout=ImageLayout(16, 1, 2, 1)),
     Case("Transformer2DModel", transformer_2d),
-    Case("WanAnimateTransformer3DModel", wan_animate),
+    Case("WanAnimateTransformer3DModel", wan_animate, feed=_WAN_ANIMATE_FEED),
     Case("WanTransformer3DModel", wan),
     Case("WanTransformer3DModel[2f]", functools.partial(wan, 2)),
     Case("WanVACETransformer3DModel", wan_vace),
     Case("WanVACETransformer3DModel[2f]", functools.partial(wan_vace, 2)),
-    Case("ZImageTransformer2DModel", z_image),
+    Case("ZImageTransformer2DModel", z_image, feed=_Z_IMAGE_FEED),
     Case("SanaWMTransformer3DModel", None, skip="not built yet: its pipeline always passes camera raymaps and "
                                                 "Plucker rays (camera-controlled world model); no tiny camera input here"),
     Case("WanAnimate2Transformer3DModel", None, skip="not built yet: a step needs a WanAnimate2KVCache filled by a "

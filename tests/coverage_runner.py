@@ -8,6 +8,7 @@ line on purpose.
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 import traceback
@@ -143,7 +144,7 @@ def _run(case: Case, row: Row, stages: int, patches: int, steps: int, ranks: boo
     try:
         torch.manual_seed(0)
         model, kwargs = case.build()
-        _, plain = sample_loop(call_model(model), kwargs, steps=steps)
+        _, plain = sample_loop(call_model(model, case.feed), kwargs, steps=steps, feed=case.feed)
     except BaseException as e:  # the builder or the plain model: nothing else can run
         row.failures.append(("build", e))
         row.graphs = row.plan = row.m1_equal_plain = row.m4_equal_reference = "build failed"
@@ -155,7 +156,7 @@ def _run(case: Case, row: Row, stages: int, patches: int, steps: int, ranks: boo
     simulate_final = simulate_steps = None
     compiled, graphs = _compile(model, base_options(case, stages, patches))
     try:
-        final, got = sample_loop(call_model(compiled), kwargs, steps=steps)
+        final, got = sample_loop(call_model(compiled, case.feed), kwargs, steps=steps, feed=case.feed)
     except BaseException as e:
         row.graphs = _graphs_cell(graphs) if graphs else "none traced"
         row.plan = _fail(row, f"M={patches} compile/run", e)
@@ -176,8 +177,11 @@ def _run(case: Case, row: Row, stages: int, patches: int, steps: int, ranks: boo
             try:
                 reference = ReferencePipeFusion(model, num_patches=patches, warmup_steps=1,
                                                 text_tokens=case.text_tokens, text_first=case.text_first,
-                                                layout=case.layout)
-                _, want = sample_loop(lambda x, t, **kw: reference(x, timestep=t, **kw), kwargs, steps=steps)
+                                                layout=case.layout, prediction=case.feed.prediction)
+                # the reference returns the prediction already (it assembles the patches' rows of it)
+                feed = dataclasses.replace(case.feed, prediction=None)
+                _, want = sample_loop(lambda x, t, **kw: reference(x, **{feed.timestep_arg: t}, **kw), kwargs,
+                                      steps=steps, feed=feed)
                 _compare(got, want, 1e-4, 1e-5, f"M={patches} vs the eager reference")
                 row.m4_equal_reference = PASS
             except BaseException as e:
@@ -187,7 +191,7 @@ def _run(case: Case, row: Row, stages: int, patches: int, steps: int, ranks: boo
     torch._dynamo.reset()
     try:
         compiled, _ = _compile(model, base_options(case, stages, 1))
-        _, got = sample_loop(call_model(compiled), kwargs, steps=steps)
+        _, got = sample_loop(call_model(compiled, case.feed), kwargs, steps=steps, feed=case.feed)
         _pipelined(compiled)
         _compare(got, plain, 1e-5, 1e-6, "M=1 vs the plain model")
         row.m1_equal_plain = PASS

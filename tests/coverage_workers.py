@@ -12,9 +12,11 @@ def run_case_rank(rank, world, name, options, steps, seed=1):
     """Build coverage case `name`, compile it on this rank (one stage per rank), run a DDIM loop."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model, kwargs = case_by_name(name).build()
+    case = case_by_name(name)
+    model, kwargs = case.build()
     compiled = torch.compile(model, backend="pipefusion", options=options)
-    final, per_step = sample_loop(call_model(compiled), kwargs, steps=steps, seed=seed)
+    final, per_step = sample_loop(call_model(compiled, case.feed), kwargs, steps=steps, seed=seed,
+                                   feed=case.feed)
     found = pipefusion_compile.programs(compiled)
     return {"final": final, "steps": per_step,
             "pipelined": sum(p.stats.get("pipelined_calls", 0) for p in found) > 0}

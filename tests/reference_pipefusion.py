@@ -97,11 +97,15 @@ class ReferencePipeFusion:
     attention_fns: more attention entry points to intercept besides F.scaled_dot_product_attention, as
     (module, function name) pairs; each is called as fn(query, key, value, *rest) with tokens on axis -2.
     after_tokens: tokens of one more group after the image (and after the text when not text_first).
+    prediction: (output, latent argument) -> the part of the output that carries the image rows (the noise
+    prediction, when the model returns more: its whole joint sequence, a list of per-sample tensors); the
+    reference then returns that part.
     """
 
     def __init__(self, model, num_patches: int, warmup_steps: int = 1, text_tokens: int = 0,
                  text_first: bool = False, layout: ImageLayout | None = None, after_tokens: int = 0,
-                 attention_fns: Sequence[tuple[object, str]] = ()):
+                 attention_fns: Sequence[tuple[object, str]] = (),
+                 prediction: Callable[[object, object], torch.Tensor] | None = None):
         self.model = model
         self.num_patches = num_patches
         self.warmup_steps = warmup_steps
@@ -109,6 +113,7 @@ class ReferencePipeFusion:
         self.text_first = text_first
         self.after_tokens = after_tokens
         self.attention_fns = list(attention_fns)
+        self.prediction = prediction
         self.layout = layout  # None: derived from the input's shape (`ImageLayout.of`)
         self.step = 0
         self.previous: list[tuple[torch.Tensor, torch.Tensor]] = []  # per self-attention layer, last step
@@ -246,6 +251,8 @@ class ReferencePipeFusion:
         for piece in self._pieces(layout, warmup):
             with self._stale_attention(layout, num_tokens, piece, warmup):
                 out = self.model(hidden_states, **kwargs, return_dict=False)[0]
+            if self.prediction is not None:
+                out = self.prediction(out, hidden_states)
             if result is None:
                 result = torch.empty_like(out)
             if piece.row0 is None:
