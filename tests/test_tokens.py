@@ -467,3 +467,19 @@ def test_rule_repeat_and_repeat_interleave_off_the_token_axis(case):
         gm, _ = analyze_fn(f, torch.randn(2, 16, 4))
         out = [n for n in gm.graph.nodes if n.op == "call_method"][-1]
         assert node_meta(out).token.axis == 1
+
+
+def test_rule_comparisons_and_logic_are_elementwise():
+    """`x == 0`, `~mask`, `mask & (x > 0)`: one output per element, so a mask keeps the token axis, and a table
+    compared with the tokens is positional (HunyuanVideo 1.5 tests `torch.all(image_embeds == 0)`)."""
+    def f(x):
+        t = x.flatten(2).transpose(1, 2)                         # [1, 64, 4] tokens on axis 1
+        table = torch.arange(64, dtype=torch.float32)[:, None]   # [64, 1] global
+        mask = (t == 0) | ~(t > table) & t.ne(1.0)
+        return torch.where(mask, 0.0, t).transpose(1, 2).reshape(1, 4, 8, 8)
+
+    gm, _ = analyze_fn(f)
+    compares = [n for n in gm.graph.nodes if n.target in (operator.eq, operator.gt, operator.invert, operator.or_,
+                                                          operator.and_, "ne")]
+    assert len(compares) == 6 and all(node_meta(n).token.axis == 1 for n in compares)
+    assert [node_meta(n).token.axis for n in _positional(gm)] == [0]

@@ -708,6 +708,10 @@ _ELEMENTWISE_FUNCS = [
     torch.empty_like, torch.full_like, torch.randn_like,
     F.silu, F.gelu, torch._C._nn.gelu, F.relu, F.dropout, F.mish, F.softplus, F.sigmoid, F.tanh, F.leaky_relu,
     F.hardswish, F.elu,
+    # comparisons and logic: element-wise masks (`x == 0`, `~mask`), one output per element
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.invert, operator.and_,
+    operator.or_, operator.xor, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.logical_not,
+    torch.logical_and, torch.logical_or, torch.isnan, torch.isinf, torch.isfinite,
 ]
 _ELEMENTWISE_METHODS = [
     "float", "half", "bfloat16", "double", "type", "contiguous", "clone", "detach", "add",
@@ -715,6 +719,8 @@ _ELEMENTWISE_METHODS = [
     "clamp", "clamp_", "masked_fill", "add_", "mul_", "sub_", "div_", "float_", "bool", "int", "long",
     "square", "erf", "relu", "silu", "gelu", "new_zeros_like", "__add__", "__mul__", "lerp", "addcmul",
     "zero_", "fill_", "copy_", "where", "nan_to_num",
+    "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or", "isnan", "isinf", "isfinite",
+    "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__invert__", "__and__", "__or__",
 ]
 
 RULES: dict[object, Callable[[RuleContext], TokenInfo]] = {}
@@ -740,7 +746,7 @@ for _t in (F.layer_norm, torch.layer_norm, torch.rms_norm, getattr(F, "rms_norm"
     RULES[_t] = rule_norm
 for _t in ("mean", "sum", "amax", "amin", "max", "min", "softmax", "log_softmax", "var", "std", "norm",
            "any", "all", "argmax", torch.mean, torch.sum, torch.softmax, F.softmax, F.log_softmax,
-           torch.amax, torch.var, torch.std, torch.norm, torch.linalg.vector_norm):
+           torch.amax, torch.amin, torch.all, torch.any, torch.var, torch.std, torch.norm, torch.linalg.vector_norm):
     RULES[_t] = rule_reduce
 for _t in (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d):
     RULES[_t] = rule_conv
