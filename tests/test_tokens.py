@@ -483,3 +483,23 @@ def test_rule_comparisons_and_logic_are_elementwise():
                                                           operator.and_, "ne")]
     assert len(compares) == 6 and all(node_meta(n).token.axis == 1 for n in compares)
     assert [node_meta(n).token.axis for n in _positional(gm)] == [0]
+
+
+def test_rule_unpatchify_of_frames_folds_the_frames_with_the_batch():
+    """[B, F, C, H, W] frames as token rows -> tokens [B, F * h * w, p * p * C] -> diffusers' per-frame
+    unpatchify view [B * F, h, w, p, p, C] (the frames folded with the batch, the channels split) -> permute ->
+    [B, F, C, H, W] (unfolded): AnyFlow's `_unpack_latent_sequence`."""
+    def f(x):
+        b, fr, c, h, wd = x.shape
+        t = x.reshape(b, fr, c, h // 2, 2, wd // 2, 2).permute(0, 1, 3, 5, 4, 6, 2).reshape(b, -1, 4 * c)
+        t = t * 2.0                                                  # [2, 3 * 16, 16] tokens, 16 per frame
+        t = t.view(b * fr, h // 2, wd // 2, 2, 2, c)                 # folded, outer B
+        t = t.permute(0, 5, 1, 3, 2, 4)
+        return t.reshape(b, fr, c, h, wd)                            # unfolded: frames on axis 1 again
+
+    gm, a = _analyze_frames_first(f, torch.randn(2, 3, 4, 8, 8))
+    infos = [node_meta(n).token for n in gm.graph.nodes if n.op != "output" and node_meta(n).token.carries_tokens]
+    fold = next(i for i in infos if i.rule == "reshape-fold")
+    assert (fold.axis, fold.outer, fold.epr) == (0, 2, 2)
+    assert infos[-1].rule == "reshape-unfold" and (infos[-1].axis, infos[-1].outer, infos[-1].epr) == (1, 1, 1)
+    assert a.token_rows == 3

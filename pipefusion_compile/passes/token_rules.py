@@ -241,11 +241,10 @@ def split_fold_axis(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, 
 
 
 def _suffix_dims(out_rest: tuple[int, ...], rest: int, in_after: tuple[int, ...]) -> bool:
-    """out_rest is `rest` (split into any dims) followed by exactly `in_after`."""
-    n = len(in_after)
-    if n and tuple(out_rest[len(out_rest) - n:]) != tuple(in_after):
-        return False
-    return math.prod(out_rest[:len(out_rest) - n]) == rest
+    """out_rest is `rest` (split into any dims) followed by the dims of `in_after` (split or merged in any
+    way: diffusers' unpatchify views [B, F * h * w, p * p * C] as [B * F, h, w, p, p, C])."""
+    return any(math.prod(out_rest[:k]) == rest and math.prod(out_rest[k:]) == math.prod(in_after)
+               for k in range(len(out_rest) + 1))
 
 
 def rule_expand(ctx: RuleContext) -> TokenInfo:
