@@ -186,15 +186,12 @@ def test_frames_first_token_axis_is_found_and_a_failure_lists_the_axes_tried():
     assert analyze_tokens(gm, ex, token_axis=1).token_rows == 3
 
 
-@pytest.mark.parametrize("case", ["positional", "slice", "attention", "not-a-fold"])
+@pytest.mark.parametrize("case", ["slice", "attention", "not-a-fold"])
 def test_rule_folded_token_axis_refuses_position_dependent_ops(case):
-    table = torch.randn(6, 4, 1, 1)   # one entry per (batch, frame): would need slicing per patch
-
+    """(A table folded like the tokens is sliced per patch: test_rule_a_table_on_a_folded_token_axis_...)"""
     def f(x):
         t = x.reshape(-1, 4, 8, 8)                        # [B*F, 4, 8, 8], outer 2
-        if case == "positional":
-            t = t + table
-        elif case == "slice":
+        if case == "slice":
             t = torch.cat([t[3:], t[:3]])
         elif case == "attention":
             q = t.flatten(1).unsqueeze(0)
@@ -204,7 +201,7 @@ def test_rule_folded_token_axis_refuses_position_dependent_ops(case):
             return t.reshape(2, 3, 4, 8, 8)
         return t.reshape(2, 3, 4, 8, 8)
 
-    expected = {"positional": "folded with the dims before it", "slice": "folded with the dims before it",
+    expected = {"slice": "folded with the dims before it",
                 "attention": "folded with the dims before it", "not-a-fold": "merges the token axis"}[case]
     with pytest.raises(UnsupportedGraphError, match=expected) as err:
         _analyze_frames_first(f, torch.randn(2, 3, 4, 8, 8))
@@ -503,3 +500,21 @@ def test_rule_unpatchify_of_frames_folds_the_frames_with_the_batch():
     assert (fold.axis, fold.outer, fold.epr) == (0, 2, 2)
     assert infos[-1].rule == "reshape-unfold" and (infos[-1].axis, infos[-1].outer, infos[-1].epr) == (1, 1, 1)
     assert a.token_rows == 3
+
+
+def test_rule_a_table_on_a_folded_token_axis_is_positional_with_the_fold():
+    """Latte's temporal blocks: tokens folded with the batch ([B * HW, F, D]) meet a per-position timestep
+    table of the same fold ([B * HW, 1, D], `repeat_interleave` of a [B, D] embedding): the table is POSITIONAL
+    on the folded axis with the same `outer`, so a patch takes its range of every batch slice."""
+    def f(x, temb):
+        t = x.flatten(2).transpose(1, 2)                          # [2, 64, 4] tokens on axis 1
+        s = t.reshape(2 * 64, 1, 4)                               # folded with the batch: outer 2
+        table = temb.repeat_interleave(64, dim=0)[:, None]        # [128, 1, 4] global, per position
+        s = s * (1 + table)
+        return s.reshape(2, 64, 4).transpose(1, 2).reshape(2, 4, 8, 8)
+
+    (gm, ex), = capture_graphs(f, torch.randn(2, 4, 8, 8), torch.randn(2, 4))
+    analyze_tokens(gm, ex, image_input="x")
+    table, = _positional(gm)
+    info = node_meta(table).token
+    assert (info.axis, info.outer, info.epr) == (0, 2, 16)

@@ -55,10 +55,25 @@ class StageInput:
     per_row: int | None = None  # elements per token row along `axis`
     prefix: int = 0             # text elements before / after the image part along `axis` (joint sequences)
     suffix: int = 0
+    outer: int = 1              # > 1: `axis` is folded with the dims before it (`TokenInfo.outer`); `per_row`
+                                # counts all `outer` slices
 
     def token_range(self, token_rows: int, piece: Piece) -> tuple[int, int]:
-        """(start, length) of the full-sequence value that `piece` reads."""
-        return token_range(self.prefix, self.suffix, self.per_row, token_rows, piece)
+        """(start, length) of the full-sequence value that `piece` reads (length over all `outer` slices;
+        start within one slice)."""
+        if self.outer == 1:
+            return token_range(self.prefix, self.suffix, self.per_row, token_rows, piece)
+        start, length = token_range(self.prefix, self.suffix, self.per_row // self.outer, token_rows, piece)
+        return start, length * self.outer
+
+    def narrow(self, full: torch.Tensor, token_rows: int, piece: Piece) -> torch.Tensor:
+        """The part of the full-sequence value `full` that `piece` reads: on a folded axis, the piece's range
+        of each of the `outer` slices (`[outer * S, ...]` -> `[outer * length, ...]`)."""
+        start, length = self.token_range(token_rows, piece)
+        if self.outer == 1:
+            return full.narrow(self.axis, start, length)
+        per_slice = full.unflatten(self.axis, (self.outer, -1)).narrow(self.axis + 1, start, length // self.outer)
+        return per_slice.flatten(self.axis, self.axis + 1)
 
 
 @dataclass(frozen=True)
@@ -139,7 +154,7 @@ def extract_stage(
         info = node_meta(a).token
         if info.kind is Kind.POSITIONAL:
             inputs.append(StageInput(a.name, "positional", info.axis, analysis.per_row(info), info.prefix,
-                                     info.suffix))
+                                     info.suffix, info.outer))
         elif info.carries_tokens:
             source = "image" if a.op == "placeholder" else "recv"
             inputs.append(StageInput(a.name, source, info.axis, analysis.per_row(info), info.prefix, info.suffix))

@@ -101,10 +101,14 @@ class RuleContext:
         if extent != expected:
             raise self.fail(f"operand {arg.name} has {extent} elements on the token axis, expected "
                             f"{expected} or 1")
-        if like is not None and like.outer > 1:
-            raise self.fail(f"operand {arg.name} is combined token by token with a token axis folded with the "
-                            "dims before it (e.g. batch x frames): no rule slices it per patch")
-        self.analysis.mark_positional(arg, axis, self.node, like.prefix if like else 0, like.suffix if like else 0)
+        outer = like.outer if like is not None else 1
+        if outer > 1 and like.joint:
+            raise self.fail(f"operand {arg.name} is combined token by token with a joint sequence whose token "
+                            "axis is folded with the dims before it: no rule slices it per patch")
+        # on a folded axis (Latte's per-position timestep table [B * HW, 1, D] on temporal tokens [B * HW, F, D])
+        # the table is folded the same way: a patch takes its range of every one of the `outer` slices
+        self.analysis.mark_positional(arg, axis, self.node, like.prefix if like else 0, like.suffix if like else 0,
+                                      outer=outer)
 
 
 def token_operands(ctx: RuleContext) -> list[tuple[fx.Node, TokenInfo]]:
@@ -781,8 +785,8 @@ for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
     RULES[_t] = rule_shape_query
 
 
-# Rules that may run on a folded token axis (`TokenInfo.outer` > 1): they never use token positions (their
-# POSITIONAL operands are refused by `RuleContext.positional`) or handle the fold themselves (reshape, conv).
+# Rules that may run on a folded token axis (`TokenInfo.outer` > 1): they never use token positions (a POSITIONAL
+# operand is marked folded the same way by `RuleContext.positional`) or handle the fold themselves (reshape, conv).
 FOLD_SAFE_RULES = {rule_elementwise, rule_cast, rule_reshape, rule_permute, rule_linear, rule_norm, rule_reduce,
                    rule_conv, rule_sdpa, rule_chunk_split, rule_unbind, rule_getitem, rule_view_complex, rule_repeat, rule_repeat_interleave}
 
