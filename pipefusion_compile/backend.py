@@ -175,7 +175,14 @@ def analyze_for_pipeline(gm: fx.GraphModule, example_inputs, options: Pipefusion
             analysis = analyze_tokens(gm, example_inputs, options.token_axis, options.image_input)
     except UnsupportedGraphError as e:
         if any(is_sdpa(n) for n in gm.graph.nodes):
-            raise
+            report = graph_break_report()
+            if not report:
+                raise
+            # a graph that ends or starts at a graph break may not hold the latent at all (Mochi: the prompt's
+            # attention pooling, cut off by a break in every attention layer): the breaks are the cause to name
+            raise UnsupportedGraphError(
+                f"a graph between graph breaks (listed below) cannot be pipelined: {e.reason}\n  (a piece of a "
+                f"model cut by graph breaks may not hold the image input at all){report}", e.node) from None
         decline(gm, example_inputs, strict, e.reason, e.node)
         return None
     if not analysis.self_attention:

@@ -247,7 +247,7 @@ class PipelineProgram:
         full = gmap[inp.name] if inp.source == "positional" else args[self._placeholder_index[inp.name]]
         if piece.kind == FULL:
             return full
-        return full.narrow(inp.axis, *inp.token_range(self.plan.token_rows, piece))
+        return inp.narrow(full, self.plan.token_rows, piece)
 
     @staticmethod
     def _caches(inst: _Stream, s: _StageRuntime, device: torch.device) -> list[torch.Tensor]:

@@ -469,7 +469,7 @@ CASES: list[Case] = [
         "not a denoiser on its own: a transformer block inside the DreamLite UNet (unet_dreamlite.py)")),
     Case("DualTransformer2DModel", None, skip="not a denoiser: two Transformer2DModel blocks mixed over two "
                                               "prompts, used inside the Versatile Diffusion UNet"),
-    *_video("EasyAnimateTransformer3DModel", easyanimate, layout=_frames_layout(64)),
+    *_video("EasyAnimateTransformer3DModel", easyanimate, text_tokens=L, text_first=True, layout=_frames_layout(64)),
     Case("ErnieImageTransformer2DModel", ernie_image),
     Case("Flux2Transformer2DModel", flux2, text_tokens=L, text_first=True),
     Case("Flux3Transformer2DModel", flux3, text_tokens=L, text_first=True),

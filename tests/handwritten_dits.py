@@ -622,3 +622,61 @@ def make_packed_rope_dit(rows=SIZE // PATCH, cols=SIZE // PATCH):
     return model.eval(), dict(hidden_states=torch.randn(BATCH, rows * cols, CHANNELS * PATCH * PATCH),
                               timestep=torch.full((BATCH,), 0.5),
                               img_ids=ids.reshape(rows * cols, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# h. MM-DiT with RoPE written in place into the image part of the joint query and key
+
+
+class JointRopeBlock(JointBlock):
+    """The joint q and k are `cat([text, image])` themselves (no projection after the cat), and RoPE is
+    written into their image part in place: `q[:, :, text_len:] = rope(q[:, :, text_len:])` (EasyAnimate)."""
+
+    def forward(self, img, txt, c, cos, sin):
+        i_mod = self.img.mod(c).chunk(6, dim=1)
+        t_mod = self.txt.mod(c).chunk(6, dim=1)
+        iq, ik, iv = self._qkv(self.img, img, i_mod[0], i_mod[1])
+        tq, tk, tv = self._qkv(self.txt, txt, t_mod[0], t_mod[1])
+        q = torch.cat([tq, iq], dim=2)
+        k = torch.cat([tk, ik], dim=2)
+        v = torch.cat([tv, iv], dim=2)
+        n = txt.shape[1]
+        q[:, :, n:] = apply_rope(q[:, :, n:], cos, sin)
+        k[:, :, n:] = apply_rope(k[:, :, n:], cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = o.transpose(1, 2).flatten(2)
+        txt_o, img_o = o.split([n, o.shape[1] - n], dim=1)
+        img = img + i_mod[2].unsqueeze(1) * self.img.proj(img_o)
+        img = img + i_mod[5].unsqueeze(1) * self.img.mlp(modulate(self.img.norm2(img), i_mod[3], i_mod[4]))
+        txt = txt + t_mod[2].unsqueeze(1) * self.txt.proj(txt_o)
+        txt = txt + t_mod[5].unsqueeze(1) * self.txt.mlp(modulate(self.txt.norm2(txt), t_mod[3], t_mod[4]))
+        return img, txt
+
+
+class HandMMDiTRope(HandMMDiT):
+    """HandMMDiT with 2-D RoPE on the image tokens of the joint attention, applied in place (JointRopeBlock)."""
+
+    def __init__(self, size=SIZE, patch=PATCH, dim=DIM, depth=DEPTH, heads=HEADS):
+        super().__init__(size=size, patch=patch, dim=dim, depth=depth, heads=heads)
+        self.heads = heads
+        self.blocks = nn.ModuleList(JointRopeBlock(dim, heads) for _ in range(depth))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=True):
+        h, w = hidden_states.shape[-2] // self.patch, hidden_states.shape[-1] // self.patch
+        img = self.x_embedder(hidden_states).flatten(2).transpose(1, 2) + self.pos
+        txt = self.context_embedder(encoder_hidden_states)
+        c = self.t_embedder(timestep)
+        ids = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), dim=-1)
+        cos, sin = rope_2d(ids.reshape(h * w, 2), img.shape[-1] // self.heads)
+        for block in self.blocks:
+            img, txt = block(img, txt, c, cos, sin)
+        x = self.final_layer(img, c)
+        return _out(unpatchify(x, self.patch, self.channels, h, w), return_dict)
+
+
+def make_hand_mmdit_rope():
+    torch.manual_seed(0)
+    model = HandMMDiTRope()
+    return model.eval(), dict(hidden_states=torch.randn(BATCH, CHANNELS, SIZE, SIZE),
+                              timestep=torch.full((BATCH,), 500, dtype=torch.int64),
+                              encoder_hidden_states=torch.randn(BATCH, PROMPT, DIM))

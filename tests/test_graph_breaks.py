@@ -88,3 +88,34 @@ def test_without_breaks_the_error_is_unchanged():
     assert isinstance(err, TooFewLayersError)
     assert "num_stages=5 is more than the 4 attention layers" in str(err)
     assert "graph breaks in this process" not in str(err)
+
+
+class PooledPromptDiT(BreakingDiT):
+    """The prompt is pooled by attention (a mean query over its tokens, as Mochi's caption pooler does), then a
+    print breaks the graph before the latent is read: the first graph holds the prompt's attention only."""
+
+    def __init__(self):
+        super().__init__(breaks=False)
+        self.text_kv = nn.Linear(8, 16)
+
+    def forward(self, x, t, text):
+        k, v = self.text_kv(text).unflatten(-1, (2, 1, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        q = text.mean(1, keepdim=True)[:, None]
+        pooled = F.scaled_dot_product_attention(q, k, v)[:, 0]
+        text = text + pooled
+        print("pooled")
+        return super().forward(x, t + text.sum((1, 2)))
+
+
+def test_a_graph_between_breaks_without_the_latent_names_the_breaks():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(PooledPromptDiT(), backend="pipefusion", options={"stage_backend": "eager",
+                                                                                "num_stages": 2})
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as raised, torch.no_grad():
+        compiled(torch.randn(1, 4, 8, 8), torch.full((1,), 500.0), torch.randn(1, 6, 8))
+    err = raised.value.inner_exception
+    text = str(err)
+    assert isinstance(err, PipefusionError)
+    assert text.startswith("a graph between graph breaks (listed below) cannot be pipelined: "), text
+    assert "may not hold the image input" in text and "remove the print" in text

@@ -49,6 +49,8 @@ CASES = {
     "uvit_registers": Case(lambda: hd.make_uvit(registers=4), 4,
                            reference=dict(text_tokens=2, text_first=True, after_tokens=4)),
     "hand_mmdit": Case(hd.make_hand_mmdit, 4, reference=dict(text_tokens=hd.PROMPT, text_first=True)),
+    # the same, RoPE written in place into the image part of `cat([text, image])`
+    "hand_mmdit_rope": Case(hd.make_hand_mmdit_rope, 4, reference=dict(text_tokens=hd.PROMPT, text_first=True)),
     # bands of whole frames: 4 frames of 8 x 8 tokens; 2 temporal (assembled) and 2 spatial (local) layers
     "factorized_video": Case(hd.make_factorized_video_dit, 2, local=2, layout=ImageLayout(4, 64, 2, 1)),
     "packed_rope": Case(hd.make_packed_rope_dit, 4),  # [B, 64, C]: one token per row

@@ -224,3 +224,17 @@ def test_a_global_cast_like_a_token_value_reads_only_its_dtype():
         torch.testing.assert_close(compiled(**kwargs)[0], model(**kwargs)[0], rtol=1e-5, atol=1e-6)
     casts = [n for st in programs[0].stages for n in st.lowered.globals_gm.graph.nodes if n.target == "to"]
     assert casts and all(len(n.args) == 1 and n.kwargs["dtype"] == torch.float32 for n in casts)
+
+
+def test_a_positional_input_on_a_folded_axis_is_sliced_in_every_outer_slice():
+    """A table folded like the tokens it meets ([outer * S, ...], outer-major) gives a band its rows of each
+    of the `outer` slices: rows [1, 3) of 4 rows x 2 per row, outer 3 -> elements 2..5 of each slice of 8."""
+    from pipefusion_compile.passes.lower import StageInput
+    from pipefusion_compile.passes.pieces import BAND, FULL, Piece
+
+    full = torch.arange(3 * 8).reshape(3 * 8, 1)
+    inp = StageInput("table", "positional", axis=0, per_row=3 * 2, outer=3)
+    band = inp.narrow(full, 4, Piece(BAND, 1, 2))
+    assert band[:, 0].tolist() == [2, 3, 4, 5, 10, 11, 12, 13, 18, 19, 20, 21]
+    assert inp.token_range(4, Piece(BAND, 1, 2)) == (2, 12)
+    assert inp.narrow(full, 4, Piece(FULL, 0, 4)).shape == full.shape

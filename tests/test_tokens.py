@@ -186,15 +186,12 @@ def test_frames_first_token_axis_is_found_and_a_failure_lists_the_axes_tried():
     assert analyze_tokens(gm, ex, token_axis=1).token_rows == 3
 
 
-@pytest.mark.parametrize("case", ["positional", "slice", "attention", "not-a-fold"])
+@pytest.mark.parametrize("case", ["slice", "attention", "not-a-fold"])
 def test_rule_folded_token_axis_refuses_position_dependent_ops(case):
-    table = torch.randn(6, 4, 1, 1)   # one entry per (batch, frame): would need slicing per patch
-
+    """(A table folded like the tokens is sliced per patch: test_rule_a_table_on_a_folded_token_axis_...)"""
     def f(x):
         t = x.reshape(-1, 4, 8, 8)                        # [B*F, 4, 8, 8], outer 2
-        if case == "positional":
-            t = t + table
-        elif case == "slice":
+        if case == "slice":
             t = torch.cat([t[3:], t[:3]])
         elif case == "attention":
             q = t.flatten(1).unsqueeze(0)
@@ -204,7 +201,7 @@ def test_rule_folded_token_axis_refuses_position_dependent_ops(case):
             return t.reshape(2, 3, 4, 8, 8)
         return t.reshape(2, 3, 4, 8, 8)
 
-    expected = {"positional": "folded with the dims before it", "slice": "folded with the dims before it",
+    expected = {"slice": "folded with the dims before it",
                 "attention": "folded with the dims before it", "not-a-fold": "merges the token axis"}[case]
     with pytest.raises(UnsupportedGraphError, match=expected) as err:
         _analyze_frames_first(f, torch.randn(2, 3, 4, 8, 8))
@@ -467,3 +464,57 @@ def test_rule_repeat_and_repeat_interleave_off_the_token_axis(case):
         gm, _ = analyze_fn(f, torch.randn(2, 16, 4))
         out = [n for n in gm.graph.nodes if n.op == "call_method"][-1]
         assert node_meta(out).token.axis == 1
+
+
+def test_rule_comparisons_and_logic_are_elementwise():
+    """`x == 0`, `~mask`, `mask & (x > 0)`: one output per element, so a mask keeps the token axis, and a table
+    compared with the tokens is positional (HunyuanVideo 1.5 tests `torch.all(image_embeds == 0)`)."""
+    def f(x):
+        t = x.flatten(2).transpose(1, 2)                         # [1, 64, 4] tokens on axis 1
+        table = torch.arange(64, dtype=torch.float32)[:, None]   # [64, 1] global
+        mask = (t == 0) | ~(t > table) & t.ne(1.0)
+        return torch.where(mask, 0.0, t).transpose(1, 2).reshape(1, 4, 8, 8)
+
+    gm, _ = analyze_fn(f)
+    compares = [n for n in gm.graph.nodes if n.target in (operator.eq, operator.gt, operator.invert, operator.or_,
+                                                          operator.and_, "ne")]
+    assert len(compares) == 6 and all(node_meta(n).token.axis == 1 for n in compares)
+    assert [node_meta(n).token.axis for n in _positional(gm)] == [0]
+
+
+def test_rule_unpatchify_of_frames_folds_the_frames_with_the_batch():
+    """[B, F, C, H, W] frames as token rows -> tokens [B, F * h * w, p * p * C] -> diffusers' per-frame
+    unpatchify view [B * F, h, w, p, p, C] (the frames folded with the batch, the channels split) -> permute ->
+    [B, F, C, H, W] (unfolded): AnyFlow's `_unpack_latent_sequence`."""
+    def f(x):
+        b, fr, c, h, wd = x.shape
+        t = x.reshape(b, fr, c, h // 2, 2, wd // 2, 2).permute(0, 1, 3, 5, 4, 6, 2).reshape(b, -1, 4 * c)
+        t = t * 2.0                                                  # [2, 3 * 16, 16] tokens, 16 per frame
+        t = t.view(b * fr, h // 2, wd // 2, 2, 2, c)                 # folded, outer B
+        t = t.permute(0, 5, 1, 3, 2, 4)
+        return t.reshape(b, fr, c, h, wd)                            # unfolded: frames on axis 1 again
+
+    gm, a = _analyze_frames_first(f, torch.randn(2, 3, 4, 8, 8))
+    infos = [node_meta(n).token for n in gm.graph.nodes if n.op != "output" and node_meta(n).token.carries_tokens]
+    fold = next(i for i in infos if i.rule == "reshape-fold")
+    assert (fold.axis, fold.outer, fold.epr) == (0, 2, 2)
+    assert infos[-1].rule == "reshape-unfold" and (infos[-1].axis, infos[-1].outer, infos[-1].epr) == (1, 1, 1)
+    assert a.token_rows == 3
+
+
+def test_rule_a_table_on_a_folded_token_axis_is_positional_with_the_fold():
+    """Latte's temporal blocks: tokens folded with the batch ([B * HW, F, D]) meet a per-position timestep
+    table of the same fold ([B * HW, 1, D], `repeat_interleave` of a [B, D] embedding): the table is POSITIONAL
+    on the folded axis with the same `outer`, so a patch takes its range of every batch slice."""
+    def f(x, temb):
+        t = x.flatten(2).transpose(1, 2)                          # [2, 64, 4] tokens on axis 1
+        s = t.reshape(2 * 64, 1, 4)                               # folded with the batch: outer 2
+        table = temb.repeat_interleave(64, dim=0)[:, None]        # [128, 1, 4] global, per position
+        s = s * (1 + table)
+        return s.reshape(2, 64, 4).transpose(1, 2).reshape(2, 4, 8, 8)
+
+    (gm, ex), = capture_graphs(f, torch.randn(2, 4, 8, 8), torch.randn(2, 4))
+    analyze_tokens(gm, ex, image_input="x")
+    table, = _positional(gm)
+    info = node_meta(table).token
+    assert (info.axis, info.outer, info.epr) == (0, 2, 16)

@@ -56,10 +56,25 @@ class StageInput:
     per_row: int | None = None  # elements per token row along `axis`
     prefix: int = 0             # text elements before / after the image part along `axis` (joint sequences)
     suffix: int = 0
+    outer: int = 1              # > 1: `axis` is folded with the dims before it (`TokenInfo.outer`); `per_row`
+                                # counts all `outer` slices
 
     def token_range(self, token_rows: int, piece: Piece) -> tuple[int, int]:
-        """(start, length) of the full-sequence value that `piece` reads."""
-        return token_range(self.prefix, self.suffix, self.per_row, token_rows, piece)
+        """(start, length) of the full-sequence value that `piece` reads (length over all `outer` slices;
+        start within one slice)."""
+        if self.outer == 1:
+            return token_range(self.prefix, self.suffix, self.per_row, token_rows, piece)
+        start, length = token_range(self.prefix, self.suffix, self.per_row // self.outer, token_rows, piece)
+        return start, length * self.outer
+
+    def narrow(self, full: torch.Tensor, token_rows: int, piece: Piece) -> torch.Tensor:
+        """The part of the full-sequence value `full` that `piece` reads: on a folded axis, the piece's range
+        of each of the `outer` slices (`[outer * S, ...]` -> `[outer * length, ...]`)."""
+        start, length = self.token_range(token_rows, piece)
+        if self.outer == 1:
+            return full.narrow(self.axis, start, length)
+        per_slice = full.unflatten(self.axis, (self.outer, -1)).narrow(self.axis + 1, start, length // self.outer)
+        return per_slice.flatten(self.axis, self.axis + 1)
 
 
 @dataclass(frozen=True)
@@ -140,7 +155,7 @@ def extract_stage(
         info = node_meta(a).token
         if info.kind is Kind.POSITIONAL:
             inputs.append(StageInput(a.name, "positional", info.axis, analysis.per_row(info), info.prefix,
-                                     info.suffix))
+                                     info.suffix, info.outer))
         elif info.carries_tokens:
             source = "image" if a.op == "placeholder" else "recv"
             inputs.append(StageInput(a.name, source, info.axis, analysis.per_row(info), info.prefix, info.suffix))
@@ -237,6 +252,9 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
         %x = gelu(%t)                  text            (removed)                     %x = gelu(%o')
     Several operands on one side (`cat([%time_tok, %cls_tok, %img, %registers], 1)`, U-ViT with registers):
     the HEAD piece keeps `cat([%time_tok, %cls_tok], 1)`, the band `%img`, the TAIL piece `%registers`.
+    A cat written in place (EasyAnimate's RoPE on the image part, `q = cat([txt_q, img_q], 2)` then
+    `q[:, :, 6:] = rope(q[:, :, 6:])`) becomes a copy of the operand (`%img_q.clone()`), so the write never
+    lands in the operand; the group slice `q[:, :, 6:]` of it is then the piece's whole value.
     A FULL piece keeps everything. Sizes are rewritten afterwards (`rewrite_token_sizes`); the outputs the
     piece does not hold are dropped from the graph output. An output that is replaced keeps its stage-output
     name (`output_names`): the next stage reads `%q` (its placeholder is named so), whatever node computes
@@ -254,6 +272,11 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
         n.replace_all_uses_with(by)
         g.erase_node(n)
 
+    # the input each group selection reads in the whole graph: a `cat-joint` input is replaced by its operand on
+    # the piece's side below, and the selection is judged on what it selected from, not on that operand
+    selected_from = {n: n.args[0] for n in g.nodes if n.op in ("call_function", "call_method")
+                     and node_meta(n).token is not None and node_meta(n).token.rule == "getitem-group"}
+    written = {alias_root(m) for m in map(mutated_operand, g.nodes) if m is not None}
     for n in list(g.nodes):
         if n.op not in ("call_function", "call_method"):
             continue
@@ -280,10 +303,17 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
             if len(keep) != 1 or not isinstance(keep[0], fx.Node):
                 raise UnsupportedGraphError(
                     f"concatenation along the token axis with {len(keep)} operands holding the {kind} group", n)
-            replace(n, keep[0])
+            by = keep[0]
+            if n in written:
+                # `q = cat([txt_q, img_q]); q[:, :, 6:] = rope(...)` writes into the cat's own new tensor: the
+                # piece writes into a copy of the operand, never into the operand (a stage input, say)
+                with g.inserting_before(n):
+                    by = g.call_method("clone", (by,))
+                by.meta = dict(n.meta)
+            replace(n, by)
         elif info.rule == "getitem-group":
             src = n.args[0]
-            src_info = node_meta(src).token
+            src_info = node_meta(selected_from[n]).token
             if src_info.joint and src_info.epr > 0:  # selects the piece's group out of a joint value
                 if _group_extent(info, kind) != _group_extent(src_info, kind):
                     raise UnsupportedGraphError("selecting part of the text group of a joint sequence", n)

@@ -101,10 +101,14 @@ class RuleContext:
         if extent != expected:
             raise self.fail(f"operand {arg.name} has {extent} elements on the token axis, expected "
                             f"{expected} or 1")
-        if like is not None and like.outer > 1:
-            raise self.fail(f"operand {arg.name} is combined token by token with a token axis folded with the "
-                            "dims before it (e.g. batch x frames): no rule slices it per patch")
-        self.analysis.mark_positional(arg, axis, self.node, like.prefix if like else 0, like.suffix if like else 0)
+        outer = like.outer if like is not None else 1
+        if outer > 1 and like.joint:
+            raise self.fail(f"operand {arg.name} is combined token by token with a joint sequence whose token "
+                            "axis is folded with the dims before it: no rule slices it per patch")
+        # on a folded axis (Latte's per-position timestep table [B * HW, 1, D] on temporal tokens [B * HW, F, D])
+        # the table is folded the same way: a patch takes its range of every one of the `outer` slices
+        self.analysis.mark_positional(arg, axis, self.node, like.prefix if like else 0, like.suffix if like else 0,
+                                      outer=outer)
 
 
 def token_operands(ctx: RuleContext) -> list[tuple[fx.Node, TokenInfo]]:
@@ -241,11 +245,10 @@ def split_fold_axis(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, 
 
 
 def _suffix_dims(out_rest: tuple[int, ...], rest: int, in_after: tuple[int, ...]) -> bool:
-    """out_rest is `rest` (split into any dims) followed by exactly `in_after`."""
-    n = len(in_after)
-    if n and tuple(out_rest[len(out_rest) - n:]) != tuple(in_after):
-        return False
-    return math.prod(out_rest[:len(out_rest) - n]) == rest
+    """out_rest is `rest` (split into any dims) followed by the dims of `in_after` (split or merged in any
+    way: diffusers' unpatchify views [B, F * h * w, p * p * C] as [B * F, h, w, p, p, C])."""
+    return any(math.prod(out_rest[:k]) == rest and math.prod(out_rest[k:]) == math.prod(in_after)
+               for k in range(len(out_rest) + 1))
 
 
 def rule_expand(ctx: RuleContext) -> TokenInfo:
@@ -708,6 +711,10 @@ _ELEMENTWISE_FUNCS = [
     torch.empty_like, torch.full_like, torch.randn_like,
     F.silu, F.gelu, torch._C._nn.gelu, F.relu, F.dropout, F.mish, F.softplus, F.sigmoid, F.tanh, F.leaky_relu,
     F.hardswish, F.elu,
+    # comparisons and logic: element-wise masks (`x == 0`, `~mask`), one output per element
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.invert, operator.and_,
+    operator.or_, operator.xor, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, torch.logical_not,
+    torch.logical_and, torch.logical_or, torch.isnan, torch.isinf, torch.isfinite,
 ]
 _ELEMENTWISE_METHODS = [
     "float", "half", "bfloat16", "double", "type", "contiguous", "clone", "detach", "add",
@@ -715,6 +722,8 @@ _ELEMENTWISE_METHODS = [
     "clamp", "clamp_", "masked_fill", "add_", "mul_", "sub_", "div_", "float_", "bool", "int", "long",
     "square", "erf", "relu", "silu", "gelu", "new_zeros_like", "__add__", "__mul__", "lerp", "addcmul",
     "zero_", "fill_", "copy_", "where", "nan_to_num",
+    "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or", "isnan", "isinf", "isfinite",
+    "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__invert__", "__and__", "__or__",
 ]
 
 RULES: dict[object, Callable[[RuleContext], TokenInfo]] = {}
@@ -740,7 +749,7 @@ for _t in (F.layer_norm, torch.layer_norm, torch.rms_norm, getattr(F, "rms_norm"
     RULES[_t] = rule_norm
 for _t in ("mean", "sum", "amax", "amin", "max", "min", "softmax", "log_softmax", "var", "std", "norm",
            "any", "all", "argmax", torch.mean, torch.sum, torch.softmax, F.softmax, F.log_softmax,
-           torch.amax, torch.var, torch.std, torch.norm, torch.linalg.vector_norm):
+           torch.amax, torch.amin, torch.all, torch.any, torch.var, torch.std, torch.norm, torch.linalg.vector_norm):
     RULES[_t] = rule_reduce
 for _t in (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d):
     RULES[_t] = rule_conv
@@ -776,8 +785,8 @@ for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
     RULES[_t] = rule_shape_query
 
 
-# Rules that may run on a folded token axis (`TokenInfo.outer` > 1): they never use token positions (their
-# POSITIONAL operands are refused by `RuleContext.positional`) or handle the fold themselves (reshape, conv).
+# Rules that may run on a folded token axis (`TokenInfo.outer` > 1): they never use token positions (a POSITIONAL
+# operand is marked folded the same way by `RuleContext.positional`) or handle the fold themselves (reshape, conv).
 FOLD_SAFE_RULES = {rule_elementwise, rule_cast, rule_reshape, rule_permute, rule_linear, rule_norm, rule_reduce,
                    rule_conv, rule_sdpa, rule_chunk_split, rule_unbind, rule_getitem, rule_view_complex, rule_repeat, rule_repeat_interleave}
 

@@ -92,14 +92,17 @@ class _Analyzer:
             node_meta(node).extra.update(extra)
         return info
 
-    def mark_positional(self, node: fx.Node, axis: int, user: fx.Node, prefix: int = 0, suffix: int = 0) -> None:
+    def mark_positional(self, node: fx.Node, axis: int, user: fx.Node, prefix: int = 0, suffix: int = 0,
+                        outer: int = 1) -> None:
+        """`node` is a GLOBAL table read token by token along `axis`; with `outer` > 1 that axis is folded like
+        the token values it meets (`epr` counts all `outer` slices, as theirs does)."""
         meta = node_meta(node)
         epr = Fraction(shape_of(node)[axis] - prefix - suffix, self.input_rows)
         new = TokenInfo(Kind.POSITIONAL, axis, epr, f"positional (used by {user.name})", prefix=prefix,
-                        suffix=suffix)
+                        suffix=suffix, outer=outer)
         old = meta.token
-        if old is not None and old.kind is Kind.POSITIONAL and (old.axis, old.epr, old.prefix) != (
-                axis, epr, prefix):
+        if old is not None and old.kind is Kind.POSITIONAL and (old.axis, old.epr, old.prefix, old.outer) != (
+                axis, epr, prefix, outer):
             raise UnsupportedGraphError(
                 f"{node.name} is used token-wise along two different axes ({old.axis} and {axis})", user
             )
