@@ -5,7 +5,6 @@ model: everything comes from dynamo's fake example values.
 """
 from __future__ import annotations
 
-import enum
 import logging
 import re
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from .errors import PlanError, TooFewLayersError, source_line
 from .options import PipefusionOptions
 from .passes.canonical_attention import AttentionForm, attention_form
 from .passes.cost import analyze_cost
-from .passes.meta import example_value, node_meta
+from .passes.meta import MixingRule, example_value, node_meta
 from .passes.partition import (
     CutCandidates,
     balanced_cuts,
@@ -31,13 +30,6 @@ from .passes.sdpa import sdpa_qkv
 from .passes.tokens import TokenAnalysis, analyze_tokens
 
 log = logging.getLogger("pipefusion_compile")
-
-
-class MixingRule(enum.Enum):
-    """How the pipeline handles an op that combines image tokens across patches."""
-
-    STALE_KV = "K/V cache: fresh for the patches done this step, one step stale for the rest"
-    LOCAL = "local to a token row (attention within a frame): needs nothing of other patches"
 
 
 @dataclass(frozen=True)
@@ -358,10 +350,12 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         members = nodes[lo:hi]
         flops = sum(node_meta(n).flops for n in members)
         layer_ids = tuple(i for i, p in enumerate(attn_positions) if lo <= p < hi)
-        kv = 0
+        kv = 0   # every mixing cache: K/V of self-attention, the input of a conv over rows (HALO_ROWS)
         for n in members:
             if node_meta(n).token.attention == "self":
                 kv += sum(node_meta(a).out_bytes for a in sdpa_qkv(n)[1:])
+            elif node_meta(n).token.mixing is MixingRule.HALO_ROWS:
+                kv += node_meta(n.args[0]).out_bytes
         modules = [_attention_module(nodes[attn_positions[i]]) for i in layer_ids]
         span = f"{modules[0]} .. {modules[-1]}" if len(modules) > 1 else (modules[0] if modules else "")
         stages.append(StagePlan(
@@ -420,11 +414,16 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         text=_text_side(nodes),
         input_shape=tuple(example_value(next(n for n in gm.graph.nodes if n.name == analysis.token_input)).shape),
         mixing=tuple(
-            MixingOp(n.name, attention_form(n),
-                     MixingRule.STALE_KV if node_meta(n).token.attention == "self" else MixingRule.LOCAL,
+            MixingOp(n.name, attention_form(n), _mixing_rule(node_meta(n).token),
                      next(st.index for st in stages if st.start <= i < st.end), source_line(n))
-            for i, n in enumerate(nodes) if node_meta(n).token.attention in ("self", "local")),
+            for i, n in enumerate(nodes) if _mixing_rule(node_meta(n).token) is not None),
     )
+
+
+def _mixing_rule(info) -> MixingRule | None:
+    if info.attention == "local":
+        return MixingRule.LOCAL
+    return info.mixing
 
 
 def _text_side(nodes: list[fx.Node]) -> str | None:

@@ -26,6 +26,12 @@ register tokens): the attention sequence is [before | image | after], where `bef
 that sequence (run once per step, in sequence order with the bands, only to refresh its K/V), and with one
 patch the whole joint sequence is that patch.
 
+Convs over the token rows (a conv FFN's depthwise 3x3 conv, a temporal conv over frames): every call of
+`F.conv1d/2d/3d` whose first spatial axis holds the image's token rows, with stride 1 and a kernel longer
+than 1 there, is a conv layer (numbered by call order, apart from the attention layers); its *input* rows
+are assembled exactly as K/V are (rows of patches done this step and of the current patch fresh, the rest
+from the previous step) and the conv runs, with its own padding, on the whole assembled input.
+
 Attention with the image tokens folded into its batch axis (a factorized video model, whose rows are
 frames): with the tokens of a row on the sequence axis and the rows in the batch (spatial attention per
 frame, [B * F, H, HW, D]) a call never mixes rows, so it is local to a band of whole rows and runs as it
@@ -117,10 +123,14 @@ class ReferencePipeFusion:
         # calls run as they are because they are local to a band (attention within a row, folded)
         self.layers_seen = 0
         self.local_calls = 0
+        self.conv_previous: list[torch.Tensor] = []  # per conv layer over rows: its input, last step
+        self.conv_current: list[torch.Tensor] = []
+        self.convs_seen = 0
 
     def reset(self):
         self.step = 0
         self.previous = []
+        self.conv_previous = []
 
     def _groups(self) -> tuple[list[int], list[int]]:
         """Sizes of the extra token groups before and after the image, in sequence order."""
@@ -217,6 +227,41 @@ class ReferencePipeFusion:
                 setattr(module, name, original)
             torch.backends.mha.set_fastpath_enabled(fastpath)
 
+    @contextlib.contextmanager
+    def _stale_convs(self, layout: ImageLayout, piece: _Piece, warmup: bool):
+        """Convs over the token rows read their input assembled from fresh and stale rows (axis 2)."""
+        layer = 0
+        self.convs_seen = 0
+
+        def intercept(original: Callable) -> Callable:
+            def conv(input, weight, bias=None, stride=1, *args, **kwargs):
+                nonlocal layer
+                s = stride[0] if isinstance(stride, (tuple, list)) else stride
+                if input.dim() != weight.dim() or input.shape[2] != layout.rows or weight.shape[2] == 1 or s != 1:
+                    return original(input, weight, bias, stride, *args, **kwargs)
+                if len(self.conv_current) <= layer:
+                    self.conv_current.append(torch.zeros_like(input))
+                cur = self.conv_current[layer]
+                cur[:, :, piece.r0:piece.r1] = input[:, :, piece.r0:piece.r1]
+                if not warmup:
+                    prev = self.conv_previous[layer] if self.conv_previous else torch.zeros_like(cur)
+                    input = torch.cat([cur[:, :, :piece.r1], prev[:, :, piece.r1:]], dim=2)
+                layer += 1
+                self.convs_seen += 1
+                return original(input, weight, bias, stride, *args, **kwargs)
+
+            return conv
+
+        names = ("conv1d", "conv2d", "conv3d")
+        originals = [getattr(F, name) for name in names]
+        for name, original in zip(names, originals):
+            setattr(F, name, intercept(original))
+        try:
+            yield
+        finally:
+            for name, original in zip(names, originals):
+                setattr(F, name, original)
+
     def _pieces(self, layout: ImageLayout, warmup: bool) -> list[_Piece]:
         before, after = self._groups()
         per_row = layout.tokens_per_row
@@ -244,7 +289,7 @@ class ReferencePipeFusion:
         warmup = self.step < self.warmup_steps
         result = None
         for piece in self._pieces(layout, warmup):
-            with self._stale_attention(layout, num_tokens, piece, warmup):
+            with self._stale_attention(layout, num_tokens, piece, warmup), self._stale_convs(layout, piece, warmup):
                 out = self.model(hidden_states, **kwargs, return_dict=False)[0]
             if result is None:
                 result = torch.empty_like(out)
@@ -253,5 +298,6 @@ class ReferencePipeFusion:
             a, k = layout.out_axis, layout.out_per_row
             result.narrow(a, piece.row0 * k, piece.n * k).copy_(out.narrow(a, piece.row0 * k, piece.n * k))
         self.previous = [(k.clone(), v.clone()) for k, v in self.current]
+        self.conv_previous = [x.clone() for x in self.conv_current]
         self.step += 1
         return result

@@ -138,3 +138,79 @@ def test_image_queries_over_joint_keys_are_refused_not_run_wrongly():
         assert "keys hold other token groups than its query" in str(e) and "node:" in str(e)
     else:
         raise AssertionError("image queries over [image | text] keys were accepted")
+
+
+HALO_ROWS = torch.ops.pipefusion.halo_rows.default
+
+
+def test_analysis_conv_over_token_rows_mixes_with_halo_rows():
+    """The conv FFN's depthwise 3x3 conv (stride 1, padding 1) mixes neighbouring token rows: MIXING with the
+    HALO_ROWS rule and a halo of one row each side; its 1x1 convs and the patch embedding do not mix."""
+    model, kwargs = hd.make_conv_ffn_dit()
+    gm, ex = capture_model(model, kwargs)
+    analyze_tokens(gm, ex)
+    convs = [n for n in gm.graph.nodes if n.target is torch.conv2d]
+    rules = [node_meta(n).token.rule for n in convs]
+    assert rules == ["conv-patch-embed"] + ["conv-patch-embed", "conv-halo", "conv-patch-embed"] * 4
+    for n in convs:
+        info = node_meta(n).token
+        if info.rule == "conv-halo":
+            assert (info.kind.value, info.mixing, info.halo, info.axis) == ("mixing", MixingRule.HALO_ROWS, (1, 1), 2)
+        else:
+            assert info.mixing is None and info.kind.value == "patched"
+
+
+def test_graph_halo_conv_writes_its_rows_and_reads_them_with_the_halo():
+    program = build_program(hd.make_conv_ffn_dit, num_stages=2, num_patches=4)
+    for stage in program.stages:
+        halo = [c for c in stage.lowered.caches if c.rule is MixingRule.HALO_ROWS]
+        assert len(halo) == 2 and all(c.buffers == ("x",) and c.shape == (2, 128, 8, 8) for c in halo)
+        g = stage.lowered.patch_graph(2).graph
+        reads = [n for n in g.nodes if n.target is HALO_ROWS]
+        assert len(reads) == 2
+        for r in reads:
+            cache, x, row_start = r.args[:3]
+            assert cache.op == "placeholder" and "cache_x" in cache.name and row_start.name == "row_start"
+            assert r.args[3:] == (2, 1, 1, 1)       # axis, per_row, halo before / after
+            (conv,) = r.users
+            assert conv.target is torch.conv2d and conv.args[4] == (0, 1)   # no padding along the rows
+    text = str(program.plan)
+    assert "HALO_ROWS" in text and "conv over token rows" in text
+    assert [m.rule for m in program.plan.mixing] == [MixingRule.STALE_KV, MixingRule.HALO_ROWS] * 4
+    # the plan's cache bytes count the conv inputs too: per stage 2 x (K + V) + 2 conv inputs, fp32
+    kv, conv = 2 * 2 * (2 * 2 * 64 * 16) * 4, 2 * (2 * 128 * 64) * 4
+    assert [s.kv_cache_bytes for s in program.plan.stages] == [kv + conv] * 2
+
+
+def test_halo_rows_reads_fresh_and_stale_rows_and_zeros_beyond_the_image():
+    """The op behind the rewrite: the patch's rows land in the cache; the read has the rows above (written by
+    earlier patches), the patch, the rows below (still the previous step's), zeros past the border."""
+    cache = torch.arange(1.0, 9.0).reshape(1, 1, 8, 1).repeat(1, 1, 1, 3)   # "previous step": row r holds r + 1
+    x = torch.full((1, 1, 2, 3), -1.0)
+    got = torch.ops.pipefusion.halo_rows(cache, x, torch.tensor(3), 2, 1, 1, 2)
+    assert got[0, 0, :, 0].tolist() == [3.0, -1.0, -1.0, 6.0, 7.0]
+    assert cache[0, 0, :, 0].tolist() == [1.0, 2.0, 3.0, -1.0, -1.0, 6.0, 7.0, 8.0]
+    top = torch.ops.pipefusion.halo_rows(cache, x, torch.tensor(0), 2, 1, 1, 1)
+    bottom = torch.ops.pipefusion.halo_rows(cache, x, torch.tensor(3), 2, 2, 1, 1)   # 2 elements per row
+    assert top[0, 0, :, 0].tolist() == [0.0, -1.0, -1.0, 3.0]
+    assert bottom[0, 0, :, 0].tolist() == [6.0, -1.0, -1.0, 0.0]     # rows 6, 7 (elements 6, 7 at row 3)
+
+
+def test_conv_that_changes_the_rows_is_refused_with_its_source_line():
+    from pipefusion_compile.errors import UnsupportedGraphError
+
+    class StridedConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)   # rows overlap: halo, but half the rows
+
+        def forward(self, hidden_states):
+            return (self.conv(hidden_states),)
+
+    gm, ex = capture_model(StridedConv().eval(), {"hidden_states": torch.randn(1, 4, 8, 8)})
+    try:
+        analyze_tokens(gm, ex, token_axis=2)
+    except UnsupportedGraphError as e:
+        assert "kernel 3, stride 2, padding 1" in str(e) and "self.conv(hidden_states)" in str(e)
+    else:
+        raise AssertionError("a strided conv with overlapping rows was accepted")

@@ -49,6 +49,7 @@ class AttentionForm(enum.Enum):
     HAND_WRITTEN = "hand-written softmax(q k^T) v"
     MHA = "nn.MultiheadAttention"
     ATEN = "aten SDPA kernel"
+    CONV = "conv over token rows"   # not an attention: the form a HALO_ROWS mixing op is written in
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Rewritten:
 
 
 def attention_form(node: fx.Node) -> AttentionForm:
+    if node_meta(node).token is not None and node_meta(node).token.rule == "conv-halo":
+        return AttentionForm.CONV
     return node_meta(node).extra.get("attention_form", AttentionForm.SDPA)
 
 

@@ -14,6 +14,8 @@ For stage k this module builds
                                that select a group -> their input, values without the group -> removed
         rewrite_stale_attention   sdpa(q, k, v)  ->  pipefusion.kv_cache_update(ck, cv, k, v, row_start)
                                                      sdpa(q, ck, cv)
+        rewrite_halo_convs     conv(x, w, pad=1) ->  h = pipefusion.halo_rows(cx, x, row_start, ...)
+                                                     conv(h, w, pad=0 along the rows)
         rewrite_token_sizes    sizes dynamo baked into reshape/view/expand/unflatten, at the axis the token
                                analysis says carries tokens, become the piece's extent (`rows * per_row`)
         fuse_unpatchify_output the last stage returns a model output that ends in diffusers' unpatchify in token
@@ -25,6 +27,7 @@ For stage k this module builds
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,7 +38,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import ops  # noqa: F401  (registers torch.ops.pipefusion.*)
 from ..errors import PipefusionError, UnsupportedGraphError
-from .meta import META_KEY, Kind, NodeMeta, TokenInfo, example_value, node_meta
+from .meta import META_KEY, Kind, MixingRule, NodeMeta, TokenInfo, example_value, node_meta
 from .pieces import BAND, FULL, HEAD, Piece, extent, group_offset, holds, token_range
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
 from .side_effects import alias_root, check_kept, is_impure, mutated_operand, mutation_closure
@@ -63,15 +66,28 @@ class StageInput:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """The K/V caches of one self-attention node."""
+    """The mixing cache of one token-mixing node: full size, each patch writes its rows before reading it.
+    STALE_KV (self-attention): two buffers, K and V. HALO_ROWS (a conv over token rows): one, the conv's
+    input, read with `halo` elements before and after the patch."""
 
-    attention: str
+    attention: str    # the mixing node (an attention, a conv)
     shape: tuple[int, ...]
     dtype: torch.dtype
     axis: int
     per_row: int
     prefix: int = 0   # text elements before / after the image part (joint attention)
     suffix: int = 0
+    rule: MixingRule = MixingRule.STALE_KV
+    halo: tuple[int, int] = (0, 0)
+
+    @property
+    def buffers(self) -> tuple[str, ...]:
+        """The cache tensors, in placeholder order (runtimes allocate one zero tensor of `shape` each)."""
+        return ("k", "v") if self.rule is MixingRule.STALE_KV else ("x",)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.buffers) * math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,11 @@ def extract_stage(
             val = example_value(k)
             caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, kinfo.axis, analysis.per_row(kinfo),
                                     kinfo.prefix, kinfo.suffix))
+        elif info.mixing is MixingRule.HALO_ROWS:
+            x = n.args[0]
+            xinfo, val = node_meta(x).token, example_value(x)
+            caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, xinfo.axis, analysis.per_row(xinfo),
+                                    rule=MixingRule.HALO_ROWS, halo=info.halo))
 
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -167,7 +188,7 @@ def extract_stage(
         ph.meta["pipefusion"] = node_meta(src)
         env[src] = ph
     for c in caches:
-        for which in ("k", "v"):
+        for which in c.buffers:
             ph = g.placeholder(f"{c.attention}_cache_{which}")
             node_meta(ph).extra["cache_of"] = c
             node_meta(ph).extra["cache_which"] = which
@@ -361,6 +382,55 @@ def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphMod
             )
             upd.meta["stack_trace"] = n.meta.get("stack_trace")
         set_sdpa_kv(n, ck, cv)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def rewrite_halo_convs(gm: fx.GraphModule) -> fx.GraphModule:
+    """Every conv over token rows (HALO_ROWS) writes its patch's input rows into its cache and convolves the
+    cache's rows with the halo, without padding along the rows, so it gives exactly the patch's output rows.
+
+    Before (a band of 2 of 8 rows, [B, C, 2, 8], depthwise 3x3):     After:
+        %y = conv2d(%x, %w, %b, (1, 1), (1, 1), (1, 1), 64)              %h = pipefusion.halo_rows(%y_cache_x, %x,
+                                                                                  %row_start, 2, 1, 1, 1)  # [B, C, 4, 8]
+                                                                         %y = conv2d(%h, %w, %b, (1, 1), (0, 1), (1, 1), 64)
+    The rows above the band are this step's (earlier patches), those below it the previous step's, rows
+    beyond the image zeros (the conv's own padding). Convs of a piece without image rows are not there.
+    """
+    caches: dict[str, fx.Node] = {}
+    row_start = None
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        extra = node_meta(ph).extra
+        if "cache_of" in extra and extra["cache_of"].rule is MixingRule.HALO_ROWS:
+            caches[extra["cache_of"].attention] = ph
+        if extra.get("row_start"):
+            row_start = ph
+    for n in list(gm.graph.nodes):
+        info = node_meta(n).token if n.op == "call_function" else None
+        if info is None or info.mixing is not MixingRule.HALO_ROWS:
+            continue
+        cache = caches[n.name]
+        spec: CacheSpec = node_meta(cache).extra["cache_of"]
+        x, w = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs["weight"]
+        k = example_value(w).dim() - 2
+        sd = spec.axis - (example_value(x).dim() - k)
+        with gm.graph.inserting_before(n):
+            halo = gm.graph.call_function(
+                torch.ops.pipefusion.halo_rows.default, (cache, x, row_start, spec.axis, spec.per_row, *spec.halo))
+        halo.meta["stack_trace"] = n.meta.get("stack_trace")
+        args = list(n.args) + [None] * (7 - len(n.args))
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        for i, key in enumerate(names):
+            if key in n.kwargs:
+                args[i] = n.kwargs[key]
+        padding = args[4] if args[4] is not None else 0
+        padding = list(padding) if isinstance(padding, (tuple, list)) else [padding] * k
+        padding[sd] = 0
+        args[0], args[4] = halo, tuple(padding)
+        defaults = (None, None, None, 1, 0, 1, 1)
+        n.args = tuple(a if a is not None else d for a, d in zip(args, defaults))
+        n.kwargs = {}
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -768,6 +838,7 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
             g = fx.GraphModule(stage_gm, graph)
             g = _run_pass("select_group", select_group, g, piece.kind)
             g = _run_pass("rewrite_stale_attention", rewrite_stale_attention, g, piece.kind)
+            g = _run_pass("rewrite_halo_convs", rewrite_halo_convs, g)
             g = _run_pass("rewrite_token_sizes", rewrite_token_sizes, g, piece, analysis)
             g = _run_pass("propagate_patch_shapes", propagate_patch_shapes, g, piece, analysis)
             g, fused = _run_pass("fuse_unpatchify_output", fuse_unpatchify_output, g, model_outputs)

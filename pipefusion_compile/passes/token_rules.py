@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import UnsupportedGraphError
-from .meta import Kind, TokenInfo, example_value, node_meta
+from .meta import Kind, MixingRule, TokenInfo, example_value, node_meta
 from .sdpa import SDPA_TARGETS
 
 GLOBAL = TokenInfo(Kind.GLOBAL, rule="global")
@@ -351,7 +351,10 @@ def rule_reduce(ctx: RuleContext) -> TokenInfo:
 
 
 def rule_conv(ctx: RuleContext) -> TokenInfo:
-    """A conv with kernel == stride, no padding and no dilation on the token axis is a patch embedding."""
+    """A conv over the token rows: a patch embedding (kernel == stride, no padding, no dilation: each output row
+    reads its own input rows) or, with stride 1 and the padding that keeps the rows ("same" conv, e.g. the
+    depthwise 3x3 conv of a conv FFN), a conv that mixes neighbouring rows: MIXING with the HALO_ROWS rule
+    (`halo` = the padding before and after, the rows of other patches a patch reads). Anything else is refused."""
     x, w = ctx.node.args[0], ctx.arg(1, "weight")
     info = ctx.info(x)
     if not info.carries_tokens or ctx.info(w).carries_tokens:
@@ -375,12 +378,35 @@ def rule_conv(ctx: RuleContext) -> TokenInfo:
     dilation = at(ctx.arg(5, "dilation"), 1)
     if isinstance(padding, str):
         padding = 0 if padding == "valid" else -1
-    if stride != kernel or padding != 0 or dilation != 1:
-        raise ctx.fail(
-            f"conv over token rows (kernel {kernel}, stride {stride}, padding {padding}) mixes neighbouring "
-            "rows; only patch embeddings (kernel == stride, no padding) are supported (halo rows are not)"
-        )
-    return ctx.patched(info.axis, "conv-patch-embed")
+    if stride == kernel and padding == 0 and dilation == 1:
+        return ctx.patched(info.axis, "conv-patch-embed")
+    if stride == 1 and padding >= 0 and 2 * padding == dilation * (kernel - 1):
+        if info.joint or info.outer > 1:
+            raise ctx.fail("conv over token rows of a joint text+image sequence or of a token axis folded with "
+                           "the dims before it: no halo rule for it")
+        return ctx.patched(info.axis, "conv-halo", kind=Kind.MIXING, mixing=MixingRule.HALO_ROWS,
+                           halo=(padding, padding))
+    raise ctx.fail(
+        f"conv over token rows (kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation}) mixes "
+        "neighbouring rows and changes their number; supported: patch embeddings (kernel == stride, no padding) "
+        "and stride-1 convs whose padding keeps the rows (halo rows)"
+    )
+
+
+def rule_pad(ctx: RuleContext) -> TokenInfo:
+    """`F.pad(x, pad, mode, value)` on dims other than the token axis keeps every row where it is (Sana's linear
+    attention pads the head dim with ones). Padding the token axis would add rows no patch owns: refused."""
+    (a, info), = token_operands(ctx)
+    if ctx.node.args[0] is not a:
+        raise ctx.fail("pad whose pad sizes or value depend on the image tokens")
+    pad = ctx.arg(1, "pad")
+    nd = len(shape_of(a))
+    if not isinstance(pad, (tuple, list)) or any(not isinstance(p, int) for p in pad):
+        raise ctx.fail("pad with sizes computed at run time on a token-carrying tensor")
+    for i in range(len(pad) // 2):
+        if nd - 1 - i == info.axis and (pad[2 * i] or pad[2 * i + 1]):
+            raise ctx.fail("pad along the token axis (rows no patch owns)")
+    return ctx.patched(info.axis, "pad")
 
 
 def rule_sdpa(ctx: RuleContext) -> TokenInfo:
@@ -414,7 +440,7 @@ def rule_sdpa(ctx: RuleContext) -> TokenInfo:
                 f"self-attention whose keys hold other token groups than its query (query: {iq.prefix} tokens "
                 f"before and {iq.suffix} after the image; keys: {it.prefix} before and {it.suffix} after), e.g. "
                 "image queries over [image | text] keys; not supported yet")
-    return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING)
+    return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING, mixing=MixingRule.STALE_KV)
 
 
 def _local_attention(ctx: RuleContext, qkv, infos, mask) -> TokenInfo:
@@ -759,6 +785,8 @@ RULES[torch.view_as_complex] = RULES[torch.view_as_real] = rule_view_complex
 RULES["repeat"] = rule_repeat
 RULES["repeat_interleave"] = RULES[torch.repeat_interleave] = rule_repeat_interleave
 RULES[operator.getitem] = rule_getitem
+for _t in (F.pad, torch._C._nn.pad):
+    RULES[_t] = rule_pad
 RULES[operator.setitem] = rule_setitem
 
 
@@ -779,7 +807,7 @@ for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
 # Rules that may run on a folded token axis (`TokenInfo.outer` > 1): they never use token positions (their
 # POSITIONAL operands are refused by `RuleContext.positional`) or handle the fold themselves (reshape, conv).
 FOLD_SAFE_RULES = {rule_elementwise, rule_cast, rule_reshape, rule_permute, rule_linear, rule_norm, rule_reduce,
-                   rule_conv, rule_sdpa, rule_chunk_split, rule_unbind, rule_getitem, rule_view_complex, rule_repeat, rule_repeat_interleave}
+                   rule_conv, rule_sdpa, rule_chunk_split, rule_pad, rule_unbind, rule_getitem, rule_view_complex, rule_repeat, rule_repeat_interleave}
 
 
 def rule_for(node: fx.Node) -> Callable[[RuleContext], TokenInfo] | None:

@@ -79,7 +79,7 @@ class _Analyzer:
         self.reached = 0   # index of the node the analysis is at (how far a failing attempt got)
 
     def make_info(self, node, axis, rule, kind=Kind.PATCHED, attention=None, extra=None, shape=None,
-                  prefix=0, suffix=0, outer=1):
+                  prefix=0, suffix=0, outer=1, mixing=None, halo=(0, 0)):
         shape = shape if shape is not None else shape_of(node)
         if axis is None or not 0 <= axis < len(shape):
             raise UnsupportedGraphError(f"token axis lost by rule {rule}", node)
@@ -87,7 +87,8 @@ class _Analyzer:
         if outer > 1 and (prefix or suffix):
             raise UnsupportedGraphError("a joint text+image sequence folded with the dims before its token axis",
                                         node)
-        info = TokenInfo(kind, axis, epr, rule, attention, prefix=prefix, suffix=suffix, outer=outer)
+        info = TokenInfo(kind, axis, epr, rule, attention, prefix=prefix, suffix=suffix, outer=outer, mixing=mixing,
+                         halo=halo)
         if extra and node is not None:
             node_meta(node).extra.update(extra)
         return info
