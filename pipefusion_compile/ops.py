@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import (
+    cache_rows_reference,
     halo_rows_reference,
     kv_cache_update_reference,
     kv_cache_update_triton,
@@ -115,6 +116,19 @@ def _(cache, x, row_start, axis, per_row, before, after):
     shape = list(x.shape)
     shape[axis] += before + after
     return x.new_empty(shape, dtype=cache.dtype)
+
+
+@torch.library.custom_op("pipefusion::cache_rows", mutates_args=("cache",))
+def cache_rows(cache: torch.Tensor, x: torch.Tensor, row_start: torch.Tensor, axis: int, per_row: int) -> None:
+    """Write one patch's rows `x` of a reduction's operand into its full-size `cache` at `row_start * per_row`
+    along `axis` (the reduction then runs over the whole cache). `row_start` is read on the host, as in
+    `halo_rows`."""
+    cache_rows_reference(cache, x, int(row_start) * per_row, axis)
+
+
+@cache_rows.register_fake
+def _(cache, x, row_start, axis, per_row):
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -165,8 +165,10 @@ class PipelinePlan:
             f"image input {self.token_input}: axis {self.token_axis}, {self.input_rows} rows "
             f"= {self.token_rows} token rows x {self.granule}; "
             f"{len(self.self_attention)} self-attention, "
-            + (f"{len(self.mixing) - len(self.self_attention)} row-local attention, " if len(self.mixing) > len(
-                self.self_attention) else "")
+            + "".join(f"{n} {what}, " for n, what in (
+                (sum(m.rule is MixingRule.LOCAL for m in self.mixing), "row-local attention"),
+                (sum(m.rule is MixingRule.HALO_ROWS for m in self.mixing), "conv over rows"),
+                (sum(m.rule is MixingRule.STALE_INPUTS for m in self.mixing), "reduction over tokens")) if n)
             + f"{len(self.cross_attention)} cross-attention layers"
             + (f"; positional: {_names(self.positional)}" if self.positional else ""),
             "",
@@ -266,7 +268,7 @@ def _global_closure(nodes: list[fx.Node]) -> set[fx.Node]:
     stack = [a for n in nodes for a in n.all_input_nodes]
     while stack:
         a = stack.pop()
-        if a in seen or node_meta(a).token.carries_tokens:
+        if a in seen or node_meta(a).token.in_stage:
             continue
         seen.add(a)
         stack.extend(a.all_input_nodes)
@@ -306,7 +308,7 @@ def build_plan(
     total = analyze_cost(gm)
     n_stages, n_patches = options.num_stages, options.num_patches
     n_layers = analysis.attention_layers
-    if not analysis.self_attention:
+    if not analysis.mixes_tokens:
         raise PlanError("no self-attention over the image tokens was found: nothing to pipeline")
     if n_stages > n_layers:
         raise TooFewLayersError(
@@ -356,6 +358,8 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
                 kv += sum(node_meta(a).out_bytes for a in sdpa_qkv(n)[1:])
             elif node_meta(n).token.mixing is MixingRule.HALO_ROWS:
                 kv += node_meta(n.args[0]).out_bytes
+            elif node_meta(n).token.mixing is MixingRule.STALE_INPUTS:
+                kv += sum(node_meta(a).out_bytes for a in n.all_input_nodes if node_meta(a).token.carries_tokens)
         modules = [_attention_module(nodes[attn_positions[i]]) for i in layer_ids]
         span = f"{modules[0]} .. {modules[-1]}" if len(modules) > 1 else (modules[0] if modules else "")
         stages.append(StagePlan(

@@ -685,3 +685,47 @@ def make_conv_ffn_dit():
     torch.manual_seed(0)
     model = ConvFFNDiT()
     return model.eval(), _class_kwargs()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# j. ReLU linear attention (Sana's, written plainly) next to the conv FFN
+
+
+class LinearAttention(nn.Module):
+    """out_n = (sum_m v_m relu(k_m)^T) relu(q_n) / (sum_m relu(k_m) . relu(q_n)): the sum over the tokens m is a
+    matmul contracting the token axis of both operands ([B, H, D + 1, N] @ [B, H, N, D]); the ones row padded
+    onto v gives the normalizer in the same product."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.heads = num_heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q = F.relu(self.to_q(x).transpose(1, 2).unflatten(1, (self.heads, -1)))                   # [B, H, D, N]
+        k = F.relu(self.to_k(x).transpose(1, 2).unflatten(1, (self.heads, -1))).transpose(2, 3)   # [B, H, N, D]
+        v = F.pad(self.to_v(x).transpose(1, 2).unflatten(1, (self.heads, -1)), (0, 0, 0, 1), value=1.0)
+        out = torch.matmul(torch.matmul(v, k), q)                                                   # [B, H, D + 1, N]
+        out = out[:, :, :-1] / (out[:, :, -1:] + 1e-6)
+        return self.proj(out.flatten(1, 2).transpose(1, 2))
+
+
+class LinearConvBlock(ConvBlock):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        self.attn = LinearAttention(dim, num_heads)
+
+
+class LinearAttentionDiT(ConvFFNDiT):
+    """Sana's block structure, by hand: ReLU linear attention and a depthwise conv FFN; no softmax attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(LinearConvBlock(DIM, HEADS) for _ in range(DEPTH))
+
+
+def make_linear_attention_dit():
+    torch.manual_seed(0)
+    model = LinearAttentionDiT()
+    return model.eval(), _class_kwargs()

@@ -32,6 +32,11 @@ than 1 there, is a conv layer (numbered by call order, apart from the attention 
 are assembled exactly as K/V are (rows of patches done this step and of the current patch fresh, the rest
 from the previous step) and the conv runs, with its own padding, on the whole assembled input.
 
+Reductions over the tokens (`reductions=True`; linear attention's phi(K)^T V): every call of `torch.matmul`
+whose two operands both span the image tokens on the contracted axis (axis -1 of the first, -2 of the
+second) is a reduction layer (numbered by call order); both operands are assembled along those axes
+exactly as K/V are, and the product runs on the whole assembled operands.
+
 Attention with the image tokens folded into its batch axis (a factorized video model, whose rows are
 frames): with the tokens of a row on the sequence axis and the rows in the batch (spatial attention per
 frame, [B * F, H, HW, D]) a call never mixes rows, so it is local to a band of whole rows and runs as it
@@ -107,7 +112,7 @@ class ReferencePipeFusion:
 
     def __init__(self, model, num_patches: int, warmup_steps: int = 1, text_tokens: int = 0,
                  text_first: bool = False, layout: ImageLayout | None = None, after_tokens: int = 0,
-                 attention_fns: Sequence[tuple[object, str]] = ()):
+                 attention_fns: Sequence[tuple[object, str]] = (), reductions: bool = False):
         self.model = model
         self.num_patches = num_patches
         self.warmup_steps = warmup_steps
@@ -126,11 +131,16 @@ class ReferencePipeFusion:
         self.conv_previous: list[torch.Tensor] = []  # per conv layer over rows: its input, last step
         self.conv_current: list[torch.Tensor] = []
         self.convs_seen = 0
+        self.reductions = reductions
+        self.red_previous: list[tuple[torch.Tensor, torch.Tensor]] = []  # per reduction layer: its operands
+        self.red_current: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.reductions_seen = 0
 
     def reset(self):
         self.step = 0
         self.previous = []
         self.conv_previous = []
+        self.red_previous = []
 
     def _groups(self) -> tuple[list[int], list[int]]:
         """Sizes of the extra token groups before and after the image, in sequence order."""
@@ -262,6 +272,41 @@ class ReferencePipeFusion:
             for name, original in zip(names, originals):
                 setattr(F, name, original)
 
+    @contextlib.contextmanager
+    def _stale_reductions(self, layout: ImageLayout, piece: _Piece, warmup: bool):
+        """torch.matmul contracting the image tokens of both operands reads them assembled from fresh and
+        stale tokens (a along -1, b along -2)."""
+        layer = 0
+        self.reductions_seen = 0
+        tokens = layout.rows * layout.tokens_per_row
+        lo, hi = piece.r0 * layout.tokens_per_row, piece.r1 * layout.tokens_per_row
+        original = torch.matmul
+
+        def matmul(a, b, **kwargs):
+            nonlocal layer
+            if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != tokens or b.shape[-2] != tokens:
+                return original(a, b, **kwargs)
+            a, b = a.movedim(-1, -2), b   # both with the tokens on -2, as K/V
+            if len(self.red_current) <= layer:
+                self.red_current.append((torch.zeros_like(a), torch.zeros_like(b)))
+            ca, cb = self.red_current[layer]
+            ca[..., lo:hi, :] = a[..., lo:hi, :]
+            cb[..., lo:hi, :] = b[..., lo:hi, :]
+            if not warmup:
+                pa, pb = self.red_previous[layer] if self.red_previous else (torch.zeros_like(ca), torch.zeros_like(cb))
+                a = torch.cat([ca[..., :hi, :], pa[..., hi:, :]], dim=-2)
+                b = torch.cat([cb[..., :hi, :], pb[..., hi:, :]], dim=-2)
+            layer += 1
+            self.reductions_seen += 1
+            return original(a.movedim(-2, -1), b, **kwargs)
+
+        if self.reductions:
+            torch.matmul = matmul
+        try:
+            yield
+        finally:
+            torch.matmul = original
+
     def _pieces(self, layout: ImageLayout, warmup: bool) -> list[_Piece]:
         before, after = self._groups()
         per_row = layout.tokens_per_row
@@ -289,7 +334,8 @@ class ReferencePipeFusion:
         warmup = self.step < self.warmup_steps
         result = None
         for piece in self._pieces(layout, warmup):
-            with self._stale_attention(layout, num_tokens, piece, warmup), self._stale_convs(layout, piece, warmup):
+            with self._stale_attention(layout, num_tokens, piece, warmup), self._stale_convs(layout, piece, warmup), \
+                    self._stale_reductions(layout, piece, warmup):
                 out = self.model(hidden_states, **kwargs, return_dict=False)[0]
             if result is None:
                 result = torch.empty_like(out)
@@ -299,5 +345,6 @@ class ReferencePipeFusion:
             result.narrow(a, piece.row0 * k, piece.n * k).copy_(out.narrow(a, piece.row0 * k, piece.n * k))
         self.previous = [(k.clone(), v.clone()) for k, v in self.current]
         self.conv_previous = [x.clone() for x in self.conv_current]
+        self.red_previous = [(a.clone(), b.clone()) for a, b in self.red_current]
         self.step += 1
         return result

@@ -164,7 +164,7 @@ def test_graph_halo_conv_writes_its_rows_and_reads_them_with_the_halo():
     program = build_program(hd.make_conv_ffn_dit, num_stages=2, num_patches=4)
     for stage in program.stages:
         halo = [c for c in stage.lowered.caches if c.rule is MixingRule.HALO_ROWS]
-        assert len(halo) == 2 and all(c.buffers == ("x",) and c.shape == (2, 128, 8, 8) for c in halo)
+        assert len(halo) == 2 and all(c.buffers == ("x0",) and c.shape == (2, 128, 8, 8) for c in halo)
         g = stage.lowered.patch_graph(2).graph
         reads = [n for n in g.nodes if n.target is HALO_ROWS]
         assert len(reads) == 2

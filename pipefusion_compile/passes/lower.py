@@ -16,6 +16,8 @@ For stage k this module builds
                                                      sdpa(q, ck, cv)
         rewrite_halo_convs     conv(x, w, pad=1) ->  h = pipefusion.halo_rows(cx, x, row_start, ...)
                                                      conv(h, w, pad=0 along the rows)
+        rewrite_stale_reductions  matmul(v, k) over the tokens -> pipefusion.cache_rows(cv, v, row_start, ...)
+                                                     pipefusion.cache_rows(ck, k, ...); matmul(cv, ck)
         rewrite_token_sizes    sizes dynamo baked into reshape/view/expand/unflatten, at the axis the token
                                analysis says carries tokens, become the piece's extent (`rows * per_row`)
         fuse_unpatchify_output the last stage returns a model output that ends in diffusers' unpatchify in token
@@ -79,11 +81,12 @@ class CacheSpec:
     suffix: int = 0
     rule: MixingRule = MixingRule.STALE_KV
     halo: tuple[int, int] = (0, 0)
+    operand: int = 0  # HALO_ROWS / STALE_INPUTS: which argument of the node it caches (one spec per operand)
 
     @property
     def buffers(self) -> tuple[str, ...]:
         """The cache tensors, in placeholder order (runtimes allocate one zero tensor of `shape` each)."""
-        return ("k", "v") if self.rule is MixingRule.STALE_KV else ("x",)
+        return ("k", "v") if self.rule is MixingRule.STALE_KV else (f"x{self.operand}",)
 
     @property
     def nbytes(self) -> int:
@@ -153,6 +156,9 @@ def extract_stage(
                 seen[a] = None
     for a in seen:
         info = node_meta(a).token
+        if info.kind is Kind.REDUCED:
+            raise UnsupportedGraphError("internal: a reduction over the tokens is read by a later stage (no cut "
+                                        "may cross it)", a)
         if info.kind is Kind.POSITIONAL:
             inputs.append(StageInput(a.name, "positional", info.axis, analysis.per_row(info), info.prefix,
                                      info.suffix))
@@ -175,6 +181,11 @@ def extract_stage(
             xinfo, val = node_meta(x).token, example_value(x)
             caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, xinfo.axis, analysis.per_row(xinfo),
                                     rule=MixingRule.HALO_ROWS, halo=info.halo))
+        elif info.mixing is MixingRule.STALE_INPUTS:
+            for i, x in _reduced_operands(n):
+                xinfo, val = node_meta(x).token, example_value(x)
+                caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, xinfo.axis, analysis.per_row(xinfo),
+                                        rule=MixingRule.STALE_INPUTS, operand=i))
 
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -382,6 +393,51 @@ def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphMod
             )
             upd.meta["stack_trace"] = n.meta.get("stack_trace")
         set_sdpa_kv(n, ck, cv)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _reduced_operands(n: fx.Node) -> list[tuple[int, fx.Node]]:
+    """(argument position, node) of the token-carrying operands of a reduction over the tokens; an einsum's
+    operands count from its first tensor (position 0 after the equation)."""
+    args = list(n.args[1:] if n.target in (torch.einsum, torch.functional.einsum) else n.args)
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = list(args[0])
+    return [(i, a) for i, a in enumerate(args)
+            if isinstance(a, fx.Node) and node_meta(a).token is not None and node_meta(a).token.carries_tokens]
+
+
+def rewrite_stale_reductions(gm: fx.GraphModule) -> fx.GraphModule:
+    """Every reduction over the tokens (STALE_INPUTS) writes its patch's rows of each token-carrying operand
+    into that operand's full-size cache, then reduces over the caches: the tokens of patches done this step
+    fresh, the others one step stale (as attention's K/V).
+
+    Before (linear attention, a band of 16 of 64 tokens):       After:
+        %s = matmul(%v, %k)   # [B, H, D, 16] @ [B, H, 16, D]       %w0 = pipefusion.cache_rows(%s_cache_x0, %v, %row_start, 3, 8)
+                                                                    %w1 = pipefusion.cache_rows(%s_cache_x1, %k, %row_start, 2, 8)
+                                                                    %s = matmul(%s_cache_x0, %s_cache_x1)   # all 64 tokens
+    """
+    caches: dict[tuple[str, int], fx.Node] = {}
+    row_start = None
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        extra = node_meta(ph).extra
+        if "cache_of" in extra and extra["cache_of"].rule is MixingRule.STALE_INPUTS:
+            caches[(extra["cache_of"].attention, extra["cache_of"].operand)] = ph
+        if extra.get("row_start"):
+            row_start = ph
+    for n in list(gm.graph.nodes):
+        info = node_meta(n).token if n.op in ("call_function", "call_method") else None
+        if info is None or info.mixing is not MixingRule.STALE_INPUTS:
+            continue
+        for i, x in _reduced_operands(n):
+            cache = caches[(n.name, i)]
+            spec: CacheSpec = node_meta(cache).extra["cache_of"]
+            with gm.graph.inserting_before(n):
+                w = gm.graph.call_function(torch.ops.pipefusion.cache_rows.default,
+                                           (cache, x, row_start, spec.axis, spec.per_row))
+            w.meta["stack_trace"] = n.meta.get("stack_trace")
+            n.replace_input_with(x, cache)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -684,7 +740,7 @@ def extract_globals(gm: fx.GraphModule, needed: list[fx.Node], allow_write=lambd
     """
     closure = mutation_closure(gm, set(needed) | set(writes), allow_write)
     for n in closure:
-        if node_meta(n).token is not None and node_meta(n).token.carries_tokens:
+        if node_meta(n).token is not None and node_meta(n).token.in_stage:
             raise PipefusionError(f"internal: {n.name} carries tokens but was asked for as a global")
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -784,6 +840,8 @@ def check_lowerable(gm: fx.GraphModule) -> None:
         info = node_meta(n).token
         if info is not None and info.carries_tokens and (info.joint or info.epr == 0):
             raise UnsupportedGraphError("a model output that holds text tokens of a joint sequence", n)
+        if info is not None and info.kind is Kind.REDUCED:
+            raise UnsupportedGraphError("a model output that is a reduction over the image tokens (no token axis)", n)
 
 
 def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool = False) -> list[LoweredStage]:
@@ -839,6 +897,7 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
             g = _run_pass("select_group", select_group, g, piece.kind)
             g = _run_pass("rewrite_stale_attention", rewrite_stale_attention, g, piece.kind)
             g = _run_pass("rewrite_halo_convs", rewrite_halo_convs, g)
+            g = _run_pass("rewrite_stale_reductions", rewrite_stale_reductions, g)
             g = _run_pass("rewrite_token_sizes", rewrite_token_sizes, g, piece, analysis)
             g = _run_pass("propagate_patch_shapes", propagate_patch_shapes, g, piece, analysis)
             g, fused = _run_pass("fuse_unpatchify_output", fuse_unpatchify_output, g, model_outputs)

@@ -18,6 +18,9 @@ class Kind(enum.Enum):
     POSITIONAL = "positional"  # GLOBAL, but combined token-by-token with patched data: sliced per patch
     PATCHED = "patched"        # carries image tokens on `axis`
     MIXING = "mixing"          # combines tokens across the axis: an op with a `MixingRule` (its `mixing`)
+    REDUCED = "reduced"        # depends on the image tokens but has no token axis: a reduction over the tokens
+                               # (linear attention's sum of phi(K)^T V, a mean over tokens) and what is computed
+                               # from it alone; full size in every piece, computed in the stage from its caches
 
 
 class MixingRule(enum.Enum):
@@ -26,6 +29,8 @@ class MixingRule(enum.Enum):
 
     STALE_KV = "K/V cache: fresh for the patches done this step, one step stale for the rest"
     LOCAL = "local to a token row (attention within a frame): needs nothing of other patches"
+    STALE_INPUTS = ("full-size cache of the reduction's token-carrying inputs (fresh for the patches done this "
+                    "step, one step stale for the rest); the reduction runs over the whole cache")
     HALO_ROWS = ("cache of the conv's input rows: a patch reads its rows plus the halo (rows of earlier patches "
                  "fresh, of later ones one step stale, zeros beyond the image border)")
 
@@ -61,6 +66,11 @@ class TokenInfo:
     @property
     def carries_tokens(self) -> bool:
         return self.kind in (Kind.PATCHED, Kind.MIXING)
+
+    @property
+    def in_stage(self) -> bool:
+        """Computed per piece inside a stage (token-carrying, or REDUCED from tokens), never hoisted."""
+        return self.carries_tokens or self.kind is Kind.REDUCED
 
 
 @dataclass

@@ -21,6 +21,9 @@ from .meta import Kind, MixingRule, TokenInfo, example_value, node_meta
 from .sdpa import SDPA_TARGETS
 
 GLOBAL = TokenInfo(Kind.GLOBAL, rule="global")
+REDUCED = TokenInfo(Kind.REDUCED, rule="from-reduction")
+REDUCE_TOKENS = TokenInfo(Kind.REDUCED, rule="reduce-tokens", mixing=MixingRule.STALE_INPUTS)
+"""A reduction over the token axis: it reads full-size caches of its token-carrying operands."""
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers shared by the rules
@@ -92,6 +95,11 @@ class RuleContext:
         if like is not None and like.epr == 0:
             return
         val = example_value(arg)
+        if self.info(arg).kind is Kind.REDUCED:   # no token axis: it must broadcast along the tokens
+            if isinstance(val, torch.Tensor) and 0 <= axis < val.dim() and int(val.shape[axis]) != 1:
+                raise self.fail(f"operand {arg.name}, a reduction over the image tokens, is combined token by "
+                                "token with image tokens (it has no token axis)")
+            return
         if not isinstance(val, torch.Tensor) or axis < 0 or axis >= val.dim():
             return
         extent = int(val.shape[axis])
@@ -302,7 +310,10 @@ def rule_einsum(ctx: RuleContext) -> TokenInfo:
         if not ctx.info(op).carries_tokens and letter in sub:
             ctx.positional(op, sub.index(letter), out.index(letter) if letter in out else 0, like=like)
     if letter not in out:
-        raise ctx.fail(f"einsum '{eq}' sums over the token axis '{letter}' (mixes tokens)")
+        tokens = [op for op in operands if ctx.info(op).carries_tokens]
+        if len(tokens) != sum(1 for sub in subs if letter in sub):
+            raise ctx.fail(f"einsum '{eq}' sums over the token axis '{letter}' with a global operand on it")
+        return _reduce_tokens(ctx, tokens, [ctx.info(op) for op in tokens])
     return ctx.patched(out.index(letter), "einsum")
 
 
@@ -319,9 +330,29 @@ def rule_linear(ctx: RuleContext) -> TokenInfo:
 def rule_matmul(ctx: RuleContext) -> TokenInfo:
     a, b = ctx.node.args[0], ctx.node.args[1]
     ia, ib = ctx.info(a), ctx.info(b)
-    if ib.carries_tokens or not ia.carries_tokens or ia.axis >= len(shape_of(a)) - 1:
-        raise ctx.fail("matmul over the token axis mixes tokens (only attention may)")
-    return ctx.patched(len(ctx.out_shape()) - len(shape_of(a)) + ia.axis, "matmul")
+    na, nb, nout = len(shape_of(a)), len(shape_of(b)), len(ctx.out_shape())
+    if ia.carries_tokens and ib.carries_tokens and min(na, nb) >= 2 and ia.axis == na - 1 and ib.axis == nb - 2:
+        # contracts the token axis of both (linear attention's phi(K)^T V): a reduction over the tokens
+        return _reduce_tokens(ctx, (a, b), (ia, ib))
+    if ia.carries_tokens and not ib.carries_tokens and na >= 2 and ia.axis < na - 1:
+        return ctx.patched(nout - na + ia.axis, "matmul")
+    if ib.carries_tokens and not ia.carries_tokens and nb >= 2 and ib.axis == nb - 1:
+        # tokens on b's columns (linear attention applies its summary to phi(Q) [.., D, N]): kept there
+        return ctx.patched(nout - 1, "matmul")
+    raise ctx.fail("matmul over the token axis mixes tokens (only attention and reductions whose operands "
+                   "both carry the tokens on the contracted axis may)")
+
+
+def _reduce_tokens(ctx: RuleContext, operands, infos) -> TokenInfo:
+    """A reduction over the token axis (STALE_INPUTS): every token-carrying operand is read from its full-size
+    cache, so the operands must hold the image tokens alone (no text group, no fold), one row layout."""
+    for a, i in zip(operands, infos):
+        if i.joint or i.outer > 1 or i.elements is not None:
+            raise ctx.fail(f"reduction over the token axis of {a.name}, which holds other token groups (text) or "
+                           "a token axis folded with the dims before it: no cache rule for it")
+    if len({i.epr for i in infos}) > 1:
+        raise ctx.fail("reduction over the token axis of operands with different token layouts")
+    return REDUCE_TOKENS
 
 
 def rule_norm(ctx: RuleContext) -> TokenInfo:
@@ -334,6 +365,11 @@ def rule_norm(ctx: RuleContext) -> TokenInfo:
     return ctx.patched(info.axis, "norm")
 
 
+_TOKEN_REDUCTIONS = {"sum", "mean", "amax", "amin", "var", "std", "norm", torch.sum, torch.mean, torch.amax,
+                     torch.var, torch.std, torch.norm, torch.linalg.vector_norm}
+"""Reductions that may run over the token axis (on the full-size cache of their input: STALE_INPUTS)."""
+
+
 def rule_reduce(ctx: RuleContext) -> TokenInfo:
     x = ctx.node.args[0]
     info = ctx.info(x)
@@ -344,7 +380,11 @@ def rule_reduce(ctx: RuleContext) -> TokenInfo:
     dims = [] if dim is None else ([dim] if isinstance(dim, int) else list(dim))
     dims = [_norm_dim(d, nd) for d in dims]
     if not dims or info.axis in dims:
-        raise ctx.fail("reduction over the token axis mixes tokens")
+        if ctx.node.target not in _TOKEN_REDUCTIONS:
+            raise ctx.fail("reduction over the token axis mixes tokens")
+        if any(ctx.info(a).carries_tokens for a in ctx.node.all_input_nodes if a is not x):
+            raise ctx.fail("reduction over the token axis with another token-carrying operand")
+        return _reduce_tokens(ctx, (x,), (info,))
     out_nd = len(ctx.out_shape())
     shift = 0 if out_nd == nd else sum(1 for d in dims if d < info.axis)
     return ctx.patched(info.axis - shift, "reduce")
