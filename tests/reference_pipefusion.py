@@ -32,10 +32,11 @@ than 1 there, is a conv layer (numbered by call order, apart from the attention 
 are assembled exactly as K/V are (rows of patches done this step and of the current patch fresh, the rest
 from the previous step) and the conv runs, with its own padding, on the whole assembled input.
 
-Reductions over the tokens (`reductions=True`; linear attention's phi(K)^T V): every call of `torch.matmul`
-whose two operands both span the image tokens on the contracted axis (axis -1 of the first, -2 of the
-second) is a reduction layer (numbered by call order); both operands are assembled along those axes
-exactly as K/V are, and the product runs on the whole assembled operands.
+Reductions over the tokens (`reductions=True`; linear attention's phi(K)^T V and its normalizer): every call
+of `torch.matmul` whose two operands both span the image tokens on the contracted axis (axis -1 of the first,
+-2 of the second), and of `Tensor.sum(dim)` over an axis of that many elements, is a reduction layer
+(numbered by call order); its operands are assembled along those axes exactly as K/V are, and the reduction
+runs on the whole assembled operands.
 
 Attention with the image tokens folded into its batch axis (a factorized video model, whose rows are
 frames): with the tokens of a row on the sequence axis and the rows in the batch (spatial attention per
@@ -300,12 +301,32 @@ class ReferencePipeFusion:
             self.reductions_seen += 1
             return original(a.movedim(-2, -1), b, **kwargs)
 
+        original_sum = torch.Tensor.sum
+
+        def tensor_sum(x, dim=None, keepdim=False, **kwargs):
+            nonlocal layer
+            if not isinstance(dim, int) or x.dim() < 2 or x.shape[dim] != tokens:
+                return original_sum(x, dim, keepdim, **kwargs) if dim is not None else original_sum(x, **kwargs)
+            x = x.movedim(dim, -2)
+            if len(self.red_current) <= layer:
+                self.red_current.append((torch.zeros_like(x), torch.zeros_like(x)))
+            cx = self.red_current[layer][0]
+            cx[..., lo:hi, :] = x[..., lo:hi, :]
+            if not warmup:
+                px = self.red_previous[layer][0] if self.red_previous else torch.zeros_like(cx)
+                x = torch.cat([cx[..., :hi, :], px[..., hi:, :]], dim=-2)
+            layer += 1
+            self.reductions_seen += 1
+            return original_sum(x.movedim(-2, dim), dim, keepdim, **kwargs)
+
         if self.reductions:
             torch.matmul = matmul
+            torch.Tensor.sum = tensor_sum
         try:
             yield
         finally:
             torch.matmul = original
+            torch.Tensor.sum = original_sum
 
     def _pieces(self, layout: ImageLayout, warmup: bool) -> list[_Piece]:
         before, after = self._groups()

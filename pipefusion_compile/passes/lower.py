@@ -408,10 +408,12 @@ def _reduced_operands(n: fx.Node) -> list[tuple[int, fx.Node]]:
             if isinstance(a, fx.Node) and node_meta(a).token is not None and node_meta(a).token.carries_tokens]
 
 
-def rewrite_stale_reductions(gm: fx.GraphModule) -> fx.GraphModule:
+def rewrite_stale_reductions(gm: fx.GraphModule, whole: bool = False) -> fx.GraphModule:
     """Every reduction over the tokens (STALE_INPUTS) writes its patch's rows of each token-carrying operand
     into that operand's full-size cache, then reduces over the caches: the tokens of patches done this step
-    fresh, the others one step stale (as attention's K/V).
+    fresh, the others one step stale (as attention's K/V). A piece that holds every token row (`whole`: warmup,
+    or the one band of M = 1) only writes the caches and reduces over its own operands, which are the caches'
+    contents: the plain op on the plain operands, so it rounds exactly as the plain model does.
 
     Before (linear attention, a band of 16 of 64 tokens):       After:
         %s = matmul(%v, %k)   # [B, H, D, 16] @ [B, H, 16, D]       %w0 = pipefusion.cache_rows(%s_cache_x0, %v, %row_start, 3, 8)
@@ -437,13 +439,14 @@ def rewrite_stale_reductions(gm: fx.GraphModule) -> fx.GraphModule:
                 w = gm.graph.call_function(torch.ops.pipefusion.cache_rows.default,
                                            (cache, x, row_start, spec.axis, spec.per_row))
             w.meta["stack_trace"] = n.meta.get("stack_trace")
-            n.replace_input_with(x, cache)
+            if not whole:
+                n.replace_input_with(x, cache)
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def rewrite_halo_convs(gm: fx.GraphModule) -> fx.GraphModule:
+def rewrite_halo_convs(gm: fx.GraphModule, whole: bool = False) -> fx.GraphModule:
     """Every conv over token rows (HALO_ROWS) writes its patch's input rows into its cache and convolves the
     cache's rows with the halo, without padding along the rows, so it gives exactly the patch's output rows.
 
@@ -452,7 +455,9 @@ def rewrite_halo_convs(gm: fx.GraphModule) -> fx.GraphModule:
                                                                                   %row_start, 2, 1, 1, 1)  # [B, C, 4, 8]
                                                                          %y = conv2d(%h, %w, %b, (1, 1), (0, 1), (1, 1), 64)
     The rows above the band are this step's (earlier patches), those below it the previous step's, rows
-    beyond the image zeros (the conv's own padding). Convs of a piece without image rows are not there.
+    beyond the image zeros (the conv's own padding). Convs of a piece without image rows are not there. A piece
+    that holds every token row (`whole`) writes the cache and runs the plain conv on its own input (the same
+    rows, and the same rounding as the plain model).
     """
     caches: dict[str, fx.Node] = {}
     row_start = None
@@ -471,6 +476,12 @@ def rewrite_halo_convs(gm: fx.GraphModule) -> fx.GraphModule:
         x, w = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs["weight"]
         k = example_value(w).dim() - 2
         sd = spec.axis - (example_value(x).dim() - k)
+        if whole:
+            with gm.graph.inserting_before(n):
+                write = gm.graph.call_function(torch.ops.pipefusion.cache_rows.default,
+                                               (cache, x, row_start, spec.axis, spec.per_row))
+            write.meta["stack_trace"] = n.meta.get("stack_trace")
+            continue
         with gm.graph.inserting_before(n):
             halo = gm.graph.call_function(
                 torch.ops.pipefusion.halo_rows.default, (cache, x, row_start, spec.axis, spec.per_row, *spec.halo))
@@ -896,8 +907,9 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
             g = fx.GraphModule(stage_gm, graph)
             g = _run_pass("select_group", select_group, g, piece.kind)
             g = _run_pass("rewrite_stale_attention", rewrite_stale_attention, g, piece.kind)
-            g = _run_pass("rewrite_halo_convs", rewrite_halo_convs, g)
-            g = _run_pass("rewrite_stale_reductions", rewrite_stale_reductions, g)
+            whole = piece.kind == FULL or (piece.kind == BAND and piece.rows == analysis.token_rows)
+            g = _run_pass("rewrite_halo_convs", rewrite_halo_convs, g, whole)
+            g = _run_pass("rewrite_stale_reductions", rewrite_stale_reductions, g, whole)
             g = _run_pass("rewrite_token_sizes", rewrite_token_sizes, g, piece, analysis)
             g = _run_pass("propagate_patch_shapes", propagate_patch_shapes, g, piece, analysis)
             g, fused = _run_pass("fuse_unpatchify_output", fuse_unpatchify_output, g, model_outputs)
