@@ -380,7 +380,8 @@ def rule_reduce(ctx: RuleContext) -> TokenInfo:
     dims = [] if dim is None else ([dim] if isinstance(dim, int) else list(dim))
     dims = [_norm_dim(d, nd) for d in dims]
     if not dims or info.axis in dims:
-        if ctx.node.target not in _TOKEN_REDUCTIONS:
+        # over named dims only: a reduction of everything (batch too, to a scalar) is no per-sample summary
+        if not dims or ctx.node.target not in _TOKEN_REDUCTIONS:
             raise ctx.fail("reduction over the token axis mixes tokens")
         if any(ctx.info(a).carries_tokens for a in ctx.node.all_input_nodes if a is not x):
             raise ctx.fail("reduction over the token axis with another token-carrying operand")
