@@ -68,7 +68,7 @@ class StagePlan:
     flops: int                            # per step, full sequence, token-carrying ops
     global_flops: int                     # per step, hoisted GLOBAL ops this stage computes
     share: float                          # flops / total token-carrying flops
-    kv_cache_bytes: int
+    kv_cache_bytes: int                   # every mixing cache of the stage (K/V, conv inputs, reduction inputs)
     modules: str                          # first..last attention module (display only)
 
 
@@ -173,7 +173,7 @@ class PipelinePlan:
             + (f"; positional: {_names(self.positional)}" if self.positional else ""),
             "",
             f"{'stage':>5}  {'attn layers':<12} {'FLOP/step':>10} {'share':>6} {'global FLOP':>12} "
-            f"{'KV cache':>10}  modules",
+            f"{'mix cache':>10}  modules",
         ]
         for s in self.stages:
             layers = f"{s.attention_layers[0]}-{s.attention_layers[-1]}" if s.attention_layers else "-"
