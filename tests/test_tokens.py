@@ -472,3 +472,25 @@ def test_rule_repeat_and_repeat_interleave_off_the_token_axis(case):
         gm, _ = analyze_fn(f, torch.randn(2, 16, 4))
         out = [n for n in gm.graph.nodes if n.op == "call_method"][-1]
         assert node_meta(out).token.axis == 1
+
+
+def test_transposed_conv_unpatchify_keeps_rows_and_an_overlapping_one_is_refused():
+    """kernel == stride (AceStep's ConvTranspose1d out projection): each token row becomes `stride` rows of its
+    own; a transposed conv whose kernel overlaps neighbouring rows is refused with its source line."""
+    w = torch.randn(4, 4, 2, 2)
+
+    def unpatchify(x):
+        return F.conv_transpose2d(x, w, stride=2)
+
+    gm, a = analyze_fn(unpatchify)
+    (n,) = [n for n in gm.graph.nodes if n.target is torch.conv_transpose2d]
+    info = node_meta(n).token
+    assert (info.rule, info.axis, info.epr) == ("conv-transpose-unpatchify", 2, 2)
+    w3 = torch.randn(4, 4, 3, 3)
+
+    def overlapping(x):
+        return F.conv_transpose2d(x, w3, padding=1)
+
+    with pytest.raises(UnsupportedGraphError, match="transposed conv over token rows") as err:
+        analyze_fn(overlapping)
+    assert "F.conv_transpose2d(x, w3, padding=1)" in str(err.value)

@@ -434,6 +434,35 @@ def rule_conv(ctx: RuleContext) -> TokenInfo:
     )
 
 
+def rule_conv_transpose(ctx: RuleContext) -> TokenInfo:
+    """A transposed conv with kernel == stride, no padding, no output padding and no dilation on the token axis
+    (an unpatchify, e.g. AceStep's `ConvTranspose1d(hidden, C, p, stride=p)`): each input row becomes `stride`
+    output rows of its own, so it keeps the rows' order and mixes nothing. Any other transposed conv overlaps
+    neighbouring rows' outputs: refused."""
+    x, w = ctx.node.args[0], ctx.arg(1, "weight")
+    info = ctx.info(x)
+    if not info.carries_tokens or ctx.info(w).carries_tokens:
+        raise ctx.fail("transposed conv whose weight carries image tokens")
+    nd, k = len(shape_of(x)), len(shape_of(w)) - 2
+    sd = info.axis - (nd - k)
+    if sd < 0:
+        raise ctx.fail("transposed conv over the channels of a token-carrying tensor")
+
+    def at(value, default):
+        if value is None:
+            return default
+        return value[sd] if isinstance(value, (tuple, list)) else value
+
+    kernel = shape_of(w)[2 + sd]
+    stride, padding = at(ctx.arg(3, "stride"), 1), at(ctx.arg(4, "padding"), 0)
+    output_padding, dilation = at(ctx.arg(5, "output_padding"), 0), at(ctx.arg(7, "dilation"), 1)
+    if (stride, padding, output_padding, dilation) != (kernel, 0, 0, 1) or info.joint:
+        raise ctx.fail(f"transposed conv over token rows (kernel {kernel}, stride {stride}, padding {padding}, "
+                       f"output padding {output_padding}, dilation {dilation}) overlaps neighbouring rows; only "
+                       "an unpatchify (kernel == stride, no padding) is supported")
+    return ctx.patched(info.axis, "conv-transpose-unpatchify")
+
+
 def rule_pad(ctx: RuleContext) -> TokenInfo:
     """`F.pad(x, pad, mode, value)` on dims other than the token axis keeps every row where it is (Sana's linear
     attention pads the head dim with ones). Padding the token axis would add rows no patch owns: refused."""
@@ -828,6 +857,9 @@ RULES["repeat_interleave"] = RULES[torch.repeat_interleave] = rule_repeat_interl
 RULES[operator.getitem] = rule_getitem
 for _t in (F.pad, torch._C._nn.pad):
     RULES[_t] = rule_pad
+for _t in (torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d, F.conv_transpose1d,
+           F.conv_transpose2d, F.conv_transpose3d):
+    RULES[_t] = rule_conv_transpose
 RULES[operator.setitem] = rule_setitem
 
 
