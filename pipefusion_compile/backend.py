@@ -185,7 +185,7 @@ def analyze_for_pipeline(gm: fx.GraphModule, example_inputs, options: Pipefusion
                 f"model cut by graph breaks may not hold the image input at all){report}", e.node) from None
         decline(gm, example_inputs, strict, e.reason, e.node)
         return None
-    if not analysis.self_attention:
+    if not analysis.mixes_tokens:
         decline(gm, example_inputs, strict, "no self-attention over the image tokens")
         return None
     return analysis

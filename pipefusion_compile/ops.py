@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from .kernels import (
+    cache_rows_reference,
+    halo_rows_reference,
     kv_cache_update_reference,
     kv_cache_update_triton,
     pack_reference,
@@ -91,6 +93,41 @@ def kv_cache_update_host(
 
 @kv_cache_update_host.register_fake
 def _(cache_k, cache_v, k, v, row_start, axis, per_row, offset=0, kernels="auto"):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Halo rows (a conv over token rows)
+
+
+@torch.library.custom_op("pipefusion::halo_rows", mutates_args=("cache",))
+def halo_rows(cache: torch.Tensor, x: torch.Tensor, row_start: torch.Tensor, axis: int, per_row: int,
+              before: int, after: int) -> torch.Tensor:
+    """Write one patch's rows `x` of a conv input into the full-size `cache` at `row_start * per_row` along
+    `axis`, and return the cache's rows from `before` elements ahead of the patch to `after` past it (zeros
+    beyond the image border, as the conv's zero padding): the conv, run without padding along `axis`, then
+    gives exactly the patch's output rows. `row_start` is a 0-d int64 CPU tensor (as for `kv_cache_update`),
+    read on the host: the op is opaque to compilers."""
+    return halo_rows_reference(cache, x, int(row_start) * per_row, axis, before, after)
+
+
+@halo_rows.register_fake
+def _(cache, x, row_start, axis, per_row, before, after):
+    shape = list(x.shape)
+    shape[axis] += before + after
+    return x.new_empty(shape, dtype=cache.dtype)
+
+
+@torch.library.custom_op("pipefusion::cache_rows", mutates_args=("cache",))
+def cache_rows(cache: torch.Tensor, x: torch.Tensor, row_start: torch.Tensor, axis: int, per_row: int) -> None:
+    """Write one patch's rows `x` of a reduction's operand into its full-size `cache` at `row_start * per_row`
+    along `axis` (the reduction then runs over the whole cache). `row_start` is read on the host, as in
+    `halo_rows`."""
+    cache_rows_reference(cache, x, int(row_start) * per_row, axis)
+
+
+@cache_rows.register_fake
+def _(cache, x, row_start, axis, per_row):
     return None
 
 

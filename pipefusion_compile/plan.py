@@ -5,7 +5,6 @@ model: everything comes from dynamo's fake example values.
 """
 from __future__ import annotations
 
-import enum
 import logging
 import re
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from .errors import PlanError, TooFewLayersError, source_line
 from .options import PipefusionOptions
 from .passes.canonical_attention import AttentionForm, attention_form
 from .passes.cost import analyze_cost
-from .passes.meta import example_value, node_meta
+from .passes.meta import MixingRule, example_value, node_meta
 from .passes.partition import (
     CutCandidates,
     balanced_cuts,
@@ -31,13 +30,6 @@ from .passes.sdpa import sdpa_qkv
 from .passes.tokens import TokenAnalysis, analyze_tokens
 
 log = logging.getLogger("pipefusion_compile")
-
-
-class MixingRule(enum.Enum):
-    """How the pipeline handles an op that combines image tokens across patches."""
-
-    STALE_KV = "K/V cache: fresh for the patches done this step, one step stale for the rest"
-    LOCAL = "local to a token row (attention within a frame): needs nothing of other patches"
 
 
 @dataclass(frozen=True)
@@ -76,7 +68,7 @@ class StagePlan:
     flops: int                            # per step, full sequence, token-carrying ops
     global_flops: int                     # per step, hoisted GLOBAL ops this stage computes
     share: float                          # flops / total token-carrying flops
-    kv_cache_bytes: int
+    kv_cache_bytes: int                   # every mixing cache of the stage (K/V, conv inputs, reduction inputs)
     modules: str                          # first..last attention module (display only)
 
 
@@ -173,13 +165,15 @@ class PipelinePlan:
             f"image input {self.token_input}: axis {self.token_axis}, {self.input_rows} rows "
             f"= {self.token_rows} token rows x {self.granule}; "
             f"{len(self.self_attention)} self-attention, "
-            + (f"{len(self.mixing) - len(self.self_attention)} row-local attention, " if len(self.mixing) > len(
-                self.self_attention) else "")
+            + "".join(f"{n} {what}, " for n, what in (
+                (sum(m.rule is MixingRule.LOCAL for m in self.mixing), "row-local attention"),
+                (sum(m.rule is MixingRule.HALO_ROWS for m in self.mixing), "conv over rows"),
+                (sum(m.rule is MixingRule.STALE_INPUTS for m in self.mixing), "reduction over tokens")) if n)
             + f"{len(self.cross_attention)} cross-attention layers"
             + (f"; positional: {_names(self.positional)}" if self.positional else ""),
             "",
             f"{'stage':>5}  {'attn layers':<12} {'FLOP/step':>10} {'share':>6} {'global FLOP':>12} "
-            f"{'KV cache':>10}  modules",
+            f"{'mix cache':>10}  modules",
         ]
         for s in self.stages:
             layers = f"{s.attention_layers[0]}-{s.attention_layers[-1]}" if s.attention_layers else "-"
@@ -274,7 +268,7 @@ def _global_closure(nodes: list[fx.Node]) -> set[fx.Node]:
     stack = [a for n in nodes for a in n.all_input_nodes]
     while stack:
         a = stack.pop()
-        if a in seen or node_meta(a).token.carries_tokens:
+        if a in seen or node_meta(a).token.in_stage:
             continue
         seen.add(a)
         stack.extend(a.all_input_nodes)
@@ -314,7 +308,7 @@ def build_plan(
     total = analyze_cost(gm)
     n_stages, n_patches = options.num_stages, options.num_patches
     n_layers = analysis.attention_layers
-    if not analysis.self_attention:
+    if not analysis.mixes_tokens:
         raise PlanError("no self-attention over the image tokens was found: nothing to pipeline")
     if n_stages > n_layers:
         raise TooFewLayersError(
@@ -358,10 +352,14 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         members = nodes[lo:hi]
         flops = sum(node_meta(n).flops for n in members)
         layer_ids = tuple(i for i, p in enumerate(attn_positions) if lo <= p < hi)
-        kv = 0
+        kv = 0   # every mixing cache: K/V of self-attention, the input of a conv over rows (HALO_ROWS)
         for n in members:
             if node_meta(n).token.attention == "self":
                 kv += sum(node_meta(a).out_bytes for a in sdpa_qkv(n)[1:])
+            elif node_meta(n).token.mixing is MixingRule.HALO_ROWS:
+                kv += node_meta(n.args[0]).out_bytes
+            elif node_meta(n).token.mixing is MixingRule.STALE_INPUTS:
+                kv += sum(node_meta(a).out_bytes for a in n.all_input_nodes if node_meta(a).token.carries_tokens)
         modules = [_attention_module(nodes[attn_positions[i]]) for i in layer_ids]
         span = f"{modules[0]} .. {modules[-1]}" if len(modules) > 1 else (modules[0] if modules else "")
         stages.append(StagePlan(
@@ -420,11 +418,16 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         text=_text_side(nodes),
         input_shape=tuple(example_value(next(n for n in gm.graph.nodes if n.name == analysis.token_input)).shape),
         mixing=tuple(
-            MixingOp(n.name, attention_form(n),
-                     MixingRule.STALE_KV if node_meta(n).token.attention == "self" else MixingRule.LOCAL,
+            MixingOp(n.name, attention_form(n), _mixing_rule(node_meta(n).token),
                      next(st.index for st in stages if st.start <= i < st.end), source_line(n))
-            for i, n in enumerate(nodes) if node_meta(n).token.attention in ("self", "local")),
+            for i, n in enumerate(nodes) if _mixing_rule(node_meta(n).token) is not None),
     )
+
+
+def _mixing_rule(info) -> MixingRule | None:
+    if info.attention == "local":
+        return MixingRule.LOCAL
+    return info.mixing
 
 
 def _text_side(nodes: list[fx.Node]) -> str | None:

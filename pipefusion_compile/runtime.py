@@ -61,7 +61,7 @@ class _Stream:
     had its own compiled copy of the model."""
 
     state: StepState = field(default_factory=StepState)
-    caches: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage index -> [k0, v0, k1, ...]
+    caches: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage index -> [k0, v0, x1, ...] (`CacheSpec.buffers`)
 
 
 @dataclass
@@ -254,7 +254,7 @@ class PipelineProgram:
         caches = inst.caches.get(s.lowered.index)
         if caches is None:
             caches = inst.caches[s.lowered.index] = [
-                torch.zeros(c.shape, dtype=c.dtype, device=device) for c in s.lowered.caches for _ in ("k", "v")
+                torch.zeros(c.shape, dtype=c.dtype, device=device) for c in s.lowered.caches for _ in c.buffers
             ]
         return caches
 

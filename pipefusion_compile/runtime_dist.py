@@ -201,7 +201,7 @@ class DistributedProgram(PipelineProgram):
         hoisted = g.placeholder("hoisted")  # the stage's GLOBAL inputs, computed once per step
         sliced = [{inp.name: g.placeholder(f"{inp.name}_patch{j}") for inp in self._sliced_inputs(piece)}
                   for j, piece in enumerate(pieces)]
-        caches = [g.placeholder(f"cache_{c.attention}_{w}") for c in self.own.lowered.caches for w in ("k", "v")]
+        caches = [g.placeholder(f"cache_{c.attention}_{w}") for c in self.own.lowered.caches for w in c.buffers]
         outs = [g.placeholder(f"out_{o.name}") for o in self._token_outputs]
         routes = [self._routes(piece) for piece in pieces]
         bufs = {}

@@ -25,6 +25,7 @@ class Case:
     text_tokens: int = 0                        # text tokens in a joint text+image attention sequence (for the reference)
     text_first: bool = False                    # text before image in that sequence
     layout: "ImageLayout | None" = None         # reference's image layout when ImageLayout.of cannot tell it (see tests/reference_pipefusion.py)
+    reductions: bool = False                    # the reference assembles torch.matmul over the image tokens (linear attention)
     options: tuple = ()                         # backend options the class needs, as (key, value) pairs (ideally none)
     feed: Feed = Feed()                         # how its pipeline makes each call's latent argument and reads the prediction
     skip: str | None = None                     # why it is not built (not a latent denoiser, needs weights, ...)

@@ -680,3 +680,110 @@ def make_hand_mmdit_rope():
     return model.eval(), dict(hidden_states=torch.randn(BATCH, CHANNELS, SIZE, SIZE),
                               timestep=torch.full((BATCH,), 500, dtype=torch.int64),
                               encoder_hidden_states=torch.randn(BATCH, PROMPT, DIM))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# i. a conv FFN (Sana's GLUMBConv, written plainly): tokens back on the latent grid, 1x1 conv, depthwise 3x3
+
+
+class ConvFFN(nn.Module):
+    """[B, h * w, C] -> [B, C, h, w]; 1x1 conv to 2 * hidden; SiLU; depthwise 3x3 conv (mixes neighbouring token
+    rows); GLU gate; 1x1 conv back; -> [B, h * w, C]."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(dim, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_out = nn.Conv2d(hidden, dim, 1, bias=False)
+
+    def forward(self, x, h, w):
+        b, n, c = x.shape
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        x = self.conv_depth(F.silu(self.conv_in(x)))
+        x, gate = x.chunk(2, dim=1)
+        x = self.conv_out(x * F.silu(gate))
+        return x.flatten(2).transpose(1, 2)
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = ConvFFN(dim, 2 * dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, h, w):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp), h, w)
+        return x
+
+
+class ConvFFNDiT(TimmDiT):
+    """The timm-style DiT with a depthwise conv FFN in every block (each block: one self-attention, one conv
+    over the token rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(ConvBlock(DIM, HEADS) for _ in range(DEPTH))
+
+    def forward(self, hidden_states, timestep, class_labels, return_dict=True):
+        h, w = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
+        x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2) + self.pos_embed
+        c = self.t_embedder(timestep) + self.y_embedder(class_labels)
+        for block in self.blocks:
+            x = block(x, c, h, w)
+        x = self.final_layer(x, c)
+        return _out(self.unpatchify(x, h, w), return_dict)
+
+
+def make_conv_ffn_dit():
+    torch.manual_seed(0)
+    model = ConvFFNDiT()
+    return model.eval(), _class_kwargs()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# j. ReLU linear attention (Sana's, written plainly) next to the conv FFN
+
+
+class LinearAttention(nn.Module):
+    """out_n = (sum_m v_m relu(k_m)^T) relu(q_n) / (sum_m relu(k_m) . relu(q_n)): the sum over the tokens m is a
+    matmul contracting the token axis of both operands ([B, H, D + 1, N] @ [B, H, N, D]); the ones row padded
+    onto v gives the normalizer in the same product."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.heads = num_heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q = F.relu(self.to_q(x).transpose(1, 2).unflatten(1, (self.heads, -1)))                   # [B, H, D, N]
+        k = F.relu(self.to_k(x).transpose(1, 2).unflatten(1, (self.heads, -1))).transpose(2, 3)   # [B, H, N, D]
+        v = F.pad(self.to_v(x).transpose(1, 2).unflatten(1, (self.heads, -1)), (0, 0, 0, 1), value=1.0)
+        out = torch.matmul(torch.matmul(v, k), q)                                                   # [B, H, D + 1, N]
+        out = out[:, :, :-1] / (out[:, :, -1:] + 1e-6)
+        return self.proj(out.flatten(1, 2).transpose(1, 2))
+
+
+class LinearConvBlock(ConvBlock):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        self.attn = LinearAttention(dim, num_heads)
+
+
+class LinearAttentionDiT(ConvFFNDiT):
+    """Sana's block structure, by hand: ReLU linear attention and a depthwise conv FFN; no softmax attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(LinearConvBlock(DIM, HEADS) for _ in range(DEPTH))
+
+
+def make_linear_attention_dit():
+    torch.manual_seed(0)
+    model = LinearAttentionDiT()
+    return model.eval(), _class_kwargs()

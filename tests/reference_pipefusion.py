@@ -26,6 +26,18 @@ register tokens): the attention sequence is [before | image | after], where `bef
 that sequence (run once per step, in sequence order with the bands, only to refresh its K/V), and with one
 patch the whole joint sequence is that patch.
 
+Convs over the token rows (a conv FFN's depthwise 3x3 conv, a temporal conv over frames): every call of
+`F.conv1d/2d/3d` whose first spatial axis holds the image's token rows, with stride 1 and a kernel longer
+than 1 there, is a conv layer (numbered by call order, apart from the attention layers); its *input* rows
+are assembled exactly as K/V are (rows of patches done this step and of the current patch fresh, the rest
+from the previous step) and the conv runs, with its own padding, on the whole assembled input.
+
+Reductions over the tokens (`reductions=True`; linear attention's phi(K)^T V and its normalizer): every call
+of `torch.matmul` whose two operands both span the image tokens on the contracted axis (axis -1 of the first,
+-2 of the second), and of `Tensor.sum(dim)` over an axis of that many elements, is a reduction layer
+(numbered by call order); its operands are assembled along those axes exactly as K/V are, and the reduction
+runs on the whole assembled operands.
+
 Attention with the image tokens folded into its batch axis (a factorized video model, whose rows are
 frames): with the tokens of a row on the sequence axis and the rows in the batch (spatial attention per
 frame, [B * F, H, HW, D]) a call never mixes rows, so it is local to a band of whole rows and runs as it
@@ -105,7 +117,7 @@ class ReferencePipeFusion:
     def __init__(self, model, num_patches: int, warmup_steps: int = 1, text_tokens: int = 0,
                  text_first: bool = False, layout: ImageLayout | None = None, after_tokens: int = 0,
                  attention_fns: Sequence[tuple[object, str]] = (),
-                 prediction: Callable[[object, object], torch.Tensor] | None = None):
+                 prediction: Callable[[object, object], torch.Tensor] | None = None, reductions: bool = False):
         self.model = model
         self.num_patches = num_patches
         self.warmup_steps = warmup_steps
@@ -122,10 +134,19 @@ class ReferencePipeFusion:
         # calls run as they are because they are local to a band (attention within a row, folded)
         self.layers_seen = 0
         self.local_calls = 0
+        self.conv_previous: list[torch.Tensor] = []  # per conv layer over rows: its input, last step
+        self.conv_current: list[torch.Tensor] = []
+        self.convs_seen = 0
+        self.reductions = reductions
+        self.red_previous: list[tuple[torch.Tensor, torch.Tensor]] = []  # per reduction layer: its operands
+        self.red_current: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.reductions_seen = 0
 
     def reset(self):
         self.step = 0
         self.previous = []
+        self.conv_previous = []
+        self.red_previous = []
 
     def _groups(self) -> tuple[list[int], list[int]]:
         """Sizes of the extra token groups before and after the image, in sequence order."""
@@ -222,6 +243,96 @@ class ReferencePipeFusion:
                 setattr(module, name, original)
             torch.backends.mha.set_fastpath_enabled(fastpath)
 
+    @contextlib.contextmanager
+    def _stale_convs(self, layout: ImageLayout, piece: _Piece, warmup: bool):
+        """Convs over the token rows read their input assembled from fresh and stale rows (axis 2)."""
+        layer = 0
+        self.convs_seen = 0
+
+        def intercept(original: Callable) -> Callable:
+            def conv(input, weight, bias=None, stride=1, *args, **kwargs):
+                nonlocal layer
+                s = stride[0] if isinstance(stride, (tuple, list)) else stride
+                if input.dim() != weight.dim() or input.shape[2] != layout.rows or weight.shape[2] == 1 or s != 1:
+                    return original(input, weight, bias, stride, *args, **kwargs)
+                if len(self.conv_current) <= layer:
+                    self.conv_current.append(torch.zeros_like(input))
+                cur = self.conv_current[layer]
+                cur[:, :, piece.r0:piece.r1] = input[:, :, piece.r0:piece.r1]
+                if not warmup:
+                    prev = self.conv_previous[layer] if self.conv_previous else torch.zeros_like(cur)
+                    input = torch.cat([cur[:, :, :piece.r1], prev[:, :, piece.r1:]], dim=2)
+                layer += 1
+                self.convs_seen += 1
+                return original(input, weight, bias, stride, *args, **kwargs)
+
+            return conv
+
+        names = ("conv1d", "conv2d", "conv3d")
+        originals = [getattr(F, name) for name in names]
+        for name, original in zip(names, originals):
+            setattr(F, name, intercept(original))
+        try:
+            yield
+        finally:
+            for name, original in zip(names, originals):
+                setattr(F, name, original)
+
+    @contextlib.contextmanager
+    def _stale_reductions(self, layout: ImageLayout, piece: _Piece, warmup: bool):
+        """torch.matmul contracting the image tokens of both operands reads them assembled from fresh and
+        stale tokens (a along -1, b along -2)."""
+        layer = 0
+        self.reductions_seen = 0
+        tokens = layout.rows * layout.tokens_per_row
+        lo, hi = piece.r0 * layout.tokens_per_row, piece.r1 * layout.tokens_per_row
+        original = torch.matmul
+
+        def matmul(a, b, **kwargs):
+            nonlocal layer
+            if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != tokens or b.shape[-2] != tokens:
+                return original(a, b, **kwargs)
+            a, b = a.movedim(-1, -2), b   # both with the tokens on -2, as K/V
+            if len(self.red_current) <= layer:
+                self.red_current.append((torch.zeros_like(a), torch.zeros_like(b)))
+            ca, cb = self.red_current[layer]
+            ca[..., lo:hi, :] = a[..., lo:hi, :]
+            cb[..., lo:hi, :] = b[..., lo:hi, :]
+            if not warmup:
+                pa, pb = self.red_previous[layer] if self.red_previous else (torch.zeros_like(ca), torch.zeros_like(cb))
+                a = torch.cat([ca[..., :hi, :], pa[..., hi:, :]], dim=-2)
+                b = torch.cat([cb[..., :hi, :], pb[..., hi:, :]], dim=-2)
+            layer += 1
+            self.reductions_seen += 1
+            return original(a.movedim(-2, -1), b, **kwargs)
+
+        original_sum = torch.Tensor.sum
+
+        def tensor_sum(x, dim=None, keepdim=False, **kwargs):
+            nonlocal layer
+            if not isinstance(dim, int) or x.dim() < 2 or x.shape[dim] != tokens:
+                return original_sum(x, dim, keepdim, **kwargs) if dim is not None else original_sum(x, **kwargs)
+            x = x.movedim(dim, -2)
+            if len(self.red_current) <= layer:
+                self.red_current.append((torch.zeros_like(x), torch.zeros_like(x)))
+            cx = self.red_current[layer][0]
+            cx[..., lo:hi, :] = x[..., lo:hi, :]
+            if not warmup:
+                px = self.red_previous[layer][0] if self.red_previous else torch.zeros_like(cx)
+                x = torch.cat([cx[..., :hi, :], px[..., hi:, :]], dim=-2)
+            layer += 1
+            self.reductions_seen += 1
+            return original_sum(x.movedim(-2, dim), dim, keepdim, **kwargs)
+
+        if self.reductions:
+            torch.matmul = matmul
+            torch.Tensor.sum = tensor_sum
+        try:
+            yield
+        finally:
+            torch.matmul = original
+            torch.Tensor.sum = original_sum
+
     def _pieces(self, layout: ImageLayout, warmup: bool) -> list[_Piece]:
         before, after = self._groups()
         per_row = layout.tokens_per_row
@@ -249,7 +360,8 @@ class ReferencePipeFusion:
         warmup = self.step < self.warmup_steps
         result = None
         for piece in self._pieces(layout, warmup):
-            with self._stale_attention(layout, num_tokens, piece, warmup):
+            with self._stale_attention(layout, num_tokens, piece, warmup), self._stale_convs(layout, piece, warmup), \
+                    self._stale_reductions(layout, piece, warmup):
                 out = self.model(hidden_states, **kwargs, return_dict=False)[0]
             if self.prediction is not None:
                 out = self.prediction(out, hidden_states)
@@ -260,5 +372,7 @@ class ReferencePipeFusion:
             a, k = layout.out_axis, layout.out_per_row
             result.narrow(a, piece.row0 * k, piece.n * k).copy_(out.narrow(a, piece.row0 * k, piece.n * k))
         self.previous = [(k.clone(), v.clone()) for k, v in self.current]
+        self.conv_previous = [x.clone() for x in self.conv_current]
+        self.red_previous = [(a.clone(), b.clone()) for a, b in self.red_current]
         self.step += 1
         return result

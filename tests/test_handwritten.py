@@ -31,6 +31,8 @@ class Case:
     make: Callable
     layers: int                   # self-attention layers the reference assembles from fresh/stale K/V
     local: int = 0                # attention calls local to a band (spatial attention within a frame)
+    convs: int = 0                # convs over the token rows whose input the reference assembles
+    reductions: int = 0           # matmuls over the tokens whose operands the reference assembles
     reference: dict = field(default_factory=dict)  # extra ReferencePipeFusion arguments
     layout: ImageLayout | None = None  # None: from the input's shape and config.patch_size
     rewritten: bool = False       # attention the backend rewrites to SDPA: the same function summed in another
@@ -54,6 +56,10 @@ CASES = {
     # bands of whole frames: 4 frames of 8 x 8 tokens; 2 temporal (assembled) and 2 spatial (local) layers
     "factorized_video": Case(hd.make_factorized_video_dit, 2, local=2, layout=ImageLayout(4, 64, 2, 1)),
     "packed_rope": Case(hd.make_packed_rope_dit, 4),  # [B, 64, C]: one token per row
+    "conv_ffn": Case(hd.make_conv_ffn_dit, 4, convs=4),  # a depthwise 3x3 conv per block (halo rows)
+    # Sana's block by hand: ReLU linear attention (a matmul over the tokens) and the conv FFN, no softmax
+    "linear_attention": Case(hd.make_linear_attention_dit, 0, convs=4, reductions=4,
+                             reference=dict(reductions=True)),
 }
 NAMES = sorted(CASES)
 STEPS = 5  # one warmup step, then four pipelined
@@ -81,12 +87,14 @@ def test_reference_on_its_own(name):
     plain_final, plain_steps = sample_loop(call_model(model), kwargs, steps=STEPS)
     one = make_reference(case, model, 1)
     _, one_steps = reference_loop(one, kwargs)
-    assert (one.layers_seen, one.local_calls) == (case.layers, case.local)
+    assert (one.layers_seen, one.local_calls, one.convs_seen, one.reductions_seen) == (
+        case.layers, case.local, case.convs, case.reductions)
     for got, want in zip(one_steps, plain_steps):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     four = make_reference(case, model, 4)
     four_final, _ = reference_loop(four, kwargs)
-    assert (four.layers_seen, four.local_calls) == (case.layers, case.local)
+    assert (four.layers_seen, four.local_calls, four.convs_seen, four.reductions_seen) == (
+        case.layers, case.local, case.convs, case.reductions)
     assert (four_final - plain_final).abs().max() > 1e-4
 
 

@@ -6,7 +6,10 @@ against the eager reference are in test_handwritten.py):
     the rows into the batch; no cache, a stage boundary like any attention layer;
   * extra token groups on either side of the image (U-ViT's time and class tokens before it, register tokens
     after it): a HEAD and a TAIL piece, each run once per pipelined step;
-  * the plan (and `pipefusion-compile plan`) lists every token-mixing op with the rule that handles it.
+  * the plan (and `pipefusion-compile plan`) lists every token-mixing op with the rule that handles it;
+  * a conv over token rows (a conv FFN's depthwise conv): HALO_ROWS, a cache of its input read with the halo;
+  * a reduction over the tokens (linear attention's phi(K)^T V, a mean over tokens): STALE_INPUTS, caches of
+    its token-carrying operands; its token-free result stays in its stage.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from graph_utils import by_name, capture_model
 from helpers import build_program
 from pipefusion_compile.cli import plan_graphs
 from pipefusion_compile.passes.canonical_attention import AttentionForm
-from pipefusion_compile.passes.meta import node_meta
+from pipefusion_compile.passes.meta import Kind, node_meta
 from pipefusion_compile.passes.pieces import BAND, HEAD, TAIL, Piece
 from pipefusion_compile.passes.sdpa import is_sdpa
 from pipefusion_compile.passes.tokens import analyze_tokens
@@ -138,3 +141,156 @@ def test_image_queries_over_joint_keys_are_refused_not_run_wrongly():
         assert "keys hold other token groups than its query" in str(e) and "node:" in str(e)
     else:
         raise AssertionError("image queries over [image | text] keys were accepted")
+
+
+HALO_ROWS = torch.ops.pipefusion.halo_rows.default
+
+
+def test_analysis_conv_over_token_rows_mixes_with_halo_rows():
+    """The conv FFN's depthwise 3x3 conv (stride 1, padding 1) mixes neighbouring token rows: MIXING with the
+    HALO_ROWS rule and a halo of one row each side; its 1x1 convs and the patch embedding do not mix."""
+    model, kwargs = hd.make_conv_ffn_dit()
+    gm, ex = capture_model(model, kwargs)
+    analyze_tokens(gm, ex)
+    convs = [n for n in gm.graph.nodes if n.target is torch.conv2d]
+    rules = [node_meta(n).token.rule for n in convs]
+    assert rules == ["conv-patch-embed"] + ["conv-patch-embed", "conv-halo", "conv-patch-embed"] * 4
+    for n in convs:
+        info = node_meta(n).token
+        if info.rule == "conv-halo":
+            assert (info.kind.value, info.mixing, info.halo, info.axis) == ("mixing", MixingRule.HALO_ROWS, (1, 1), 2)
+        else:
+            assert info.mixing is None and info.kind.value == "patched"
+
+
+def test_graph_halo_conv_writes_its_rows_and_reads_them_with_the_halo():
+    program = build_program(hd.make_conv_ffn_dit, num_stages=2, num_patches=4)
+    for stage in program.stages:
+        halo = [c for c in stage.lowered.caches if c.rule is MixingRule.HALO_ROWS]
+        assert len(halo) == 2 and all(c.buffers == ("x0",) and c.shape == (2, 128, 8, 8) for c in halo)
+        g = stage.lowered.patch_graph(2).graph
+        reads = [n for n in g.nodes if n.target is HALO_ROWS]
+        assert len(reads) == 2
+        for r in reads:
+            cache, x, row_start = r.args[:3]
+            assert cache.op == "placeholder" and "cache_x" in cache.name and row_start.name == "row_start"
+            assert r.args[3:] == (2, 1, 1, 1)       # axis, per_row, halo before / after
+            (conv,) = r.users
+            assert conv.target is torch.conv2d and conv.args[4] == (0, 1)   # no padding along the rows
+    text = str(program.plan)
+    assert "HALO_ROWS" in text and "conv over token rows" in text
+    assert [m.rule for m in program.plan.mixing] == [MixingRule.STALE_KV, MixingRule.HALO_ROWS] * 4
+    # the plan's cache bytes count the conv inputs too: per stage 2 x (K + V) + 2 conv inputs, fp32
+    kv, conv = 2 * 2 * (2 * 2 * 64 * 16) * 4, 2 * (2 * 128 * 64) * 4
+    assert [s.kv_cache_bytes for s in program.plan.stages] == [kv + conv] * 2
+
+
+def test_halo_rows_reads_fresh_and_stale_rows_and_zeros_beyond_the_image():
+    """The op behind the rewrite: the patch's rows land in the cache; the read has the rows above (written by
+    earlier patches), the patch, the rows below (still the previous step's), zeros past the border."""
+    cache = torch.arange(1.0, 9.0).reshape(1, 1, 8, 1).repeat(1, 1, 1, 3)   # "previous step": row r holds r + 1
+    x = torch.full((1, 1, 2, 3), -1.0)
+    got = torch.ops.pipefusion.halo_rows(cache, x, torch.tensor(3), 2, 1, 1, 2)
+    assert got[0, 0, :, 0].tolist() == [3.0, -1.0, -1.0, 6.0, 7.0]
+    assert cache[0, 0, :, 0].tolist() == [1.0, 2.0, 3.0, -1.0, -1.0, 6.0, 7.0, 8.0]
+    top = torch.ops.pipefusion.halo_rows(cache, x, torch.tensor(0), 2, 1, 1, 1)
+    bottom = torch.ops.pipefusion.halo_rows(cache, x, torch.tensor(3), 2, 2, 1, 1)   # 2 elements per row
+    assert top[0, 0, :, 0].tolist() == [0.0, -1.0, -1.0, 3.0]
+    assert bottom[0, 0, :, 0].tolist() == [6.0, -1.0, -1.0, 0.0]     # rows 6, 7 (elements 6, 7 at row 3)
+
+
+def test_conv_that_changes_the_rows_is_refused_with_its_source_line():
+    from pipefusion_compile.errors import UnsupportedGraphError
+
+    class StridedConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)   # rows overlap: halo, but half the rows
+
+        def forward(self, hidden_states):
+            return (self.conv(hidden_states),)
+
+    gm, ex = capture_model(StridedConv().eval(), {"hidden_states": torch.randn(1, 4, 8, 8)})
+    try:
+        analyze_tokens(gm, ex, token_axis=2)
+    except UnsupportedGraphError as e:
+        assert "kernel 3, stride 2, padding 1" in str(e) and "self.conv(hidden_states)" in str(e)
+    else:
+        raise AssertionError("a strided conv with overlapping rows was accepted")
+
+
+CACHE_ROWS = torch.ops.pipefusion.cache_rows.default
+
+
+def test_analysis_linear_attention_reduces_over_the_tokens():
+    """ReLU linear attention: matmul(v [B, H, D + 1, N], k [B, H, N, D]) contracts the token axis of both, a
+    reduction over the tokens (STALE_INPUTS) whose result has no token axis (REDUCED); applied to q [B, H, D, N]
+    the tokens come back on q's columns. The F.pad of v (the ones row, off the token axis) keeps the tokens."""
+    model, kwargs = hd.make_linear_attention_dit()
+    gm, ex = capture_model(model, kwargs)
+    a = analyze_tokens(gm, ex)
+    assert a.self_attention == [] and len(a.token_reductions) == 4 and a.attention_layers == 4 and a.mixes_tokens
+    for name in a.token_reductions:
+        n = by_name(gm)[name]
+        info = node_meta(n).token
+        assert (info.kind, info.mixing, info.axis) == (Kind.REDUCED, MixingRule.STALE_INPUTS, None)
+        assert [node_meta(x).token.axis for x in n.args] == [3, 2]
+        (apply,) = n.users
+        assert (node_meta(apply).token.rule, node_meta(apply).token.axis) == ("matmul", 3)
+    pads = [n for n in gm.graph.nodes if n.target is torch._C._nn.pad]
+    assert len(pads) == 4 and all(node_meta(p).token.rule == "pad" for p in pads)
+
+
+def test_graph_reduction_writes_its_operands_and_reduces_over_the_caches():
+    program = build_program(hd.make_linear_attention_dit, num_stages=2, num_patches=4)
+    for stage in program.stages:
+        specs = [c for c in stage.lowered.caches if c.rule is MixingRule.STALE_INPUTS]
+        assert [(c.operand, c.axis, c.shape) for c in specs] == [(0, 3, (2, 2, 17, 64)), (1, 2, (2, 2, 64, 16))] * 2
+        for whole, rows in ((False, 2), (True, 8)):   # a band of 2 of 8 rows; the one band of M = 1
+            g = stage.lowered.patch_graph(rows).graph
+            writes = [n for n in g.nodes if n.target is CACHE_ROWS and "matmul" in n.args[0].name]
+            assert len(writes) == 4
+            assert all(not w.users for w in writes)
+            reductions = [n for n in g.nodes if n.target is torch.matmul and node_meta(n).token.mixing]
+            assert len(reductions) == 2
+            order = list(g.nodes)
+            for r in reductions:
+                reads_caches = all(a.op == "placeholder" and "_cache_x" in a.name for a in r.args)
+                assert reads_caches != whole    # a band reads the caches; the whole image its own operands
+                mine = [w for w in writes if w.args[0].name.startswith(f"{r.name}_cache_x")]
+                assert len(mine) == 2 and all(order.index(w) < order.index(r) for w in mine)
+    text = str(program.plan)
+    assert "STALE_INPUTS" in text and "reduction over the tokens" in text and "0 self-attention" in text
+
+
+def test_reduction_result_is_never_combined_token_by_token():
+    """A reduction over the tokens broadcast back along the token axis is fine ([B, 1, C] + [B, N, C]); one
+    with a full-size axis where the tokens are (a coincidence of sizes) is refused, not sliced per patch."""
+    from pipefusion_compile.errors import UnsupportedGraphError
+
+    class MeanOverTokens(torch.nn.Module):
+        def __init__(self, bad):
+            super().__init__()
+            self.bad = bad
+            self.embed = torch.nn.Conv2d(4, 16, 2, stride=2)
+            self.out = torch.nn.Linear(16, 16)
+
+        def forward(self, hidden_states, return_dict=True):
+            b = hidden_states.shape[0]
+            x = self.embed(hidden_states).flatten(2).transpose(1, 2)      # [B, 16, 16]
+            m = x.mean(dim=1, keepdim=True)                                # [B, 1, 16]: over the tokens
+            x = x + (m.transpose(1, 2) if self.bad else m)                 # [B, 16, 1] lines up with the tokens
+            x = self.out(x).reshape(b, 4, 4, 2, 2, 4).permute(0, 5, 1, 3, 2, 4).reshape(b, 4, 8, 8)
+            return (x,)
+
+    kwargs = {"hidden_states": torch.randn(2, 4, 8, 8)}
+    gm, ex = capture_model(MeanOverTokens(False).eval(), kwargs)
+    a = analyze_tokens(gm, ex)
+    assert len(a.token_reductions) == 1
+    gm, ex = capture_model(MeanOverTokens(True).eval(), kwargs)
+    try:
+        analyze_tokens(gm, ex)
+    except UnsupportedGraphError as e:
+        assert "a reduction over the image tokens, is combined token by token" in str(e)
+    else:
+        raise AssertionError("a reduction over the tokens spanning the token axis was accepted")

@@ -2,7 +2,9 @@
 
 Hand-written DiTs (tests/handwritten_dits.py): attention rewritten to SDPA (baddbmm/bmm softmax attention,
 nn.MultiheadAttention), extra token groups on both sides of the image (U-ViT with register tokens: HEAD and
-TAIL pieces), and attention local to a token row next to temporal attention (factorized video)."""
+TAIL pieces), and attention local to a token row next to temporal attention (factorized video), a conv over token rows
+(a depthwise conv FFN: halo rows from the conv's input cache), and ReLU linear attention (a reduction over the
+tokens reading caches of its operands)."""
 from dist_utils import run_ranks
 from dist_workers import generate
 from test_multiprocess import assert_bit_identical, simulate
@@ -10,7 +12,9 @@ from test_multiprocess import assert_bit_identical, simulate
 JOBS = [("hw:make_manual_attention_dit:bmm", {}, {"num_patches": 4}),
         ("hw:make_mha_dit", {}, {"num_patches": 4}),
         ("hw:make_uvit:4", {}, {"num_patches": 4}),
-        ("hw:make_factorized_video_dit", {}, {"num_patches": 4})]
+        ("hw:make_factorized_video_dit", {}, {"num_patches": 4}),
+        ("hw:make_conv_ffn_dit", {}, {"num_patches": 4}),
+        ("hw:make_linear_attention_dit", {}, {"num_patches": 4})]
 STEPS = 4
 
 

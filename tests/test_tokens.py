@@ -292,35 +292,40 @@ def test_rule_inplace_interleaved_rope_write_and_casts():
         analyze_fn(bad)
 
 
-def test_rule_einsum_contracting_tokens_is_mixing():
+def test_rule_einsum_contracting_tokens_is_a_reduction_over_the_tokens():
+    """Summing over the tokens is a reduction (STALE_INPUTS: it reads caches of its token-carrying operands);
+    what is computed from it alone has no token axis (REDUCED)."""
     def f(x):
         t = x.flatten(2)
         g = torch.einsum("bcs,bds->bcd", t, t)
         return x + g.mean()
 
-    with pytest.raises(UnsupportedGraphError, match="sums over the token axis"):
-        analyze_fn(f)
+    gm, a = analyze_fn(f)
+    (name,) = a.token_reductions
+    assert node_meta(by_name(gm)[name]).token.kind is Kind.REDUCED
+    assert [node_meta(n).token.kind for n in gm.graph.nodes if n.op == "call_method" and n.target == "mean"] == [
+        Kind.REDUCED]
 
 
-def test_mean_over_tokens_names_op_node_and_source_line():
+def test_softmax_over_tokens_names_op_node_and_source_line():
     def f(x):
         t = x.flatten(2).transpose(1, 2)
-        ctx = t.mean(dim=1, keepdim=True)   # global average pool over tokens
+        ctx = t.softmax(dim=1)   # normalized over the tokens: every output token reads all of them
         return (t + ctx).transpose(1, 2).reshape(1, 4, 8, 8)
 
     with pytest.raises(UnsupportedGraphError) as err:
         analyze_fn(f)
     msg = str(err.value)
     assert "reduction over the token axis" in msg
-    assert "call_method" in msg and "mean" in msg
-    assert "ctx = t.mean(dim=1, keepdim=True)" in msg
+    assert "call_method" in msg and "softmax" in msg
+    assert "ctx = t.softmax(dim=1)" in msg
 
 
 def test_conv_over_rows_and_unknown_ops_fail_clearly():
     w = torch.randn(4, 4, 3, 3)
 
-    def conv(x):
-        return F.conv2d(x, w, padding=1)
+    def conv(x):   # a halo conv (stride 1, padding keeping the rows) is supported; a strided one is not
+        return F.conv2d(x, w, stride=2, padding=1)
 
     with pytest.raises(UnsupportedGraphError, match="conv over token rows"):
         analyze_fn(conv)
@@ -518,3 +523,25 @@ def test_rule_a_table_on_a_folded_token_axis_is_positional_with_the_fold():
     table, = _positional(gm)
     info = node_meta(table).token
     assert (info.axis, info.outer, info.epr) == (0, 2, 16)
+
+
+def test_transposed_conv_unpatchify_keeps_rows_and_an_overlapping_one_is_refused():
+    """kernel == stride (AceStep's ConvTranspose1d out projection): each token row becomes `stride` rows of its
+    own; a transposed conv whose kernel overlaps neighbouring rows is refused with its source line."""
+    w = torch.randn(4, 4, 2, 2)
+
+    def unpatchify(x):
+        return F.conv_transpose2d(x, w, stride=2)
+
+    gm, a = analyze_fn(unpatchify)
+    (n,) = [n for n in gm.graph.nodes if n.target is torch.conv_transpose2d]
+    info = node_meta(n).token
+    assert (info.rule, info.axis, info.epr) == ("conv-transpose-unpatchify", 2, 2)
+    w3 = torch.randn(4, 4, 3, 3)
+
+    def overlapping(x):
+        return F.conv_transpose2d(x, w3, padding=1)
+
+    with pytest.raises(UnsupportedGraphError, match="transposed conv over token rows") as err:
+        analyze_fn(overlapping)
+    assert "F.conv_transpose2d(x, w3, padding=1)" in str(err.value)

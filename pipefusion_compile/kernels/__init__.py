@@ -4,6 +4,7 @@ Each has a Triton kernel (`strided_copy.py`: one tiled strided-copy primitive, l
 views it needs) and an exact torch reference; `triton_support.use_triton` picks one by device and the
 `kernels` mode. This package never imports `torch.fx`.
 """
+from .halo import cache_rows_reference, halo_rows_reference
 from .kv_cache import kv_cache_update_reference, kv_cache_update_triton
 from .pack import (
     DTYPE_CODE,
@@ -29,6 +30,8 @@ __all__ = [
     "HAS_TRITON",
     "MODES",
     "KernelError",
+    "cache_rows_reference",
+    "halo_rows_reference",
     "kv_cache_update_reference",
     "kv_cache_update_triton",
     "pack_reference",

@@ -50,6 +50,8 @@ class AttentionForm(enum.Enum):
     HAND_WRITTEN = "hand-written softmax(q k^T) v"
     MHA = "nn.MultiheadAttention"
     ATEN = "aten SDPA kernel"
+    CONV = "conv over token rows"   # not attention: the forms HALO_ROWS and STALE_INPUTS mixing ops take
+    REDUCTION = "reduction over the tokens"   # linear attention's phi(K)^T V (matmul, einsum), sum, mean
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,10 @@ class Rewritten:
 
 
 def attention_form(node: fx.Node) -> AttentionForm:
+    if node_meta(node).token is not None and node_meta(node).token.rule == "conv-halo":
+        return AttentionForm.CONV
+    if node_meta(node).token is not None and node_meta(node).token.rule == "reduce-tokens":
+        return AttentionForm.REDUCTION
     return node_meta(node).extra.get("attention_form", AttentionForm.SDPA)
 
 

@@ -14,6 +14,10 @@ For stage k this module builds
                                that select a group -> their input, values without the group -> removed
         rewrite_stale_attention   sdpa(q, k, v)  ->  pipefusion.kv_cache_update(ck, cv, k, v, row_start)
                                                      sdpa(q, ck, cv)
+        rewrite_halo_convs     conv(x, w, pad=1) ->  h = pipefusion.halo_rows(cx, x, row_start, ...)
+                                                     conv(h, w, pad=0 along the rows)
+        rewrite_stale_reductions  matmul(v, k) over the tokens -> pipefusion.cache_rows(cv, v, row_start, ...)
+                                                     pipefusion.cache_rows(ck, k, ...); matmul(cv, ck)
         rewrite_token_sizes    sizes dynamo baked into reshape/view/expand/unflatten, at the axis the token
                                analysis says carries tokens, become the piece's extent (`rows * per_row`)
         fuse_unpatchify_output the last stage returns a model output that ends in diffusers' unpatchify in token
@@ -25,6 +29,7 @@ For stage k this module builds
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,7 +41,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .. import ops  # noqa: F401  (registers torch.ops.pipefusion.*)
 from ..errors import PipefusionError, UnsupportedGraphError
 from .autocast import autocast_scopes, restore_autocast
-from .meta import META_KEY, Kind, NodeMeta, TokenInfo, example_value, node_meta
+from .meta import META_KEY, Kind, MixingRule, NodeMeta, TokenInfo, example_value, node_meta
 from .pieces import BAND, FULL, HEAD, Piece, extent, group_offset, holds, token_range
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
 from .side_effects import alias_root, check_kept, is_impure, mutated_operand, mutation_closure
@@ -79,15 +84,29 @@ class StageInput:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """The K/V caches of one self-attention node."""
+    """The mixing cache of one token-mixing node: full size, each patch writes its rows before reading it.
+    STALE_KV (self-attention): two buffers, K and V. HALO_ROWS (a conv over token rows): one, the conv's
+    input, read with `halo` elements before and after the patch."""
 
-    attention: str
+    attention: str    # the mixing node (an attention, a conv)
     shape: tuple[int, ...]
     dtype: torch.dtype
     axis: int
     per_row: int
     prefix: int = 0   # text elements before / after the image part (joint attention)
     suffix: int = 0
+    rule: MixingRule = MixingRule.STALE_KV
+    halo: tuple[int, int] = (0, 0)
+    operand: int = 0  # HALO_ROWS / STALE_INPUTS: which argument of the node it caches (one spec per operand)
+
+    @property
+    def buffers(self) -> tuple[str, ...]:
+        """The cache tensors, in placeholder order (runtimes allocate one zero tensor of `shape` each)."""
+        return ("k", "v") if self.rule is MixingRule.STALE_KV else (f"x{self.operand}",)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.buffers) * math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -153,6 +172,9 @@ def extract_stage(
                 seen[a] = None
     for a in seen:
         info = node_meta(a).token
+        if info.kind is Kind.REDUCED:
+            raise UnsupportedGraphError("internal: a reduction over the tokens is read by a later stage (no cut "
+                                        "may cross it)", a)
         if info.kind is Kind.POSITIONAL:
             inputs.append(StageInput(a.name, "positional", info.axis, analysis.per_row(info), info.prefix,
                                      info.suffix, info.outer))
@@ -170,6 +192,16 @@ def extract_stage(
             val = example_value(k)
             caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, kinfo.axis, analysis.per_row(kinfo),
                                     kinfo.prefix, kinfo.suffix))
+        elif info.mixing is MixingRule.HALO_ROWS:
+            x = n.args[0]
+            xinfo, val = node_meta(x).token, example_value(x)
+            caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, xinfo.axis, analysis.per_row(xinfo),
+                                    rule=MixingRule.HALO_ROWS, halo=info.halo))
+        elif info.mixing is MixingRule.STALE_INPUTS:
+            for i, x in _reduced_operands(n):
+                xinfo, val = node_meta(x).token, example_value(x)
+                caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, xinfo.axis, analysis.per_row(xinfo),
+                                        rule=MixingRule.STALE_INPUTS, operand=i))
 
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -183,7 +215,7 @@ def extract_stage(
         ph.meta["pipefusion"] = node_meta(src)
         env[src] = ph
     for c in caches:
-        for which in ("k", "v"):
+        for which in c.buffers:
             ph = g.placeholder(f"{c.attention}_cache_{which}")
             node_meta(ph).extra["cache_of"] = c
             node_meta(ph).extra["cache_which"] = which
@@ -392,6 +424,111 @@ def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphMod
             )
             upd.meta["stack_trace"] = n.meta.get("stack_trace")
         set_sdpa_kv(n, ck, cv)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _reduced_operands(n: fx.Node) -> list[tuple[int, fx.Node]]:
+    """(argument position, node) of the token-carrying operands of a reduction over the tokens; an einsum's
+    operands count from its first tensor (position 0 after the equation)."""
+    args = list(n.args[1:] if n.target in (torch.einsum, torch.functional.einsum) else n.args)
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = list(args[0])
+    return [(i, a) for i, a in enumerate(args)
+            if isinstance(a, fx.Node) and node_meta(a).token is not None and node_meta(a).token.carries_tokens]
+
+
+def rewrite_stale_reductions(gm: fx.GraphModule, whole: bool = False) -> fx.GraphModule:
+    """Every reduction over the tokens (STALE_INPUTS) writes its patch's rows of each token-carrying operand
+    into that operand's full-size cache, then reduces over the caches: the tokens of patches done this step
+    fresh, the others one step stale (as attention's K/V). A piece that holds every token row (`whole`: warmup,
+    or the one band of M = 1) only writes the caches and reduces over its own operands, which are the caches'
+    contents: the plain op on the plain operands, so it rounds exactly as the plain model does.
+
+    Before (linear attention, a band of 16 of 64 tokens):       After:
+        %s = matmul(%v, %k)   # [B, H, D, 16] @ [B, H, 16, D]       %w0 = pipefusion.cache_rows(%s_cache_x0, %v, %row_start, 3, 8)
+                                                                    %w1 = pipefusion.cache_rows(%s_cache_x1, %k, %row_start, 2, 8)
+                                                                    %s = matmul(%s_cache_x0, %s_cache_x1)   # all 64 tokens
+    """
+    caches: dict[tuple[str, int], fx.Node] = {}
+    row_start = None
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        extra = node_meta(ph).extra
+        if "cache_of" in extra and extra["cache_of"].rule is MixingRule.STALE_INPUTS:
+            caches[(extra["cache_of"].attention, extra["cache_of"].operand)] = ph
+        if extra.get("row_start"):
+            row_start = ph
+    for n in list(gm.graph.nodes):
+        info = node_meta(n).token if n.op in ("call_function", "call_method") else None
+        if info is None or info.mixing is not MixingRule.STALE_INPUTS:
+            continue
+        for i, x in _reduced_operands(n):
+            cache = caches[(n.name, i)]
+            spec: CacheSpec = node_meta(cache).extra["cache_of"]
+            with gm.graph.inserting_before(n):
+                w = gm.graph.call_function(torch.ops.pipefusion.cache_rows.default,
+                                           (cache, x, row_start, spec.axis, spec.per_row))
+            w.meta["stack_trace"] = n.meta.get("stack_trace")
+            if not whole:
+                n.replace_input_with(x, cache)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def rewrite_halo_convs(gm: fx.GraphModule, whole: bool = False) -> fx.GraphModule:
+    """Every conv over token rows (HALO_ROWS) writes its patch's input rows into its cache and convolves the
+    cache's rows with the halo, without padding along the rows, so it gives exactly the patch's output rows.
+
+    Before (a band of 2 of 8 rows, [B, C, 2, 8], depthwise 3x3):     After:
+        %y = conv2d(%x, %w, %b, (1, 1), (1, 1), (1, 1), 64)              %h = pipefusion.halo_rows(%y_cache_x, %x,
+                                                                                  %row_start, 2, 1, 1, 1)  # [B, C, 4, 8]
+                                                                         %y = conv2d(%h, %w, %b, (1, 1), (0, 1), (1, 1), 64)
+    The rows above the band are this step's (earlier patches), those below it the previous step's, rows
+    beyond the image zeros (the conv's own padding). Convs of a piece without image rows are not there. A piece
+    that holds every token row (`whole`) writes the cache and runs the plain conv on its own input (the same
+    rows, and the same rounding as the plain model).
+    """
+    caches: dict[str, fx.Node] = {}
+    row_start = None
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        extra = node_meta(ph).extra
+        if "cache_of" in extra and extra["cache_of"].rule is MixingRule.HALO_ROWS:
+            caches[extra["cache_of"].attention] = ph
+        if extra.get("row_start"):
+            row_start = ph
+    for n in list(gm.graph.nodes):
+        info = node_meta(n).token if n.op == "call_function" else None
+        if info is None or info.mixing is not MixingRule.HALO_ROWS:
+            continue
+        cache = caches[n.name]
+        spec: CacheSpec = node_meta(cache).extra["cache_of"]
+        x, w = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs["weight"]
+        k = example_value(w).dim() - 2
+        sd = spec.axis - (example_value(x).dim() - k)
+        if whole:
+            with gm.graph.inserting_before(n):
+                write = gm.graph.call_function(torch.ops.pipefusion.cache_rows.default,
+                                               (cache, x, row_start, spec.axis, spec.per_row))
+            write.meta["stack_trace"] = n.meta.get("stack_trace")
+            continue
+        with gm.graph.inserting_before(n):
+            halo = gm.graph.call_function(
+                torch.ops.pipefusion.halo_rows.default, (cache, x, row_start, spec.axis, spec.per_row, *spec.halo))
+        halo.meta["stack_trace"] = n.meta.get("stack_trace")
+        args = list(n.args) + [None] * (7 - len(n.args))
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        for i, key in enumerate(names):
+            if key in n.kwargs:
+                args[i] = n.kwargs[key]
+        padding = args[4] if args[4] is not None else 0
+        padding = list(padding) if isinstance(padding, (tuple, list)) else [padding] * k
+        padding[sd] = 0
+        args[0], args[4] = halo, tuple(padding)
+        defaults = (None, None, None, 1, 0, 1, 1)
+        n.args = tuple(a if a is not None else d for a, d in zip(args, defaults))
+        n.kwargs = {}
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -645,7 +782,7 @@ def extract_globals(gm: fx.GraphModule, needed: list[fx.Node], allow_write=lambd
     """
     closure = mutation_closure(gm, set(needed) | set(writes), allow_write)
     for n in closure:
-        if node_meta(n).token is not None and node_meta(n).token.carries_tokens:
+        if node_meta(n).token is not None and node_meta(n).token.in_stage:
             raise PipefusionError(f"internal: {n.name} carries tokens but was asked for as a global")
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -745,6 +882,8 @@ def check_lowerable(gm: fx.GraphModule) -> None:
         info = node_meta(n).token
         if info is not None and info.carries_tokens and (info.joint or info.epr == 0):
             raise UnsupportedGraphError("a model output that holds text tokens of a joint sequence", n)
+        if info is not None and info.kind is Kind.REDUCED:
+            raise UnsupportedGraphError("a model output that is a reduction over the image tokens (no token axis)", n)
 
 
 def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool = False) -> list[LoweredStage]:
@@ -801,6 +940,9 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
             g = fx.GraphModule(stage_gm, graph)
             g = _run_pass("select_group", select_group, g, piece.kind)
             g = _run_pass("rewrite_stale_attention", rewrite_stale_attention, g, piece.kind)
+            whole = piece.kind == FULL or (piece.kind == BAND and piece.rows == analysis.token_rows)
+            g = _run_pass("rewrite_halo_convs", rewrite_halo_convs, g, whole)
+            g = _run_pass("rewrite_stale_reductions", rewrite_stale_reductions, g, whole)
             g = _run_pass("rewrite_token_sizes", rewrite_token_sizes, g, piece, analysis)
             g = _run_pass("propagate_patch_shapes", propagate_patch_shapes, g, piece, analysis)
             g, fused = _run_pass("fuse_unpatchify_output", fuse_unpatchify_output, g, model_outputs)

@@ -17,7 +17,22 @@ class Kind(enum.Enum):
     GLOBAL = "global"          # does not depend on the image tokens
     POSITIONAL = "positional"  # GLOBAL, but combined token-by-token with patched data: sliced per patch
     PATCHED = "patched"        # carries image tokens on `axis`
-    MIXING = "mixing"          # combines tokens across the axis (only attention with patched K/V is allowed)
+    MIXING = "mixing"          # combines tokens across the axis: an op with a `MixingRule` (its `mixing`)
+    REDUCED = "reduced"        # depends on the image tokens but has no token axis: a reduction over the tokens
+                               # (linear attention's sum of phi(K)^T V, a mean over tokens) and what is computed
+                               # from it alone; full size in every piece, computed in the stage from its caches
+
+
+class MixingRule(enum.Enum):
+    """How the pipeline handles an op that combines image tokens across patches. Every rule but LOCAL reads
+    a full-size per-layer mixing cache that each patch writes before reading it (`lower.CacheSpec`)."""
+
+    STALE_KV = "K/V cache: fresh for the patches done this step, one step stale for the rest"
+    LOCAL = "local to a token row (attention within a frame): needs nothing of other patches"
+    STALE_INPUTS = ("full-size cache of the reduction's token-carrying inputs (fresh for the patches done this "
+                    "step, one step stale for the rest); the reduction runs over the whole cache")
+    HALO_ROWS = ("cache of the conv's input rows: a patch reads its rows plus the halo (rows of earlier patches "
+                 "fresh, of later ones one step stale, zeros beyond the image border)")
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,8 @@ class TokenInfo:
     elements: tuple["TokenInfo", ...] | None = None  # for tuple-valued nodes (chunk, split, unbind)
     prefix: int = 0   # elements along `axis` before the image part that belong to another token group (text)
     suffix: int = 0   # ... and after it. A text-only value has prefix = its extent and no image part.
+    mixing: MixingRule | None = None   # on MIXING nodes: the rule that pipelines them
+    halo: tuple[int, int] = (0, 0)     # HALO_ROWS: elements before / after a patch along `axis` that it reads
     outer: int = 1    # > 1: the axis is dims before it (e.g. batch) folded with the token dim, outer-major
                       # (`x.reshape(-1, C, H, W)` of [B, F, C, H, W]); until a reshape unfolds it, a patch
                       # is not one contiguous range of it, so only ops that ignore token positions may run
@@ -49,6 +66,11 @@ class TokenInfo:
     @property
     def carries_tokens(self) -> bool:
         return self.kind in (Kind.PATCHED, Kind.MIXING)
+
+    @property
+    def in_stage(self) -> bool:
+        """Computed per piece inside a stage (token-carrying, or REDUCED from tokens), never hoisted."""
+        return self.carries_tokens or self.kind is Kind.REDUCED
 
 
 @dataclass

@@ -20,7 +20,7 @@ import networkx as nx
 import torch.fx as fx
 
 from ..errors import PlanError
-from .meta import node_meta
+from .meta import Kind, MixingRule, node_meta
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def token_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [
         n for n in gm.graph.nodes
         if n.op in ("call_function", "call_method", "call_module")
-        and node_meta(n).token is not None and node_meta(n).token.carries_tokens
+        and node_meta(n).token is not None and node_meta(n).token.in_stage
     ]
 
 
@@ -78,7 +78,8 @@ def find_cut_candidates(gm: fx.GraphModule) -> CutCandidates:
         live_at[i] = tuple(sorted(live, key=index.get))
     # attention layers: self-attention over the tokens, and attention local to a token row (per-frame
     # spatial attention with frames as rows) -- a block boundary either way
-    attn = tuple(i for i, n in enumerate(nodes) if node_meta(n).token.attention in ("self", "local"))
+    attn = tuple(i for i, n in enumerate(nodes) if node_meta(n).token.attention in ("self", "local")
+                 or node_meta(n).token.mixing is MixingRule.STALE_INPUTS)
     # A value in flight on a long skip at position i (two or more self-attention layers between its definition
     # and i, or between i and its next use, e.g. HunyuanDiT's skips) travels from its producer to its consumer
     # wherever the cuts lie, so it does not make one position of a gap dearer than another: positions are
@@ -99,13 +100,16 @@ def find_cut_candidates(gm: fx.GraphModule) -> CutCandidates:
     def count(i: int) -> int:
         return sum(1 for v in live_at[i] if not in_flight(v, i))
 
+    # a REDUCED value (a reduction over the tokens, no token axis) lives in one stage: no cut across it
+    by_name = {n.name: n for n in nodes}
+    for i in [i for i, vs in live_at.items() if any(node_meta(by_name[v]).token.kind is Kind.REDUCED for v in vs)]:
+        del live_at[i]
     for lo, hi in zip(edges, edges[1:]):
         gap = [i for i in range(lo + 1, hi + 1) if i in live_at]
         if gap:
             fewest = min(count(i) for i in gap)
             positions_set.update(i for i in gap if count(i) == fewest)
     positions = tuple(sorted(positions_set))
-    by_name = {n.name: n for n in nodes}
     live_bytes = {i: sum(node_meta(by_name[v]).out_bytes for v in live_at[i]) for i in positions}
     return CutCandidates(
         order=tuple(n.name for n in nodes),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .meta import TokenInfo
+from .meta import Kind, TokenInfo
 
 FULL, BAND, HEAD, TAIL = "full", "band", "head", "tail"
 EXTRA = (HEAD, TAIL)   # the pieces of the other token groups (text, extra tokens), once per step
@@ -43,6 +43,8 @@ class Piece:
 
 def holds(info: TokenInfo | None, kind: str) -> bool:
     """Does a token-carrying value (as described by `info`) have a part in pieces of `kind`?"""
+    if info is not None and info.kind is Kind.REDUCED:   # a reduction over the image tokens
+        return kind in (FULL, BAND)
     if info is None or not info.carries_tokens:
         return False
     if info.elements is not None:

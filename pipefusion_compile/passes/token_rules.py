@@ -17,10 +17,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import UnsupportedGraphError
-from .meta import Kind, TokenInfo, example_value, node_meta
+from .meta import Kind, MixingRule, TokenInfo, example_value, node_meta
 from .sdpa import SDPA_TARGETS
 
 GLOBAL = TokenInfo(Kind.GLOBAL, rule="global")
+REDUCED = TokenInfo(Kind.REDUCED, rule="from-reduction")
+REDUCE_TOKENS = TokenInfo(Kind.REDUCED, rule="reduce-tokens", mixing=MixingRule.STALE_INPUTS)
+"""A reduction over the token axis: it reads full-size caches of its token-carrying operands."""
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers shared by the rules
@@ -92,6 +95,11 @@ class RuleContext:
         if like is not None and like.epr == 0:
             return
         val = example_value(arg)
+        if self.info(arg).kind is Kind.REDUCED:   # no token axis: it must broadcast along the tokens
+            if isinstance(val, torch.Tensor) and 0 <= axis < val.dim() and int(val.shape[axis]) != 1:
+                raise self.fail(f"operand {arg.name}, a reduction over the image tokens, is combined token by "
+                                "token with image tokens (it has no token axis)")
+            return
         if not isinstance(val, torch.Tensor) or axis < 0 or axis >= val.dim():
             return
         extent = int(val.shape[axis])
@@ -305,7 +313,10 @@ def rule_einsum(ctx: RuleContext) -> TokenInfo:
         if not ctx.info(op).carries_tokens and letter in sub:
             ctx.positional(op, sub.index(letter), out.index(letter) if letter in out else 0, like=like)
     if letter not in out:
-        raise ctx.fail(f"einsum '{eq}' sums over the token axis '{letter}' (mixes tokens)")
+        tokens = [op for op in operands if ctx.info(op).carries_tokens]
+        if len(tokens) != sum(1 for sub in subs if letter in sub):
+            raise ctx.fail(f"einsum '{eq}' sums over the token axis '{letter}' with a global operand on it")
+        return _reduce_tokens(ctx, tokens, [ctx.info(op) for op in tokens])
     return ctx.patched(out.index(letter), "einsum")
 
 
@@ -322,9 +333,29 @@ def rule_linear(ctx: RuleContext) -> TokenInfo:
 def rule_matmul(ctx: RuleContext) -> TokenInfo:
     a, b = ctx.node.args[0], ctx.node.args[1]
     ia, ib = ctx.info(a), ctx.info(b)
-    if ib.carries_tokens or not ia.carries_tokens or ia.axis >= len(shape_of(a)) - 1:
-        raise ctx.fail("matmul over the token axis mixes tokens (only attention may)")
-    return ctx.patched(len(ctx.out_shape()) - len(shape_of(a)) + ia.axis, "matmul")
+    na, nb, nout = len(shape_of(a)), len(shape_of(b)), len(ctx.out_shape())
+    if ia.carries_tokens and ib.carries_tokens and min(na, nb) >= 2 and ia.axis == na - 1 and ib.axis == nb - 2:
+        # contracts the token axis of both (linear attention's phi(K)^T V): a reduction over the tokens
+        return _reduce_tokens(ctx, (a, b), (ia, ib))
+    if ia.carries_tokens and not ib.carries_tokens and na >= 2 and ia.axis < na - 1:
+        return ctx.patched(nout - na + ia.axis, "matmul")
+    if ib.carries_tokens and not ia.carries_tokens and nb >= 2 and ib.axis == nb - 1:
+        # tokens on b's columns (linear attention applies its summary to phi(Q) [.., D, N]): kept there
+        return ctx.patched(nout - 1, "matmul")
+    raise ctx.fail("matmul over the token axis mixes tokens (only attention and reductions whose operands "
+                   "both carry the tokens on the contracted axis may)")
+
+
+def _reduce_tokens(ctx: RuleContext, operands, infos) -> TokenInfo:
+    """A reduction over the token axis (STALE_INPUTS): every token-carrying operand is read from its full-size
+    cache, so the operands must hold the image tokens alone (no text group, no fold), one row layout."""
+    for a, i in zip(operands, infos):
+        if i.joint or i.outer > 1 or i.elements is not None:
+            raise ctx.fail(f"reduction over the token axis of {a.name}, which holds other token groups (text) or "
+                           "a token axis folded with the dims before it: no cache rule for it")
+    if len({i.epr for i in infos}) > 1:
+        raise ctx.fail("reduction over the token axis of operands with different token layouts")
+    return REDUCE_TOKENS
 
 
 def rule_norm(ctx: RuleContext) -> TokenInfo:
@@ -337,6 +368,11 @@ def rule_norm(ctx: RuleContext) -> TokenInfo:
     return ctx.patched(info.axis, "norm")
 
 
+_TOKEN_REDUCTIONS = {"sum", "mean", "amax", "amin", "var", "std", "norm", torch.sum, torch.mean, torch.amax,
+                     torch.var, torch.std, torch.norm, torch.linalg.vector_norm}
+"""Reductions that may run over the token axis (on the full-size cache of their input: STALE_INPUTS)."""
+
+
 def rule_reduce(ctx: RuleContext) -> TokenInfo:
     x = ctx.node.args[0]
     info = ctx.info(x)
@@ -347,14 +383,22 @@ def rule_reduce(ctx: RuleContext) -> TokenInfo:
     dims = [] if dim is None else ([dim] if isinstance(dim, int) else list(dim))
     dims = [_norm_dim(d, nd) for d in dims]
     if not dims or info.axis in dims:
-        raise ctx.fail("reduction over the token axis mixes tokens")
+        # over named dims only: a reduction of everything (batch too, to a scalar) is no per-sample summary
+        if not dims or ctx.node.target not in _TOKEN_REDUCTIONS:
+            raise ctx.fail("reduction over the token axis mixes tokens")
+        if any(ctx.info(a).carries_tokens for a in ctx.node.all_input_nodes if a is not x):
+            raise ctx.fail("reduction over the token axis with another token-carrying operand")
+        return _reduce_tokens(ctx, (x,), (info,))
     out_nd = len(ctx.out_shape())
     shift = 0 if out_nd == nd else sum(1 for d in dims if d < info.axis)
     return ctx.patched(info.axis - shift, "reduce")
 
 
 def rule_conv(ctx: RuleContext) -> TokenInfo:
-    """A conv with kernel == stride, no padding and no dilation on the token axis is a patch embedding."""
+    """A conv over the token rows: a patch embedding (kernel == stride, no padding, no dilation: each output row
+    reads its own input rows) or, with stride 1 and the padding that keeps the rows ("same" conv, e.g. the
+    depthwise 3x3 conv of a conv FFN), a conv that mixes neighbouring rows: MIXING with the HALO_ROWS rule
+    (`halo` = the padding before and after, the rows of other patches a patch reads). Anything else is refused."""
     x, w = ctx.node.args[0], ctx.arg(1, "weight")
     info = ctx.info(x)
     if not info.carries_tokens or ctx.info(w).carries_tokens:
@@ -378,12 +422,64 @@ def rule_conv(ctx: RuleContext) -> TokenInfo:
     dilation = at(ctx.arg(5, "dilation"), 1)
     if isinstance(padding, str):
         padding = 0 if padding == "valid" else -1
-    if stride != kernel or padding != 0 or dilation != 1:
-        raise ctx.fail(
-            f"conv over token rows (kernel {kernel}, stride {stride}, padding {padding}) mixes neighbouring "
-            "rows; only patch embeddings (kernel == stride, no padding) are supported (halo rows are not)"
-        )
-    return ctx.patched(info.axis, "conv-patch-embed")
+    if stride == kernel and padding == 0 and dilation == 1:
+        return ctx.patched(info.axis, "conv-patch-embed")
+    if stride == 1 and padding >= 0 and 2 * padding == dilation * (kernel - 1):
+        if info.joint or info.outer > 1:
+            raise ctx.fail("conv over token rows of a joint text+image sequence or of a token axis folded with "
+                           "the dims before it: no halo rule for it")
+        return ctx.patched(info.axis, "conv-halo", kind=Kind.MIXING, mixing=MixingRule.HALO_ROWS,
+                           halo=(padding, padding))
+    raise ctx.fail(
+        f"conv over token rows (kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation}) mixes "
+        "neighbouring rows and changes their number; supported: patch embeddings (kernel == stride, no padding) "
+        "and stride-1 convs whose padding keeps the rows (halo rows)"
+    )
+
+
+def rule_conv_transpose(ctx: RuleContext) -> TokenInfo:
+    """A transposed conv with kernel == stride, no padding, no output padding and no dilation on the token axis
+    (an unpatchify, e.g. AceStep's `ConvTranspose1d(hidden, C, p, stride=p)`): each input row becomes `stride`
+    output rows of its own, so it keeps the rows' order and mixes nothing. Any other transposed conv overlaps
+    neighbouring rows' outputs: refused."""
+    x, w = ctx.node.args[0], ctx.arg(1, "weight")
+    info = ctx.info(x)
+    if not info.carries_tokens or ctx.info(w).carries_tokens:
+        raise ctx.fail("transposed conv whose weight carries image tokens")
+    nd, k = len(shape_of(x)), len(shape_of(w)) - 2
+    sd = info.axis - (nd - k)
+    if sd < 0:
+        raise ctx.fail("transposed conv over the channels of a token-carrying tensor")
+
+    def at(value, default):
+        if value is None:
+            return default
+        return value[sd] if isinstance(value, (tuple, list)) else value
+
+    kernel = shape_of(w)[2 + sd]
+    stride, padding = at(ctx.arg(3, "stride"), 1), at(ctx.arg(4, "padding"), 0)
+    output_padding, dilation = at(ctx.arg(5, "output_padding"), 0), at(ctx.arg(7, "dilation"), 1)
+    if (stride, padding, output_padding, dilation) != (kernel, 0, 0, 1) or info.joint:
+        raise ctx.fail(f"transposed conv over token rows (kernel {kernel}, stride {stride}, padding {padding}, "
+                       f"output padding {output_padding}, dilation {dilation}) overlaps neighbouring rows; only "
+                       "an unpatchify (kernel == stride, no padding) is supported")
+    return ctx.patched(info.axis, "conv-transpose-unpatchify")
+
+
+def rule_pad(ctx: RuleContext) -> TokenInfo:
+    """`F.pad(x, pad, mode, value)` on dims other than the token axis keeps every row where it is (Sana's linear
+    attention pads the head dim with ones). Padding the token axis would add rows no patch owns: refused."""
+    (a, info), = token_operands(ctx)
+    if ctx.node.args[0] is not a:
+        raise ctx.fail("pad whose pad sizes or value depend on the image tokens")
+    pad = ctx.arg(1, "pad")
+    nd = len(shape_of(a))
+    if not isinstance(pad, (tuple, list)) or any(not isinstance(p, int) for p in pad):
+        raise ctx.fail("pad with sizes computed at run time on a token-carrying tensor")
+    for i in range(len(pad) // 2):
+        if nd - 1 - i == info.axis and (pad[2 * i] or pad[2 * i + 1]):
+            raise ctx.fail("pad along the token axis (rows no patch owns)")
+    return ctx.patched(info.axis, "pad")
 
 
 def rule_sdpa(ctx: RuleContext) -> TokenInfo:
@@ -417,7 +513,7 @@ def rule_sdpa(ctx: RuleContext) -> TokenInfo:
                 f"self-attention whose keys hold other token groups than its query (query: {iq.prefix} tokens "
                 f"before and {iq.suffix} after the image; keys: {it.prefix} before and {it.suffix} after), e.g. "
                 "image queries over [image | text] keys; not supported yet")
-    return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING)
+    return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING, mixing=MixingRule.STALE_KV)
 
 
 def _local_attention(ctx: RuleContext, qkv, infos, mask) -> TokenInfo:
@@ -768,6 +864,11 @@ RULES[torch.view_as_complex] = RULES[torch.view_as_real] = rule_view_complex
 RULES["repeat"] = rule_repeat
 RULES["repeat_interleave"] = RULES[torch.repeat_interleave] = rule_repeat_interleave
 RULES[operator.getitem] = rule_getitem
+for _t in (F.pad, torch._C._nn.pad):
+    RULES[_t] = rule_pad
+for _t in (torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d, F.conv_transpose1d,
+           F.conv_transpose2d, F.conv_transpose3d):
+    RULES[_t] = rule_conv_transpose
 RULES[operator.setitem] = rule_setitem
 
 
@@ -788,7 +889,7 @@ for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
 # Rules that may run on a folded token axis (`TokenInfo.outer` > 1): they never use token positions (a POSITIONAL
 # operand is marked folded the same way by `RuleContext.positional`) or handle the fold themselves (reshape, conv).
 FOLD_SAFE_RULES = {rule_elementwise, rule_cast, rule_reshape, rule_permute, rule_linear, rule_norm, rule_reduce,
-                   rule_conv, rule_sdpa, rule_chunk_split, rule_unbind, rule_getitem, rule_view_complex, rule_repeat, rule_repeat_interleave}
+                   rule_conv, rule_sdpa, rule_chunk_split, rule_pad, rule_unbind, rule_getitem, rule_view_complex, rule_repeat, rule_repeat_interleave}
 
 
 def rule_for(node: fx.Node) -> Callable[[RuleContext], TokenInfo] | None:

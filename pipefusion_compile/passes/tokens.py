@@ -26,8 +26,8 @@ import torch.fx as fx
 
 from ..errors import OptionsError, PipefusionError, UnsupportedGraphError, symbolic_hint
 from .graph_inputs import find_token_inputs
-from .meta import META_KEY, Kind, TokenInfo, example_value, node_meta
-from .token_rules import FOLD_SAFE_RULES, GLOBAL, RuleContext, op_name, rule_for, shape_of, token_operands
+from .meta import META_KEY, Kind, MixingRule, TokenInfo, example_value, node_meta
+from .token_rules import FOLD_SAFE_RULES, GLOBAL, REDUCED, RuleContext, op_name, rule_for, shape_of, token_operands
 
 
 @dataclass
@@ -44,12 +44,20 @@ class TokenAnalysis:
     positional: list[str]
     patched_inputs: list[str] = field(default_factory=list)
     local_attention: list[str] = field(default_factory=list)  # attention within a token row (no cache)
+    token_reductions: list[str] = field(default_factory=list)  # reductions over the tokens (STALE_INPUTS):
+                                                               # linear attention's phi(K)^T V, sums, means
     attempts: tuple = ()          # every (image input, token axis) tried: `AxisAttempt`s, in order
 
     @property
     def attention_layers(self) -> int:
-        """Layers a stage boundary can fall between: self-attention and attention local to a row."""
-        return len(self.self_attention) + len(self.local_attention)
+        """Layers a stage boundary can fall between: self-attention, attention local to a row, reductions over
+        the tokens (linear attention)."""
+        return len(self.self_attention) + len(self.local_attention) + len(self.token_reductions)
+
+    @property
+    def mixes_tokens(self) -> bool:
+        """Something combines the image tokens across patches (what makes the graph worth pipelining)."""
+        return bool(self.self_attention or self.token_reductions)
 
     @property
     def token_rows(self) -> int:
@@ -79,7 +87,7 @@ class _Analyzer:
         self.reached = 0   # index of the node the analysis is at (how far a failing attempt got)
 
     def make_info(self, node, axis, rule, kind=Kind.PATCHED, attention=None, extra=None, shape=None,
-                  prefix=0, suffix=0, outer=1):
+                  prefix=0, suffix=0, outer=1, mixing=None, halo=(0, 0)):
         shape = shape if shape is not None else shape_of(node)
         if axis is None or not 0 <= axis < len(shape):
             raise UnsupportedGraphError(f"token axis lost by rule {rule}", node)
@@ -87,7 +95,8 @@ class _Analyzer:
         if outer > 1 and (prefix or suffix):
             raise UnsupportedGraphError("a joint text+image sequence folded with the dims before its token axis",
                                         node)
-        info = TokenInfo(kind, axis, epr, rule, attention, prefix=prefix, suffix=suffix, outer=outer)
+        info = TokenInfo(kind, axis, epr, rule, attention, prefix=prefix, suffix=suffix, outer=outer, mixing=mixing,
+                         halo=halo)
         if extra and node is not None:
             node_meta(node).extra.update(extra)
         return info
@@ -126,7 +135,9 @@ class _Analyzer:
                 continue
             ctx = RuleContext(self, node)
             if not token_operands(ctx):
-                meta.token = GLOBAL
+                # computed from a reduction over the tokens (and globals) alone: no token axis, any op is fine
+                meta.token = REDUCED if any(ctx.info(a).kind is Kind.REDUCED for a in node.all_input_nodes) \
+                    else GLOBAL
                 continue
             rule = rule_for(node)
             if rule is None:
@@ -238,7 +249,7 @@ def _run_attempt(gm, token_input: fx.Node, axis: int, saved: dict):
 def _summarize(gm, token_input: fx.Node, axis: int, analyzer: _Analyzer, attempts) -> TokenAnalysis:
     granule = 1
     counts = {k.value: 0 for k in Kind}
-    self_attn, cross_attn, local_attn = [], [], []
+    self_attn, cross_attn, local_attn, reductions = [], [], [], []
     for node in gm.graph.nodes:
         info = node_meta(node).token if node.op != "output" else None
         if info is None:
@@ -254,6 +265,8 @@ def _summarize(gm, token_input: fx.Node, axis: int, analyzer: _Analyzer, attempt
             cross_attn.append(node.name)
         elif info.attention == "local":
             local_attn.append(node.name)
+        if info.mixing is MixingRule.STALE_INPUTS:
+            reductions.append(node.name)
     return TokenAnalysis(
         token_input=token_input.name,
         input_axis=axis,
@@ -265,6 +278,7 @@ def _summarize(gm, token_input: fx.Node, axis: int, analyzer: _Analyzer, attempt
         positional=sorted(analyzer.positional),
         patched_inputs=[token_input.name],
         local_attention=local_attn,
+        token_reductions=reductions,
         attempts=tuple(attempts),
     )
 
@@ -317,7 +331,8 @@ def analyze_tokens(
                                             analyzer.reached))
                 continue
             layers = sum(1 for n in gm.graph.nodes if n.op != "output" and node_meta(n).token is not None
-                         and node_meta(n).token.attention == "self")
+                         and (node_meta(n).token.attention == "self"
+                              or node_meta(n).token.mixing is MixingRule.STALE_INPUTS))
             if layers:
                 # several inputs may pass (WanVACE: its control latent, larger than the latent, matches the
                 # output too): the image input is the one whose tokens reach the most self-attention layers
