@@ -176,7 +176,7 @@ def _run(case: Case, row: Row, stages: int, patches: int, steps: int, ranks: boo
             try:
                 reference = ReferencePipeFusion(model, num_patches=patches, warmup_steps=1,
                                                 text_tokens=case.text_tokens, text_first=case.text_first,
-                                                layout=case.layout)
+                                                layout=case.layout, key_text_tokens=case.key_text_tokens)
                 _, want = sample_loop(lambda x, t, **kw: reference(x, timestep=t, **kw), kwargs, steps=steps)
                 _compare(got, want, 1e-4, 1e-5, f"M={patches} vs the eager reference")
                 row.m4_equal_reference = PASS
