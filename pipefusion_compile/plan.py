@@ -37,7 +37,17 @@ class MixingRule(enum.Enum):
     """How the pipeline handles an op that combines image tokens across patches."""
 
     STALE_KV = "K/V cache: fresh for the patches done this step, one step stale for the rest"
+    STALE_KV_GLOBAL_KEYS = ("K/V cache over the whole key sequence: image part fresh for the patches done this "
+                            "step, one step stale for the rest; the other keys (computed without the image "
+                            "tokens, e.g. the prompt's) fresh, written by every patch")
     LOCAL = "local to a token row (attention within a frame): needs nothing of other patches"
+
+
+def mixing_rule(node: fx.Node) -> MixingRule:
+    """The rule that pipelines a token-mixing op (a node the token analysis marked as attention)."""
+    if node_meta(node).token.attention == "local":
+        return MixingRule.LOCAL
+    return MixingRule.STALE_KV_GLOBAL_KEYS if "global_kv" in node_meta(node).extra else MixingRule.STALE_KV
 
 
 @dataclass(frozen=True)
@@ -421,18 +431,20 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         input_shape=tuple(example_value(next(n for n in gm.graph.nodes if n.name == analysis.token_input)).shape),
         mixing=tuple(
             MixingOp(n.name, attention_form(n),
-                     MixingRule.STALE_KV if node_meta(n).token.attention == "self" else MixingRule.LOCAL,
+                     mixing_rule(n),
                      next(st.index for st in stages if st.start <= i < st.end), source_line(n))
             for i, n in enumerate(nodes) if node_meta(n).token.attention in ("self", "local")),
     )
 
 
 def _text_side(nodes: list[fx.Node]) -> str | None:
-    """Where the text group of a joint sequence lies along the self-attention's token axis (None: no text)."""
+    """Where the text group of a joint sequence lies along the self-attention's token axis (None: no text).
+    The query's groups decide: keys with more groups than their query hold tokens computed without the image
+    (`MixingRule.STALE_KV_GLOBAL_KEYS`), which every patch writes itself, so they need no piece of their own."""
     sides = set()
     for n in nodes:
         if node_meta(n).token.attention == "self":
-            info = node_meta(sdpa_qkv(n)[1]).token
+            info = node_meta(sdpa_qkv(n)[0]).token
             if info.prefix:
                 sides.add("first")
             if info.suffix:

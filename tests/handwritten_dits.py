@@ -693,3 +693,41 @@ def make_text_keys_dit(text_first=False):
     return model.eval(), dict(hidden_states=torch.randn(BATCH, CHANNELS, SIZE, SIZE),
                               timestep=torch.full((BATCH,), 500, dtype=torch.int64),
                               encoder_hidden_states=torch.randn(BATCH, PROMPT, DIM), encoder_attention_mask=mask)
+
+
+class MixedKeysDiT(nn.Module):
+    """Joint [text | image] attention blocks (a text stream with its own queries) alternating with image
+    queries over [text | image] keys. `keys_from`: "prompt", the text keys come from the prompt's embedding
+    (the same for every patch); "stream", from the text stream the joint blocks update (tokens of the text
+    piece, which runs no query through the image-query blocks: no rule)."""
+
+    def __init__(self, keys_from="prompt", size=SIZE, patch=PATCH, channels=CHANNELS, dim=DIM, depth=DEPTH,
+                 heads=HEADS):
+        super().__init__()
+        self.patch, self.channels, self.keys_from = patch, channels, keys_from
+        self.config = SimpleNamespace(patch_size=patch)
+        self.x_embedder = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2, dim) * 0.1)
+        self.context_embedder = nn.Linear(dim, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.blocks = nn.ModuleList(JointBlock(dim, heads) if i % 2 == 0 else TextKeysBlock(dim, heads, True)
+                                    for i in range(depth))
+        self.final_layer = FinalLayer(dim, patch, channels)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, return_dict=True):
+        h, w = hidden_states.shape[-2] // self.patch, hidden_states.shape[-1] // self.patch
+        img = self.x_embedder(hidden_states).flatten(2).transpose(1, 2) + self.pos
+        prompt = txt = self.context_embedder(encoder_hidden_states)
+        c = self.t_embedder(timestep)
+        for block in self.blocks:
+            if isinstance(block, JointBlock):
+                img, txt = block(img, txt, c)
+            else:
+                img = block(img, prompt if self.keys_from == "prompt" else txt, c, encoder_attention_mask)
+        return _out(unpatchify(self.final_layer(img, c), self.patch, self.channels, h, w), return_dict)
+
+
+def make_mixed_keys_dit(keys_from="prompt"):
+    _, kwargs = make_text_keys_dit()
+    torch.manual_seed(0)
+    return MixedKeysDiT(keys_from).eval(), kwargs

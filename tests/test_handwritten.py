@@ -52,6 +52,13 @@ CASES = {
     # bands of whole frames: 4 frames of 8 x 8 tokens; 2 temporal (assembled) and 2 spatial (local) layers
     "factorized_video": Case(hd.make_factorized_video_dit, 2, local=2, layout=ImageLayout(4, 64, 2, 1)),
     "packed_rope": Case(hd.make_packed_rope_dit, 4),  # [B, 64, C]: one token per row
+    # image queries over [image | text] keys and over [text | image] keys (with a key mask); no text queries
+    "text_keys": Case(hd.make_text_keys_dit, 4, reference=dict(key_text_tokens=hd.PROMPT)),
+    "text_keys_first": Case(lambda: hd.make_text_keys_dit(text_first=True), 4,
+                            reference=dict(key_text_tokens=hd.PROMPT, text_first=True)),
+    # joint [text | image] blocks (a text piece) alternating with image queries over the prompt's keys
+    "mixed_keys": Case(hd.make_mixed_keys_dit, 4,
+                       reference=dict(text_tokens=hd.PROMPT, text_first=True, key_text_tokens=hd.PROMPT)),
 }
 NAMES = sorted(CASES)
 STEPS = 5  # one warmup step, then four pipelined

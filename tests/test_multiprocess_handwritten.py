@@ -2,7 +2,8 @@
 
 Hand-written DiTs (tests/handwritten_dits.py): attention rewritten to SDPA (baddbmm/bmm softmax attention,
 nn.MultiheadAttention), extra token groups on both sides of the image (U-ViT with register tokens: HEAD and
-TAIL pieces), and attention local to a token row next to temporal attention (factorized video)."""
+TAIL pieces), attention local to a token row next to temporal attention (factorized video), and image queries
+over [text | image] keys whose text K/V every patch writes into the cache."""
 from dist_utils import run_ranks
 from dist_workers import generate
 from test_multiprocess import assert_bit_identical, simulate
@@ -10,7 +11,8 @@ from test_multiprocess import assert_bit_identical, simulate
 JOBS = [("hw:make_manual_attention_dit:bmm", {}, {"num_patches": 4}),
         ("hw:make_mha_dit", {}, {"num_patches": 4}),
         ("hw:make_uvit:4", {}, {"num_patches": 4}),
-        ("hw:make_factorized_video_dit", {}, {"num_patches": 4})]
+        ("hw:make_factorized_video_dit", {}, {"num_patches": 4}),
+        ("hw:make_text_keys_dit:1", {}, {"num_patches": 4})]
 STEPS = 4
 
 
