@@ -38,16 +38,17 @@ def _dims(n: fx.Node) -> tuple[int, ...] | None:
             example_value(n.args[0]), torch.Tensor):
         return None
     nd = example_value(n.args[0]).dim()
+    if n.kwargs:   # dims passed by keyword: not a form dynamo records; left alone
+        return None
     if n.target in _PERMUTES:
-        dims = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (tuple, list)) else n.args[1]
-        dims = dims or n.kwargs.get("dims")
-        return tuple(d % nd for d in dims) if dims is not None and len(dims) == nd else None
-    if n.target in _TRANSPOSES and len(n.args) == 3 and not n.kwargs:
+        dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
+        return tuple(d % nd for d in dims) if len(dims) == nd and all(isinstance(d, int) for d in dims) else None
+    if n.target in _TRANSPOSES and len(n.args) == 3 and all(isinstance(d, int) for d in n.args[1:]):
         order = list(range(nd))
         a, b = n.args[1] % nd, n.args[2] % nd
         order[a], order[b] = order[b], order[a]
         return tuple(order)
-    if n.target == "contiguous" and len(n.args) == 1 and not n.kwargs:
+    if n.target == "contiguous" and len(n.args) == 1:
         return tuple(range(nd))
     return None
 
@@ -68,7 +69,7 @@ def _layout_chain(x: fx.Node):
 def _push(gm: fx.GraphModule, sdpa: fx.Node, x: fx.Node):
     """(a `cat` equal to `x` placed right before `sdpa`, the nodes it replaces), or None if `x` is not such a
     chain."""
-    found = _layout_chain(x)
+    found = _layout_chain(x) if len(x.users) == 1 else None
     if found is None or not found[1]:
         return None
     cat, chain = found

@@ -249,8 +249,8 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
     the HEAD piece keeps `cat([%time_tok, %cls_tok], 1)`, the band `%img`, the TAIL piece `%registers`.
     A FULL piece keeps everything. The key and value concatenations of image queries over [image | text] keys
     (text K/V computed without the image tokens) stay as they are in a band: `rewrite_stale_attention` writes
-    their operands into the cache (a HEAD or TAIL piece runs no such query: they go). Sizes are rewritten afterwards (`rewrite_token_sizes`); the outputs the
-    piece does not hold are dropped from the graph output. An output that is replaced keeps its stage-output
+    their operands into the cache (a HEAD or TAIL piece runs no such query: they go). Sizes are rewritten
+    afterwards (`rewrite_token_sizes`); the outputs the piece does not hold are dropped from the graph output. An output that is replaced keeps its stage-output
     name (`output_names`): the next stage reads `%q` (its placeholder is named so), whatever node computes
     the piece's part of it here. Which outputs a piece holds is decided on the stage output's own token info,
     the same info the consuming stage's placeholder has, so producer and consumer agree on the values.
