@@ -33,6 +33,7 @@ from .declines import decline
 from .errors import PipefusionError, TooFewLayersError, UnsupportedGraphError, failures_named, graph_break_report
 from .options import PipefusionOptions
 from .passes.canonical_attention import canonicalize_attention
+from .passes.key_concat import concat_keys_at_attention
 from .passes.graph_inputs import is_user_input
 from .passes.lower import lower
 from .passes.meta import Kind, node_meta
@@ -166,6 +167,7 @@ def analyze_for_pipeline(gm: fx.GraphModule, example_inputs, options: Pipefusion
     check_example_values(gm)
     with failures_named("rewriting attention to scaled_dot_product_attention", gm):
         rewritten = canonicalize_attention(gm)
+        concat_keys_at_attention(gm)
     for r in rewritten:
         log.info("pipefusion: %s at %s rewritten to scaled_dot_product_attention (%s)", r.form.value, r.replaced,
                  r.node)

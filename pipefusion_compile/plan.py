@@ -431,11 +431,13 @@ def _mixing_rule(info) -> MixingRule | None:
 
 
 def _text_side(nodes: list[fx.Node]) -> str | None:
-    """Where the text group of a joint sequence lies along the self-attention's token axis (None: no text)."""
+    """Where the text group of a joint sequence lies along the self-attention's token axis (None: no text).
+    The query's groups decide: keys with more groups than their query hold tokens computed without the image
+    (`MixingRule.STALE_KV_GLOBAL_KEYS`), which every patch writes itself, so they need no piece of their own."""
     sides = set()
     for n in nodes:
         if node_meta(n).token.attention == "self":
-            info = node_meta(sdpa_qkv(n)[1]).token
+            info = node_meta(sdpa_qkv(n)[0]).token
             if info.prefix:
                 sides.add("first")
             if info.suffix:

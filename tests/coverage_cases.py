@@ -23,7 +23,8 @@ class Case:
     build: Callable[[], tuple[torch.nn.Module, dict]]  # seeded model in eval() with random weights, and the forward kwargs
                                                 # (the latent argument + the rest; CFG batch 2; no return_dict)
     text_tokens: int = 0                        # text tokens in a joint text+image attention sequence (for the reference)
-    text_first: bool = False                    # text before image in that sequence
+    text_first: bool = False                    # text before image in that sequence (or in the keys, below)
+    key_text_tokens: int = 0                    # text keys of image-only queries ([image | text] keys, no text queries)
     layout: "ImageLayout | None" = None         # reference's image layout when ImageLayout.of cannot tell it (see tests/reference_pipefusion.py)
     reductions: bool = False                    # the reference assembles torch.matmul over the image tokens (linear attention)
     options: tuple = ()                         # backend options the class needs, as (key, value) pairs (ideally none)

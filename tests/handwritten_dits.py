@@ -787,3 +787,112 @@ def make_linear_attention_dit():
     torch.manual_seed(0)
     model = LinearAttentionDiT()
     return model.eval(), _class_kwargs()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# k. image queries over [image | text] keys: the text K/V come from the prompt alone, the text has no queries
+
+
+class TextKeysBlock(nn.Module):
+    """Image tokens attend over their own K/V and the prompt's (NucleusMoE-Image, PRX); the prompt is never
+    updated, so its K/V depend on no image token. `text_first`: keys [text | image] on [B, H, S, D] (PRX's
+    order), with a key mask over the prompt; else [image | text] on [B, S, H, D], then moved to [B, H, S, D]
+    the way diffusers' attention dispatch does."""
+
+    def __init__(self, dim, heads, text_first: bool):
+        super().__init__()
+        self.heads, self.text_first = heads, text_first
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.txt_kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, txt, c, key_mask):
+        B, N, C = x.shape
+        T = txt.shape[1]
+        shift, scale, gate, shift2, scale2, gate2 = self.mod(c).chunk(6, dim=1)
+        q, k, v = self.qkv(modulate(self.norm1(x), shift, scale)).view(B, N, 3, self.heads, -1).unbind(2)
+        tk, tv = self.txt_kv(txt).view(B, T, 2, self.heads, -1).unbind(2)
+        if self.text_first:   # [B, H, S, D], text first, a mask that drops the prompt's padding
+            q, k, v, tk, tv = (t.transpose(1, 2) for t in (q, k, v, tk, tv))
+            mask = torch.cat([key_mask, key_mask.new_ones(B, N)], dim=1)[:, None, None, :]
+            o = F.scaled_dot_product_attention(q, torch.cat([tk, k], 2), torch.cat([tv, v], 2), attn_mask=mask)
+        else:                 # [B, S, H, D], image first, permuted to [B, H, S, D] after the concatenation
+            k, v = torch.cat([k, tk], dim=1), torch.cat([v, tv], dim=1)
+            o = F.scaled_dot_product_attention(q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3))
+        x = x + gate.unsqueeze(1) * self.proj(o.transpose(1, 2).reshape(B, N, C))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class TextKeysDiT(nn.Module):
+    def __init__(self, text_first=False, size=SIZE, patch=PATCH, channels=CHANNELS, dim=DIM, depth=DEPTH,
+                 heads=HEADS):
+        super().__init__()
+        self.patch, self.channels = patch, channels
+        self.config = SimpleNamespace(patch_size=patch)
+        self.x_embedder = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2, dim) * 0.1)
+        self.context_embedder = nn.Linear(dim, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.blocks = nn.ModuleList(TextKeysBlock(dim, heads, text_first) for _ in range(depth))
+        self.final_layer = FinalLayer(dim, patch, channels)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, return_dict=True):
+        h, w = hidden_states.shape[-2] // self.patch, hidden_states.shape[-1] // self.patch
+        x = self.x_embedder(hidden_states).flatten(2).transpose(1, 2) + self.pos
+        txt = self.context_embedder(encoder_hidden_states)
+        c = self.t_embedder(timestep)
+        for block in self.blocks:
+            x = block(x, txt, c, encoder_attention_mask)
+        return _out(unpatchify(self.final_layer(x, c), self.patch, self.channels, h, w), return_dict)
+
+
+def make_text_keys_dit(text_first=False):
+    torch.manual_seed(0)
+    model = TextKeysDiT(text_first=bool(text_first))
+    mask = torch.ones(BATCH, PROMPT, dtype=torch.bool)
+    mask[1, PROMPT - 2:] = False   # the second prompt is shorter (padded)
+    return model.eval(), dict(hidden_states=torch.randn(BATCH, CHANNELS, SIZE, SIZE),
+                              timestep=torch.full((BATCH,), 500, dtype=torch.int64),
+                              encoder_hidden_states=torch.randn(BATCH, PROMPT, DIM), encoder_attention_mask=mask)
+
+
+class MixedKeysDiT(nn.Module):
+    """Joint [text | image] attention blocks (a text stream with its own queries) alternating with image
+    queries over [text | image] keys. `keys_from`: "prompt", the text keys come from the prompt's embedding
+    (the same for every patch); "stream", from the text stream the joint blocks update (tokens of the text
+    piece, which runs no query through the image-query blocks: no rule)."""
+
+    def __init__(self, keys_from="prompt", size=SIZE, patch=PATCH, channels=CHANNELS, dim=DIM, depth=DEPTH,
+                 heads=HEADS):
+        super().__init__()
+        self.patch, self.channels, self.keys_from = patch, channels, keys_from
+        self.config = SimpleNamespace(patch_size=patch)
+        self.x_embedder = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2, dim) * 0.1)
+        self.context_embedder = nn.Linear(dim, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.blocks = nn.ModuleList(JointBlock(dim, heads) if i % 2 == 0 else TextKeysBlock(dim, heads, True)
+                                    for i in range(depth))
+        self.final_layer = FinalLayer(dim, patch, channels)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, return_dict=True):
+        h, w = hidden_states.shape[-2] // self.patch, hidden_states.shape[-1] // self.patch
+        img = self.x_embedder(hidden_states).flatten(2).transpose(1, 2) + self.pos
+        prompt = txt = self.context_embedder(encoder_hidden_states)
+        c = self.t_embedder(timestep)
+        for block in self.blocks:
+            if isinstance(block, JointBlock):
+                img, txt = block(img, txt, c)
+            else:
+                img = block(img, prompt if self.keys_from == "prompt" else txt, c, encoder_attention_mask)
+        return _out(unpatchify(self.final_layer(img, c), self.patch, self.channels, h, w), return_dict)
+
+
+def make_mixed_keys_dit(keys_from="prompt"):
+    _, kwargs = make_text_keys_dit()
+    torch.manual_seed(0)
+    return MixedKeysDiT(keys_from).eval(), kwargs

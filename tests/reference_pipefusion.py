@@ -38,6 +38,12 @@ of `torch.matmul` whose two operands both span the image tokens on the contracte
 (numbered by call order); its operands are assembled along those axes exactly as K/V are, and the reduction
 runs on the whole assembled operands.
 
+Image queries over keys that are the image's K/V concatenated with K/V computed from the prompt alone
+(NucleusMoE-Image: [image | text], PRX: [text | image]; `key_text_tokens` text keys, first when
+`text_first`): the query holds no text, so the text is no patch of its own. The image part of the keys is
+assembled as above; the text part is the one computed now, in every patch (it depends on no image token, so
+it is this step's for every patch).
+
 Attention with the image tokens folded into its batch axis (a factorized video model, whose rows are
 frames): with the tokens of a row on the sequence axis and the rows in the batch (spatial attention per
 frame, [B * F, H, HW, D]) a call never mixes rows, so it is local to a band of whole rows and runs as it
@@ -112,18 +118,22 @@ class ReferencePipeFusion:
     prediction: (output, latent argument) -> the part of the output that carries the image rows (the noise
     prediction, when the model returns more: its whole joint sequence, a list of per-sample tensors); the
     reference then returns that part.
+    key_text_tokens: text keys that image queries attend to besides the image keys (text first in the keys
+    when text_first), with no text queries and no text piece.
     """
 
     def __init__(self, model, num_patches: int, warmup_steps: int = 1, text_tokens: int = 0,
                  text_first: bool = False, layout: ImageLayout | None = None, after_tokens: int = 0,
                  attention_fns: Sequence[tuple[object, str]] = (),
-                 prediction: Callable[[object, object], torch.Tensor] | None = None, reductions: bool = False):
+                 prediction: Callable[[object, object], torch.Tensor] | None = None, reductions: bool = False,
+                 key_text_tokens: int = 0):
         self.model = model
         self.num_patches = num_patches
         self.warmup_steps = warmup_steps
         self.text_tokens = text_tokens  # text tokens in the joint attention sequence (0: image only)
         self.text_first = text_first
         self.after_tokens = after_tokens
+        self.key_text_tokens = key_text_tokens  # text keys of image queries (no text queries)
         self.attention_fns = list(attention_fns)
         self.prediction = prediction
         self.layout = layout  # None: derived from the input's shape (`ImageLayout.of`)
@@ -165,6 +175,8 @@ class ReferencePipeFusion:
             return "joint"
         if n == m == layout.rows * layout.tokens_per_row:
             return "image"  # a joint model's self-attention over its image tokens alone (Flux3's per-mode blocks)
+        if self.key_text_tokens and n == layout.rows * layout.tokens_per_row and m == n + self.key_text_tokens:
+            return "image+text keys"
         rows, per_row = layout.rows, layout.tokens_per_row
         if n != m or rows <= 1 or per_row <= 1 or n not in (rows, per_row) or num_tokens != rows * per_row:
             return None
@@ -209,11 +221,20 @@ class ReferencePipeFusion:
                 kind = None if inside else self._kind(query, key, layout, num_tokens)
                 if kind == "local":
                     self.local_calls += 1
-                if kind not in ("joint", "rows", "image"):
+                if kind not in ("joint", "rows", "image", "image+text keys"):
                     return original(query, key, value, *args, **kwargs)  # cross-attention, or local
-                lo, hi = {"joint": (piece.lo, piece.hi), "rows": (piece.r0, piece.r1),
-                          "image": (piece.r0 * layout.tokens_per_row, piece.r1 * layout.tokens_per_row)}[kind]
-                key, value = self._assemble(layer, key, value, lo, hi, warmup)
+                lo, hi = {"joint": (piece.lo, piece.hi), "rows": (piece.r0, piece.r1)}.get(
+                    kind, (piece.r0 * layout.tokens_per_row, piece.r1 * layout.tokens_per_row))
+                if kind == "image+text keys":  # the image part assembled, the text part as computed now
+                    t, n_image = self.key_text_tokens, key.shape[-2] - self.key_text_tokens
+                    image_at, text_at = (t, 0) if self.text_first else (0, n_image)
+                    image = [x.narrow(-2, image_at, n_image) for x in (key, value)]
+                    text = [x.narrow(-2, text_at, t) for x in (key, value)]
+                    image = self._assemble(layer, *image, lo, hi, warmup)
+                    key, value = [torch.cat([tx, im] if self.text_first else [im, tx], dim=-2)
+                                  for im, tx in zip(image, text)]
+                else:
+                    key, value = self._assemble(layer, key, value, lo, hi, warmup)
                 layer += 1
                 self.layers_seen += 1
                 inside = True

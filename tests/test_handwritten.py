@@ -60,6 +60,13 @@ CASES = {
     # Sana's block by hand: ReLU linear attention (a matmul over the tokens) and the conv FFN, no softmax
     "linear_attention": Case(hd.make_linear_attention_dit, 0, convs=4, reductions=4,
                              reference=dict(reductions=True)),
+    # image queries over [image | text] keys and over [text | image] keys (with a key mask); no text queries
+    "text_keys": Case(hd.make_text_keys_dit, 4, reference=dict(key_text_tokens=hd.PROMPT)),
+    "text_keys_first": Case(lambda: hd.make_text_keys_dit(text_first=True), 4,
+                            reference=dict(key_text_tokens=hd.PROMPT, text_first=True)),
+    # joint [text | image] blocks (a text piece) alternating with image queries over the prompt's keys
+    "mixed_keys": Case(hd.make_mixed_keys_dit, 4,
+                       reference=dict(text_tokens=hd.PROMPT, text_first=True, key_text_tokens=hd.PROMPT)),
 }
 NAMES = sorted(CASES)
 STEPS = 5  # one warmup step, then four pipelined

@@ -10,6 +10,8 @@ against the eager reference are in test_handwritten.py):
   * a conv over token rows (a conv FFN's depthwise conv): HALO_ROWS, a cache of its input read with the halo;
   * a reduction over the tokens (linear attention's phi(K)^T V, a mean over tokens): STALE_INPUTS, caches of
     its token-carrying operands; its token-free result stays in its stage.
+  * image queries over keys concatenated from the image's K/V and the prompt's (NucleusMoE-Image, PRX): the
+    cache covers the whole key sequence, each patch writes its rows and the text K/V, no text piece.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pipefusion_compile.cli import plan_graphs
 from pipefusion_compile.passes.canonical_attention import AttentionForm
 from pipefusion_compile.passes.meta import Kind, node_meta
 from pipefusion_compile.passes.pieces import BAND, HEAD, TAIL, Piece
-from pipefusion_compile.passes.sdpa import is_sdpa
+from pipefusion_compile.passes.sdpa import is_sdpa, sdpa_qkv
 from pipefusion_compile.passes.tokens import analyze_tokens
 from pipefusion_compile.plan import MixingRule
 
@@ -107,10 +109,13 @@ def test_plan_names_the_rule_of_every_mixing_op():
 
 
 class ImageQueriesJointKeys(torch.nn.Module):
-    """Image queries over [image | text] keys (NucleusMoE-Image's attention): refused, not run wrongly."""
+    """Image queries over [image | text] keys (NucleusMoE-Image's attention), the text K/V from the prompt.
+    `keys`: "cat" (the concatenation is the attention's key), "scaled" (the keys scaled after it: no rule),
+    "reused" (the concatenation read by another op too: no rule)."""
 
-    def __init__(self, dim=16):
+    def __init__(self, dim=16, keys="cat"):
         super().__init__()
+        self.keys = keys
         self.embed = torch.nn.Conv2d(4, dim, 2, stride=2)
         self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(2))
         self.txt = torch.nn.Linear(8, 2 * dim)
@@ -122,25 +127,89 @@ class ImageQueriesJointKeys(torch.nn.Module):
         for qkv in self.qkv:
             q, k, v = qkv(x).unsqueeze(1).chunk(3, dim=-1)
             tk, tv = self.txt(encoder_hidden_states).unsqueeze(1).chunk(2, dim=-1)
-            x = x + torch.nn.functional.scaled_dot_product_attention(
-                q, torch.cat([k, tk], 2), torch.cat([v, tv], 2)).squeeze(1)
+            keys, values = torch.cat([k, tk], 2), torch.cat([v, tv], 2)
+            if self.keys == "scaled":
+                keys = keys * 0.5
+            x = x + torch.nn.functional.scaled_dot_product_attention(q, keys, values).squeeze(1)
+            if self.keys == "reused":
+                x = x + keys[:, :, :64].squeeze(1)
         x = self.out(x).reshape(b, 8, 8, 2, 2, 4).permute(0, 5, 1, 3, 2, 4).reshape(b, 4, 16, 16)
         return (x,)
 
 
-def test_image_queries_over_joint_keys_are_refused_not_run_wrongly():
+def _joint_keys(keys="cat"):
+    torch.manual_seed(0)
+    model = ImageQueriesJointKeys(keys=keys).eval()
+    return model, {"hidden_states": torch.randn(2, 4, 16, 16), "encoder_hidden_states": torch.randn(2, 6, 8)}
+
+
+def test_analysis_image_queries_over_text_keys_cache_the_whole_key_sequence():
+    """Keys = cat([image K, text K of the prompt]): a self-attention whose K/V cache covers the whole key
+    sequence; the analysis records, per operand of the concatenation, its token extent (0: the image)."""
+    gm, ex = capture_model(*_joint_keys())
+    a = analyze_tokens(gm, ex)
+    assert len(a.self_attention) == 2 and not a.cross_attention
+    for name in a.self_attention:
+        n = by_name(gm)[name]
+        assert node_meta(n).token.rule == "self-attention-global-keys"
+        assert node_meta(n).extra["global_kv"] == (0, 6)
+        q, k, _ = n.args[:3]
+        assert (node_meta(q).token.prefix, node_meta(q).token.suffix) == (0, 0)
+        assert (node_meta(k).token.prefix, node_meta(k).token.suffix) == (0, 6)
+
+
+def test_plan_image_queries_over_text_keys_have_no_text_piece():
+    for text_first, layout in ((False, (0, hd.PROMPT)), (True, (hd.PROMPT, 0))):
+        program = build_program(lambda: hd.make_text_keys_dit(text_first), num_stages=2, num_patches=4)
+        plan = program.plan
+        assert plan.text is None   # the text has no queries: no piece of its own, every patch writes its K/V
+        assert [p.kind for p in plan.pieces(pipelined=True)] == [BAND] * 4
+        assert [m.rule for m in plan.mixing] == [MixingRule.STALE_KV_GLOBAL_KEYS] * 4
+        assert "STALE_KV_GLOBAL_KEYS" in str(plan)
+        for stage in program.stages:   # K and V of [B, H, 64 + 6, D] per layer, fp32
+            assert stage.lowered.caches and all(
+                (c.shape, c.prefix, c.suffix) == ((2, hd.HEADS, 64 + hd.PROMPT, hd.DIM // hd.HEADS), *layout)
+                for c in stage.lowered.caches)
+            assert plan.stages[stage.lowered.index].kv_cache_bytes == len(stage.lowered.caches) * 2 * 4 * (
+                2 * hd.HEADS * (64 + hd.PROMPT) * hd.DIM // hd.HEADS)
+
+
+def test_graph_each_patch_writes_its_rows_and_the_text_into_the_cache():
+    for text_first in (False, True):
+        program = build_program(lambda: hd.make_text_keys_dit(text_first), num_stages=2, num_patches=4)
+        image_at, text_at = (hd.PROMPT, 0) if text_first else (0, 64)
+        for stage in program.stages:
+            g = stage.lowered.patch_graph(2).graph
+            attn = [n for n in g.nodes if is_sdpa(n)]
+            updates = [n for n in g.nodes if n.target is KV_UPDATE]
+            assert len(updates) == 2 * len(attn) == 4
+            for a in attn:
+                assert all(x.op == "placeholder" and "cache" in x.name for x in sdpa_qkv(a)[1:])
+            # a band of 2 rows (16 tokens) at its rows after the text, the prompt's 6 at their fixed place
+            assert sorted(u.args[5:8] for u in updates) == sorted([(2, 8, image_at), (2, 0, text_at)] * 2)
+            assert not any(n.target is torch.cat and any(u in attn for u in n.users) for n in g.nodes)
+
+
+def test_image_queries_over_other_joint_keys_are_refused_not_run_wrongly():
     from pipefusion_compile.errors import UnsupportedGraphError
 
-    torch.manual_seed(0)
-    model = ImageQueriesJointKeys().eval()
-    kwargs = {"hidden_states": torch.randn(2, 4, 16, 16), "encoder_hidden_states": torch.randn(2, 6, 8)}
-    gm, ex = capture_model(model, kwargs)
+    for keys, why in (("scaled", "is not a concatenation"), ("reused", "has other users than the attention")):
+        gm, ex = capture_model(*_joint_keys(keys))
+        try:
+            analyze_tokens(gm, ex)
+        except UnsupportedGraphError as e:
+            assert "keys hold other token groups than its query" in str(e) and why in str(e), str(e)
+            assert "node:" in str(e)
+        else:
+            raise AssertionError(f"image queries over [image | text] keys ({keys}) were accepted")
+    # text keys from the text stream of joint blocks: tokens of the text piece, which runs no image query
+    gm, ex = capture_model(*hd.make_mixed_keys_dit("stream"))
     try:
         analyze_tokens(gm, ex)
     except UnsupportedGraphError as e:
-        assert "keys hold other token groups than its query" in str(e) and "node:" in str(e)
+        assert "holds tokens of other groups than the image" in str(e), str(e)
     else:
-        raise AssertionError("image queries over [image | text] keys were accepted")
+        raise AssertionError("image queries over the text stream's keys were accepted")
 
 
 HALO_ROWS = torch.ops.pipefusion.halo_rows.default

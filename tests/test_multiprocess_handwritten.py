@@ -2,9 +2,10 @@
 
 Hand-written DiTs (tests/handwritten_dits.py): attention rewritten to SDPA (baddbmm/bmm softmax attention,
 nn.MultiheadAttention), extra token groups on both sides of the image (U-ViT with register tokens: HEAD and
-TAIL pieces), and attention local to a token row next to temporal attention (factorized video), a conv over token rows
-(a depthwise conv FFN: halo rows from the conv's input cache), and ReLU linear attention (a reduction over the
-tokens reading caches of its operands)."""
+TAIL pieces), attention local to a token row next to temporal attention (factorized video), a conv over token rows
+(a depthwise conv FFN: halo rows from the conv's input cache), ReLU linear attention (a reduction over the
+tokens reading caches of its operands), and image queries over [text | image] keys whose text K/V every patch
+writes into the cache."""
 from dist_utils import run_ranks
 from dist_workers import generate
 from test_multiprocess import assert_bit_identical, simulate
@@ -14,7 +15,8 @@ JOBS = [("hw:make_manual_attention_dit:bmm", {}, {"num_patches": 4}),
         ("hw:make_uvit:4", {}, {"num_patches": 4}),
         ("hw:make_factorized_video_dit", {}, {"num_patches": 4}),
         ("hw:make_conv_ffn_dit", {}, {"num_patches": 4}),
-        ("hw:make_linear_attention_dit", {}, {"num_patches": 4})]
+        ("hw:make_linear_attention_dit", {}, {"num_patches": 4}),
+        ("hw:make_text_keys_dit:1", {}, {"num_patches": 4})]
 STEPS = 4
 
 

@@ -238,3 +238,30 @@ def test_a_positional_input_on_a_folded_axis_is_sliced_in_every_outer_slice():
     assert band[:, 0].tolist() == [2, 3, 4, 5, 10, 11, 12, 13, 18, 19, 20, 21]
     assert inp.token_range(4, Piece(BAND, 1, 2)) == (2, 12)
     assert inp.narrow(full, 4, Piece(FULL, 0, 4)).shape == full.shape
+
+
+def test_key_concatenation_moves_below_the_layout_ops_to_the_attention():
+    """`concat_keys_at_attention`: cat([image K, text K], 1) on [B, S, H, D], then permute to [B, H, S, D],
+    becomes cat of the permuted operands along dim 2, read by the attention itself; the values are equal."""
+    import handwritten_dits as hd
+    from graph_utils import capture_model
+    from pipefusion_compile.passes.key_concat import concat_keys_at_attention
+
+    model, kwargs = hd.make_text_keys_dit()
+    gm, ex = capture_model(model, kwargs)
+    with torch.no_grad():
+        want = gm(*ex)
+    assert all(sdpa_qkv(n)[1].target == "permute" for n in _sdpa(gm))
+    changed = concat_keys_at_attention(gm)
+    assert changed == [n.name for n in _sdpa(gm)] and len(changed) == 4
+    for n in _sdpa(gm):
+        for kv in sdpa_qkv(n)[1:]:
+            assert kv.target is torch.cat and kv.kwargs["dim"] == 2
+            assert [tuple(a.meta["example_value"].shape) for a in kv.args[0]] == [(2, 2, 64, 16), (2, 2, 6, 16)]
+            assert all(a.target == "permute" for a in kv.args[0])
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*ex), want, rtol=0, atol=0)
+    # keys no longer than the queries (the [text | image] queries of joint attention) are left as they are
+    model, kwargs = hd.make_hand_mmdit()
+    gm, _ = capture_model(model, kwargs)
+    assert concat_keys_at_attention(gm) == []

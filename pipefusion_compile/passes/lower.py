@@ -271,6 +271,17 @@ def _group_extent(info: TokenInfo, kind: str) -> tuple[int, ...]:
     return (info.epr,) if kind == BAND else (info.prefix if kind == HEAD else info.suffix,)
 
 
+def _cat_tensors(n: fx.Node) -> list[fx.Node]:
+    return list(n.args[0] if n.args else n.kwargs["tensors"])
+
+
+def _global_kv_users(n: fx.Node) -> bool:
+    """`n` is the key or value concatenation of an attention whose keys hold tokens computed without the
+    image besides the image's own (`token_rules._global_key_groups`)."""
+    return bool(n.users) and all(is_sdpa(u) and "global_kv" in node_meta(u).extra and n in sdpa_qkv(u)[1:]
+                                 for u in n.users)
+
+
 def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
     """Keep, of every value, the part that pieces of `kind` (BAND: image rows, HEAD / TAIL: the tokens before /
     after the image, e.g. the text) hold.
@@ -287,8 +298,10 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
     A cat written in place (EasyAnimate's RoPE on the image part, `q = cat([txt_q, img_q], 2)` then
     `q[:, :, 6:] = rope(q[:, :, 6:])`) becomes a copy of the operand (`%img_q.clone()`), so the write never
     lands in the operand; the group slice `q[:, :, 6:]` of it is then the piece's whole value.
-    A FULL piece keeps everything. Sizes are rewritten afterwards (`rewrite_token_sizes`); the outputs the
-    piece does not hold are dropped from the graph output. An output that is replaced keeps its stage-output
+    A FULL piece keeps everything. The key and value concatenations of image queries over [image | text] keys
+    (text K/V computed without the image tokens) stay as they are in a band: `rewrite_stale_attention` writes
+    their operands into the cache (a HEAD or TAIL piece runs no such query: they go). Sizes are rewritten
+    afterwards (`rewrite_token_sizes`); the outputs the piece does not hold are dropped from the graph output. An output that is replaced keeps its stage-output
     name (`output_names`): the next stage reads `%q` (its placeholder is named so), whatever node computes
     the piece's part of it here. Which outputs a piece holds is decided on the stage output's own token info,
     the same info the consuming stage's placeholder has, so producer and consumer agree on the values.
@@ -315,6 +328,8 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
         info = node_meta(n).token
         if info is None or not holds(info, kind):
             continue
+        if info.rule == "cat-joint" and kind == BAND and _global_kv_users(n):
+            continue  # keys of image queries: the whole key sequence, written into the cache operand by operand
         if info.rule == "cat-joint":
             tensors = list(n.args[0] if n.args else n.kwargs["tensors"])
             image = next(i for i, t in enumerate(tensors) if isinstance(t, fx.Node) and _image_operand(node_meta(t).token))
@@ -399,6 +414,17 @@ def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphMod
     The write lands at `offset + row_start * per_row`: an image band after the text that precedes it (Flux:
     offset = text length), the text piece at the text's place, the full sequence at 0.
     Cross-attention (GLOBAL K/V over the prompt) is left as it is.
+
+    Image queries over keys concatenated from the image's K/V and K/V computed without the image (the
+    prompt's text K/V: `"global_kv"` on the node; the cache covers the whole key sequence):
+
+        %k = cat([%img_k, %txt_k], 2)                  %u = pipefusion.kv_cache_update(%a_cache_k, %a_cache_v,
+        %v = cat([%img_v, %txt_v], 2)                           %img_k, %img_v, %row_start, 2, 4, 0)
+        %attn = sdpa(%q, %k, %v)                        %w = pipefusion.kv_cache_update(%a_cache_k, %a_cache_v,
+                                                                %txt_k, %txt_v, %row_start, 2, 0, 64)
+                                                        %attn = sdpa(%q, %a_cache_k, %a_cache_v)
+    The image band lands at its rows, each GLOBAL operand at its fixed place (per_row 0): every patch writes
+    the text K/V of this step, so the text part of the keys is always fresh.
     """
     caches: dict[tuple[str, str], fx.Node] = {}
     row_start = None
@@ -417,13 +443,26 @@ def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphMod
         spec: CacheSpec = node_meta(ck).extra["cache_of"]
         offset = group_offset(spec.prefix, spec.suffix, spec.shape[spec.axis], kind)
         _, k, v = sdpa_qkv(n)
+        layout = node_meta(n).extra.get("global_kv")
+        if layout is None:
+            writes = [(k, v, spec.per_row, offset)]
+        else:  # operand by operand: the image rows at theirs, the GLOBAL operands at their fixed places
+            image = spec.shape[spec.axis] - spec.prefix - spec.suffix
+            writes, at = [], 0
+            for kpart, vpart, extent in zip(_cat_tensors(k), _cat_tensors(v), layout):
+                writes.append((kpart, vpart, 0 if extent else spec.per_row, at))
+                at += extent or image
         with gm.graph.inserting_before(n):
-            upd = gm.graph.call_function(
-                torch.ops.pipefusion.kv_cache_update.default,
-                (ck, cv, k, v, row_start, spec.axis, spec.per_row, offset),
-            )
-            upd.meta["stack_trace"] = n.meta.get("stack_trace")
+            for kpart, vpart, per_row, at in writes:
+                upd = gm.graph.call_function(
+                    torch.ops.pipefusion.kv_cache_update.default,
+                    (ck, cv, kpart, vpart, row_start, spec.axis, per_row, at),
+                )
+                upd.meta["stack_trace"] = n.meta.get("stack_trace")
         set_sdpa_kv(n, ck, cv)
+        for cat in {k: None, v: None} if layout is not None else ():
+            if not cat.users:
+                gm.graph.erase_node(cat)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -28,6 +28,9 @@ class MixingRule(enum.Enum):
     a full-size per-layer mixing cache that each patch writes before reading it (`lower.CacheSpec`)."""
 
     STALE_KV = "K/V cache: fresh for the patches done this step, one step stale for the rest"
+    STALE_KV_GLOBAL_KEYS = ("K/V cache over the whole key sequence: image part fresh for the patches done this "
+                            "step, one step stale for the rest; the other keys (computed without the image "
+                            "tokens, e.g. the prompt's) fresh, written by every patch")
     LOCAL = "local to a token row (attention within a frame): needs nothing of other patches"
     STALE_INPUTS = ("full-size cache of the reduction's token-carrying inputs (fresh for the patches done this "
                     "step, one step stale for the rest); the reduction runs over the whole cache")

@@ -506,14 +506,57 @@ def rule_sdpa(ctx: RuleContext) -> TokenInfo:
     for t, it in ((k, ik), (v, iv)):
         if it.axis != len(shape_of(t)) - 2 or it.epr != iq.epr:
             raise ctx.fail("self-attention whose K/V token layout differs from its query's")
-        if (it.prefix, it.suffix) != (iq.prefix, iq.suffix):
-            # e.g. image queries over [image | text] keys: the pieces that hold the keys' other tokens run no
-            # query through this attention, so nothing would write those tokens' K/V into the cache
-            raise ctx.fail(
-                f"self-attention whose keys hold other token groups than its query (query: {iq.prefix} tokens "
-                f"before and {iq.suffix} after the image; keys: {it.prefix} before and {it.suffix} after), e.g. "
-                "image queries over [image | text] keys; not supported yet")
+    if (ik.prefix, ik.suffix) != (iq.prefix, iq.suffix) or (iv.prefix, iv.suffix) != (iq.prefix, iq.suffix):
+        groups = _global_key_groups(ctx, (k, ik), (v, iv), iq)
+        node_meta(ctx.node).extra["global_kv"] = groups
+        return ctx.patched(iq.axis, "self-attention-global-keys", attention="self", kind=Kind.MIXING,
+                           mixing=MixingRule.STALE_KV_GLOBAL_KEYS)
     return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING, mixing=MixingRule.STALE_KV)
+
+
+def _cat_operands(node) -> list | None:
+    if not isinstance(node, fx.Node) or node.target not in (torch.cat, torch.concat, torch.concatenate):
+        return None
+    return list(node.args[0] if node.args else node.kwargs["tensors"])
+
+
+def _global_key_groups(ctx: RuleContext, key, value, iq: TokenInfo) -> tuple[int, ...]:
+    """Image queries over keys that are the image's K/V concatenated with K/V computed without the image
+    tokens (text K/V of the prompt: NucleusMoE-Image [image | text], PRX [text | image]). Returns the token
+    extent of each operand of the key concatenation, in order, with the image operand as 0; the K/V cache
+    covers the whole key sequence, each patch writes its image rows and the GLOBAL operands (the same for
+    every patch) into it. Any other form of keys with more token groups than the query is refused."""
+    def refuse(why: str):
+        it = key[1]
+        return ctx.fail(
+            f"self-attention whose keys hold other token groups than its query (query: {iq.prefix} tokens "
+            f"before and {iq.suffix} after the image; keys: {it.prefix} before and {it.suffix} after): {why}; "
+            "only image queries over a concatenation of the image's K/V with K/V that do not depend on the image "
+            "tokens (e.g. the prompt's) are supported")
+
+    if iq.joint:
+        raise refuse("the query holds tokens of other groups too")
+    layouts = []
+    for t, it in (key, value):
+        operands = _cat_operands(t)
+        if operands is None or it.rule != "cat-joint":
+            raise refuse(f"{t.name} is not a concatenation (along the token axis) next to the attention")
+        if len(t.users) != 1:
+            raise refuse(f"{t.name} has other users than the attention")
+        layout = []
+        for a in operands:
+            info = ctx.info(a)
+            if info.carries_tokens:
+                if info.joint or info.epr != iq.epr:
+                    raise refuse(f"operand {a.name} of {t.name} holds tokens of other groups than the image "
+                                 "(their K/V would come from a piece that runs no query here)")
+                layout.append(0)
+            else:
+                layout.append(shape_of(a)[it.axis])
+        layouts.append(tuple(layout))
+    if layouts[0] != layouts[1]:
+        raise refuse(f"the key and value concatenations differ ({layouts[0]} vs {layouts[1]}; 0: the image)")
+    return layouts[0]
 
 
 def _local_attention(ctx: RuleContext, qkv, infos, mask) -> TokenInfo:
