@@ -473,7 +473,7 @@ CASES: list[Case] = [
         "built by the pipeline")),
     Case("JoyImageEditPlusTransformer3DModel", None, skip=(
         "builder not written yet: multi-item input [B, items, C, F, H, W] with a per-item shape_list")),
-    Case("JoyImageEditTransformer3DModel", joyimage_edit),
+    Case("JoyImageEditTransformer3DModel", joyimage_edit, text_tokens=L),
     *_video("Kandinsky5Transformer3DModel", kandinsky5, layout=lambda f: ImageLayout(f, 64, 1, 1)),
     Case("Kandinsky6SRTransformer3DModel", None, skip=(
         "builder not written yet: super-resolution model with tiled NABLA sparse attention")),

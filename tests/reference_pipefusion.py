@@ -62,6 +62,8 @@ class ImageLayout:
         if hidden_states.dim() == 5:  # video [B, C, F, H, W] with (pt, ph, pw) patches: bands of frames
             pt, ph, pw = p
             frames, height, width = hidden_states.shape[-3:]
+            if frames // pt == 1:  # one latent frame: its token rows are the H rows, as in an image
+                return cls(height // ph, width // pw, 3, ph)
             return cls(frames // pt, (height // ph) * (width // pw), 2, pt)
         height, width = hidden_states.shape[-2:]
         return cls(height // p, width // p, hidden_states.dim() - 2, p)

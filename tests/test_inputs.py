@@ -172,3 +172,46 @@ def test_the_image_input_is_the_one_whose_tokens_reach_the_most_self_attention()
     assert "control" not in a.token_input and "hidden_states" in a.token_input
     assert len(a.self_attention) == 4
     assert [t.outcome for t in a.attempts if "control" in t.token_input][-1] is AttemptOutcome.FEWER_LAYERS
+
+
+@pytest.mark.parametrize("name, patches, axis, rows, outcomes", [
+    # one latent frame: the frame axis passes with 1 token row, fewer than M; the H axis holds M (its rows are
+    # contiguous token ranges: flattening [1, h, w] is flattening [h, w])
+    ("one_frame", 4, 3, 4, [AttemptOutcome.FAILED, AttemptOutcome.FEWER_ROWS, AttemptOutcome.CHOSEN]),
+    # M=1 holds in either: the leading axis, as before
+    ("one_frame", 1, 2, 1, [AttemptOutcome.FAILED, AttemptOutcome.CHOSEN]),
+    # four frames hold M=4: the frames, and H is not tried
+    ("four_frames", 4, 2, 4, [AttemptOutcome.FAILED, AttemptOutcome.CHOSEN]),
+])
+def test_the_axis_chosen_is_the_one_whose_rows_hold_the_patches(name, patches, axis, rows, outcomes):
+    gm, ex = _capture(name)
+    a = analyze_tokens(gm, ex, num_patches=patches)
+    assert (a.token_input, a.input_axis, a.token_rows, len(a.self_attention)) == ("l_hidden_states_", axis, rows, 4)
+    own = [t for t in a.attempts if t.token_input == a.token_input]
+    assert [t.outcome for t in own] == outcomes
+    assert [t.axis for t in own] == list(range(1, len(outcomes) + 1))
+
+
+def test_one_frame_video_pipelines_on_its_rows_and_equals_the_reference():
+    """[B, C, 1, H, W] at M=4: bands of the H rows (1 frame is 1 row on the frame axis); M=1 and full warmup
+    equal the plain model, one warmup step equals the eager reference, whose `ImageLayout.of` takes the same
+    rows for a video of one latent frame."""
+    model, x, ctx = im.make("one_frame")
+    class Config:
+        patch_size = (1, model.p, model.p)
+    of = ImageLayout.of(type("M", (), {"config": Config})(), x)
+    assert (of.rows, of.tokens_per_row, of.out_axis, of.out_per_row) == model.layout() == (4, 6, 3, 2)
+    want = _loop(model, model, x, ctx)
+    for patches, warmup in ((1, 1), (4, 4)):
+        compiled, _ = compile_pf(model, num_stages=2, num_patches=patches, warmup_steps=warmup, stage_backend="eager")
+        for got, ref in zip(_loop(compiled, model, x, ctx), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    reference = ReferencePipeFusion(_Adapter(model), num_patches=4, warmup_steps=1, layout=of)
+    want = _loop(lambda h, t, c: reference(h, timestep=t, context=c), model, x, ctx)
+    compiled, programs = compile_pf(model, num_stages=2, num_patches=4, warmup_steps=1, stage_backend="eager")
+    got = _loop(compiled, model, x, ctx)
+    (program,) = programs
+    assert program.stats["pipelined_calls"] == 3 and program.plan.patches == ((0, 1), (1, 1), (2, 1), (3, 1))
+    assert program.plan.token_axis == 3 and "one latent frame" in program.plan.split
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
