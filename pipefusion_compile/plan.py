@@ -126,9 +126,9 @@ class PipelinePlan:
                     "run frame by frame, so whole frames are a contiguous token range (rows inside a frame are "
                     "not split yet, so M <= frames)")
         if len(self.input_shape) == 5:
-            return (f"bands of latent rows (axis {self.token_axis}) of a video latent of one latent frame (the dims "
-                    "before the rows have extent 1 once patch-embedded): its tokens are in raster order, so a band "
-                    "of rows is a contiguous token range")
+            return (f"bands of latent rows (axis {self.token_axis}) of every frame of the video latent (fewer "
+                    "latent frames than patches): a frame's tokens are in raster order, so a band is the same "
+                    "token range of each frame (one range with one latent frame; K/V written frame by frame)")
         if len(self.input_shape) == 3:
             return (f"bands of the packed token sequence (axis {self.token_axis}): tokens are in raster order, "
                     "so a band of rows is a contiguous range")

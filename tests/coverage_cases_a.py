@@ -416,8 +416,12 @@ def _video(name, fn, frames=4, short=2, **case):
     return out
 
 
-def _frames_layout(tokens_per_frame, out_axis=2):
-    return lambda f: ImageLayout(f, tokens_per_frame, out_axis, 1)
+def _frames_layout(tokens_per_frame, out_axis=2, p=2, patches=4):
+    """Bands of whole frames, or, with fewer frames than the table's `patches`, bands of the rows of every frame
+    (the backend's choice there): H / p rows of W / p tokens, on the output axis after the frames."""
+    rows = H // p
+    return lambda f: (ImageLayout(f, tokens_per_frame, out_axis, 1) if f >= patches
+                      else ImageLayout(rows, tokens_per_frame // rows, out_axis + 1, p, frames=f))
 
 
 CASES: list[Case] = [

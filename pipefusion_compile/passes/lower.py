@@ -55,10 +55,26 @@ class StageInput:
     per_row: int | None = None  # elements per token row along `axis`
     prefix: int = 0             # text elements before / after the image part along `axis` (joint sequences)
     suffix: int = 0
+    outer: int = 1              # > 1: `axis` is `outer` blocks (e.g. frames) each holding every token row
 
     def token_range(self, token_rows: int, piece: Piece) -> tuple[int, int]:
-        """(start, length) of the full-sequence value that `piece` reads."""
+        """(start, length) of the full-sequence value that `piece` reads (within each of the `outer` blocks of
+        `axis` when there are several: `take` slices those)."""
+        if self.outer > 1:
+            start, length = token_range(0, 0, self.per_row // self.outer, token_rows, piece)
+            return start, length * self.outer
         return token_range(self.prefix, self.suffix, self.per_row, token_rows, piece)
+
+    def take(self, full: torch.Tensor, token_rows: int, piece: Piece) -> torch.Tensor:
+        """The part of the full-sequence value `full` that `piece` reads: a range of `axis`, or with `outer`
+        blocks the same range of each block (the block dim split off, sliced, merged back)."""
+        if piece.kind == FULL:
+            return full
+        start, length = self.token_range(token_rows, piece)
+        if self.outer == 1:
+            return full.narrow(self.axis, start, length)
+        blocks = full.unflatten(self.axis, (self.outer, -1))
+        return blocks.narrow(self.axis + 1, start, length // self.outer).flatten(self.axis, self.axis + 1)
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,7 @@ class CacheSpec:
     per_row: int
     prefix: int = 0   # text elements before / after the image part (joint attention)
     suffix: int = 0
+    outer: int = 1    # > 1: the token axis is `outer` blocks (frames), a patch the same rows of each
 
 
 @dataclass(frozen=True)
@@ -139,10 +156,11 @@ def extract_stage(
         info = node_meta(a).token
         if info.kind is Kind.POSITIONAL:
             inputs.append(StageInput(a.name, "positional", info.axis, analysis.per_row(info), info.prefix,
-                                     info.suffix))
+                                     info.suffix, info.outer))
         elif info.carries_tokens:
             source = "image" if a.op == "placeholder" else "recv"
-            inputs.append(StageInput(a.name, source, info.axis, analysis.per_row(info), info.prefix, info.suffix))
+            inputs.append(StageInput(a.name, source, info.axis, analysis.per_row(info), info.prefix, info.suffix,
+                                     info.outer))
         else:
             inputs.append(StageInput(a.name, "global"))
     caches = []
@@ -153,7 +171,7 @@ def extract_stage(
             kinfo = node_meta(k).token
             val = example_value(k)
             caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, kinfo.axis, analysis.per_row(kinfo),
-                                    kinfo.prefix, kinfo.suffix))
+                                    kinfo.prefix, kinfo.suffix, kinfo.outer))
 
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -336,6 +354,12 @@ def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphMod
     The write lands at `offset + row_start * per_row`: an image band after the text that precedes it (Flux:
     offset = text length), the text piece at the text's place, the full sequence at 0.
     Cross-attention (GLOBAL K/V over the prompt) is left as it is.
+
+    A token axis of `outer` blocks (rows within frames, [B, heads, F * h * w, d]: a band is the same rows of
+    every frame) is written through views that split the blocks off, at the band's rows of each block:
+        %bk = unflatten(%a_cache_k, 2, (F, -1)) ... %k2 = unflatten(%k, 2, (F, -1)) ...
+        %u = pipefusion.kv_cache_update(%bk, %bv, %k2, %v2, %row_start, 3, 4, 0)   # F=2, 8 = 2 x 4 per row
+        %attn = sdpa(%q, %a_cache_k, %a_cache_v)
     """
     caches: dict[tuple[str, str], fx.Node] = {}
     row_start = None
@@ -355,9 +379,14 @@ def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphMod
         offset = group_offset(spec.prefix, spec.suffix, spec.shape[spec.axis], kind)
         _, k, v = sdpa_qkv(n)
         with gm.graph.inserting_before(n):
+            axis, per_row, dst = spec.axis, spec.per_row, (ck, cv, k, v)
+            if spec.outer > 1:
+                if offset:
+                    raise UnsupportedGraphError("internal: a folded token axis with another token group", n)
+                dst = tuple(gm.graph.call_method("unflatten", (t, axis, (spec.outer, -1))) for t in dst)
+                axis, per_row = axis + 1, per_row // spec.outer
             upd = gm.graph.call_function(
-                torch.ops.pipefusion.kv_cache_update.default,
-                (ck, cv, k, v, row_start, spec.axis, spec.per_row, offset),
+                torch.ops.pipefusion.kv_cache_update.default, (*dst, row_start, axis, per_row, offset),
             )
             upd.meta["stack_trace"] = n.meta.get("stack_trace")
         set_sdpa_kv(n, ck, cv)

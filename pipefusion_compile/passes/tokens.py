@@ -92,14 +92,15 @@ class _Analyzer:
             node_meta(node).extra.update(extra)
         return info
 
-    def mark_positional(self, node: fx.Node, axis: int, user: fx.Node, prefix: int = 0, suffix: int = 0) -> None:
+    def mark_positional(self, node: fx.Node, axis: int, user: fx.Node, prefix: int = 0, suffix: int = 0,
+                        outer: int = 1) -> None:
         meta = node_meta(node)
         epr = Fraction(shape_of(node)[axis] - prefix - suffix, self.input_rows)
         new = TokenInfo(Kind.POSITIONAL, axis, epr, f"positional (used by {user.name})", prefix=prefix,
-                        suffix=suffix)
+                        suffix=suffix, outer=outer)
         old = meta.token
-        if old is not None and old.kind is Kind.POSITIONAL and (old.axis, old.epr, old.prefix) != (
-                axis, epr, prefix):
+        if old is not None and old.kind is Kind.POSITIONAL and (old.axis, old.epr, old.prefix, old.outer) != (
+                axis, epr, prefix, outer):
             raise UnsupportedGraphError(
                 f"{node.name} is used token-wise along two different axes ({old.axis} and {axis})", user
             )
@@ -286,9 +287,10 @@ def analyze_tokens(
     An axis that passes with fewer token rows than the `num_patches` requested is not the last one tried: the
     later axes of that input are tried too (a single latent frame is one row on the frame axis, while its H
     rows are contiguous token ranges: flattening [1, H, W] is flattening [H, W]). Among the passing pairs the
-    one whose tokens reach the most self-attention layers wins; on a tie, the one whose rows hold the most of
-    the `num_patches` (all of them when it has at least that many rows), then the earliest. Without
-    `num_patches` the first passing axis of an input is its last.
+    one whose tokens reach the most self-attention layers wins (the better-ranked input on a tie); of that
+    input's passing axes, the one whose rows hold the most of the `num_patches` (all of them when it has at
+    least that many rows), then the earliest. Without `num_patches` the first passing axis of an input is its
+    last.
 
     `token_axis` and `image_input` (options of the same names) restrict the search to that axis / input. When
     every pair fails, the error is the one of the attempt that got furthest through the graph, followed by the
@@ -338,9 +340,11 @@ def analyze_tokens(
     if passing:
         # several inputs may pass (WanVACE: its control latent, larger than the latent, matches the output
         # too): the image input is the one whose tokens reach the most self-attention layers (the control
-        # stream joins the latent's; the latent's own blocks would be GLOBAL otherwise); then the axis whose
-        # rows hold the requested patches
-        best = max(passing, key=lambda p: (p.layers, p.held(num_patches), -p.index))
+        # stream joins the latent's; the latent's own blocks would be GLOBAL otherwise), the better-ranked
+        # on a tie; then, of its axes, the one whose rows hold the requested patches
+        image = max(passing, key=lambda p: (p.layers, -p.index)).token_input
+        best = max((p for p in passing if p.token_input is image),
+                   key=lambda p: (p.layers, p.held(num_patches), -p.index))
         for p in passing:
             if p is not best:
                 attempts[p.index] = dataclasses.replace(attempts[p.index], outcome=_losing_outcome(p, best))
@@ -374,7 +378,8 @@ class _Passing:
 
 
 def _losing_outcome(loser: _Passing, best: _Passing) -> AttemptOutcome:
-    return AttemptOutcome.FEWER_LAYERS if loser.layers < best.layers else AttemptOutcome.FEWER_ROWS
+    same_input = loser.token_input is best.token_input
+    return AttemptOutcome.FEWER_ROWS if same_input and loser.layers == best.layers else AttemptOutcome.FEWER_LAYERS
 
 
 def _all_failed(attempts: list[AxisAttempt], errors: dict, candidates, token_axis: int | None):
