@@ -478,7 +478,7 @@ CASES: list[Case] = [
     Case("JoyImageEditPlusTransformer3DModel", None, skip=(
         "builder not written yet: multi-item input [B, items, C, F, H, W] with a per-item shape_list")),
     Case("JoyImageEditTransformer3DModel", joyimage_edit, text_tokens=L),
-    *_video("Kandinsky5Transformer3DModel", kandinsky5, layout=lambda f: ImageLayout(f, 64, 1, 1)),
+    *_video("Kandinsky5Transformer3DModel", kandinsky5, layout=_frames_layout(64, out_axis=1)),
     Case("Kandinsky6SRTransformer3DModel", None, skip=(
         "builder not written yet: super-resolution model with tiled NABLA sparse attention")),
     Case("Kandinsky6Transformer3DModel", None, skip=(
