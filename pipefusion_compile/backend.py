@@ -174,7 +174,8 @@ def analyze_for_pipeline(gm: fx.GraphModule, example_inputs, options: Pipefusion
     strict = options.strict if options.strict is not None else (options.num_stages or 1) > 1
     try:
         with failures_named("the token analysis", gm):
-            analysis = analyze_tokens(gm, example_inputs, options.token_axis, options.image_input)
+            analysis = analyze_tokens(gm, example_inputs, options.token_axis, options.image_input,
+                                      options.num_patches)
     except UnsupportedGraphError as e:
         if any(is_sdpa(n) for n in gm.graph.nodes):
             report = graph_break_report()

@@ -117,6 +117,10 @@ class PipelinePlan:
             return (f"bands of whole latent frames (axis {self.token_axis} of the {layout} video latent): tokens "
                     "run frame by frame, so whole frames are a contiguous token range (rows inside a frame are "
                     "not split yet, so M <= frames)")
+        if len(self.input_shape) == 5:
+            return (f"bands of latent rows (axis {self.token_axis}) of every frame of the video latent (fewer "
+                    "latent frames than patches): a frame's tokens are in raster order, so a band is the same "
+                    "token range of each frame (one range with one latent frame; K/V written frame by frame)")
         if len(self.input_shape) == 3:
             return (f"bands of the packed token sequence (axis {self.token_axis}): tokens are in raster order, "
                     "so a band of rows is a contiguous range")
@@ -304,7 +308,8 @@ def build_plan(
     positions, the cuts still candidates), so each stage keeps the same layers, hence the same parameters on
     its rank, whatever the resolution."""
     if analysis is None:
-        analysis = analyze_tokens(gm, example_inputs, options.token_axis, options.image_input)
+        analysis = analyze_tokens(gm, example_inputs, options.token_axis, options.image_input,
+                                  options.num_patches)
     total = analyze_cost(gm)
     n_stages, n_patches = options.num_stages, options.num_patches
     n_layers = analysis.attention_layers

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .errors import PipefusionError
+from .errors import PipefusionError, UnsupportedGraphError
 from .options import PipefusionOptions
 from .passes.kernels import select_kernels
 from .passes.lower import LoweredStage, PieceGraph, StageInput
@@ -103,7 +103,12 @@ class _OutputSlot:
 
     @classmethod
     def of(cls, node: fx.Node, token_rows: int) -> "_OutputSlot":
-        val, axis = example_value(node), node_meta(node).token.axis
+        val, info = example_value(node), node_meta(node).token
+        axis = info.axis
+        if info.outer > 1:
+            raise UnsupportedGraphError(
+                "a model output whose token axis is folded with the dims before it (e.g. frames x rows, "
+                "[B, F * h * w, C]): a band is not one range of it; unfold it before returning it", node)
         return cls(node.name, tuple(val.shape), val.dtype, axis, val.shape[axis] // token_rows)
 
     def writer(self, pg: PieceGraph, piece: Piece) -> tuple:
@@ -245,8 +250,6 @@ class PipelineProgram:
         if inp.source == "recv":
             return carry[inp.name]
         full = gmap[inp.name] if inp.source == "positional" else args[self._placeholder_index[inp.name]]
-        if piece.kind == FULL:
-            return full
         return inp.narrow(full, self.plan.token_rows, piece)
 
     @staticmethod

@@ -433,8 +433,12 @@ def _video(name, fn, frames=4, short=2, **case):
     return out
 
 
-def _frames_layout(tokens_per_frame, out_axis=2):
-    return lambda f: ImageLayout(f, tokens_per_frame, out_axis, 1)
+def _frames_layout(tokens_per_frame, out_axis=2, p=2, patches=4):
+    """Bands of whole frames, or, with fewer frames than the table's `patches`, bands of the rows of every frame
+    (the backend's choice there): H / p rows of W / p tokens, on the output axis after the frames."""
+    rows = H // p
+    return lambda f: (ImageLayout(f, tokens_per_frame, out_axis, 1) if f >= patches
+                      else ImageLayout(rows, tokens_per_frame // rows, out_axis + 1, p, frames=f))
 
 
 CASES: list[Case] = [
@@ -491,8 +495,8 @@ CASES: list[Case] = [
         "built by the pipeline")),
     Case("JoyImageEditPlusTransformer3DModel", None, skip=(
         "builder not written yet: multi-item input [B, items, C, F, H, W] with a per-item shape_list")),
-    Case("JoyImageEditTransformer3DModel", joyimage_edit),
-    *_video("Kandinsky5Transformer3DModel", kandinsky5, layout=lambda f: ImageLayout(f, 64, 1, 1)),
+    Case("JoyImageEditTransformer3DModel", joyimage_edit, text_tokens=L),
+    *_video("Kandinsky5Transformer3DModel", kandinsky5, layout=_frames_layout(64, out_axis=1)),
     Case("Kandinsky6SRTransformer3DModel", None, skip=(
         "builder not written yet: super-resolution model with tiled NABLA sparse attention")),
     Case("Kandinsky6Transformer3DModel", None, skip=(

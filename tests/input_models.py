@@ -7,6 +7,7 @@ per row in the attention sequence, output axis of the rows, output elements per 
     PackedInUnpackedOut   [B, h * w, p * p * C]  -> [B, C, h * p, w * p]   (Flux-style packed latents in)
     UnpackedInPackedOut   [B, C, H, W]           -> [B, H/p * W/p, p * p * C] (unpatchify left to the pipeline)
     FramesFirst           [B, F, C, H, W]        -> [B, F, C, H, W]        (CogVideoX layout: token axis 1)
+    ChannelsFirstVideo    [B, C, F, H, W]        -> [B, C, F, H, W]        (Wan layout, a conv3d patch embedding)
     OutputWithExtraDim    [B, C, H, W]           -> [B, 2, C, H, W]        (two heads stacked on a new dim)
     ListLatent            [[C, H, W]] * B        -> [B, C, H, W]           (a list of per-sample latents)
 """
@@ -154,6 +155,40 @@ class FramesFirst(_Trunk):
         return out
 
 
+class ChannelsFirstVideo(_Trunk):
+    """Video latents [B, C, F, H, W] (channels before frames, as Wan or HunyuanVideo): a conv3d patch embedding
+    with patch (1, p, p) plus a learned per-token table, tokens frame-major then row-major, the same layout out.
+    With one frame its token rows are the H / p rows; with fewer frames than patches, the rows of every frame
+    (a patch: the same rows of each frame); else the frames."""
+
+    def __init__(self, frames: int = 1, channels: int = 4, height: int = 8, width: int = 12, p: int = 2):
+        super().__init__()
+        self.f, self.c, self.height, self.width, self.p = frames, channels, height, width, p
+        self.embed = nn.Conv3d(channels, DIM, (1, p, p), stride=(1, p, p))
+        self.pos = nn.Parameter(0.1 * torch.randn(1, frames * (height // p) * (width // p), DIM))
+        self.out = nn.Linear(DIM, p * p * channels)
+
+    def example(self, batch: int = 1):
+        return torch.randn(batch, self.c, self.f, self.height, self.width)
+
+    def forward(self, hidden_states, timestep, context):
+        b = hidden_states.shape[0]
+        h, w, p = self.height // self.p, self.width // self.p, self.p
+        tokens = self.embed(hidden_states).flatten(2).transpose(1, 2) + self.pos     # [B, F * h * w, D]
+        t = self.out(self.run(tokens, timestep, context))
+        t = t.reshape(b, self.f, h, w, p, p, self.c).permute(0, 6, 1, 2, 4, 3, 5)
+        return t.reshape(b, self.c, self.f, self.height, self.width)
+
+    def layout(self, patches: int = 4):
+        h, w = self.height // self.p, self.width // self.p
+        if self.f == 1:
+            return (h, w, 3, self.p)
+        return (self.f, h * w, 2, 1) if self.f >= patches else (h, w, 3, self.p, self.f)
+
+    def to_input(self, out):
+        return out
+
+
 class OutputWithExtraDim(UnpackedInPackedOut):
     """[B, C, H, W] in, [B, 2, C, H, W] out: two predictions stacked on a dim the input does not have."""
 
@@ -188,7 +223,9 @@ class ListLatent(UnpackedInPackedOut):
 
 
 MODELS = {"packed_in": PackedInUnpackedOut, "packed_out": UnpackedInPackedOut, "frames_first": FramesFirst,
-          "extra_dim": OutputWithExtraDim}
+          "extra_dim": OutputWithExtraDim, "one_frame": ChannelsFirstVideo,
+          "two_frames": lambda: ChannelsFirstVideo(frames=2),
+          "four_frames": lambda: ChannelsFirstVideo(frames=4)}
 
 
 def make(name: str, seed: int = 0, batch: int = 1):

@@ -71,15 +71,21 @@ class ImageLayout:
     tokens_per_row: int  # tokens per row in the attention sequence
     out_axis: int        # output axis that carries the rows
     out_per_row: int     # output elements per token row along `out_axis`
+    frames: int = 1      # > 1: the image tokens are `frames` blocks of `rows` rows each (frame-major), and a
+                         # patch is the same rows of every frame
 
     @classmethod
-    def of(cls, model, hidden_states: torch.Tensor) -> "ImageLayout":
+    def of(cls, model, hidden_states: torch.Tensor, num_patches: int | None = None) -> "ImageLayout":
         if hidden_states.dim() == 3:  # packed tokens [B, S, C]: one token per "row"
             return cls(hidden_states.shape[1], 1, 1, 1)
         p = model.config.patch_size
         if hidden_states.dim() == 5:  # video [B, C, F, H, W] with (pt, ph, pw) patches: bands of frames
             pt, ph, pw = p
             frames, height, width = hidden_states.shape[-3:]
+            if frames // pt == 1:  # one latent frame: its token rows are the H rows, as in an image
+                return cls(height // ph, width // pw, 3, ph)
+            if num_patches is not None and frames // pt < num_patches:  # fewer frames than patches: rows of
+                return cls(height // ph, width // pw, 3, ph, frames // pt)  # every frame
             return cls(frames // pt, (height // ph) * (width // pw), 2, pt)
         height, width = hidden_states.shape[-2:]
         return cls(height // p, width // p, hidden_states.dim() - 2, p)
@@ -98,15 +104,26 @@ def bands(rows: int, num_patches: int) -> list[tuple[int, int]]:
 
 @dataclass
 class _Piece:
-    """One forward of a step: image rows [row0, row0 + n) (row0 None: an extra token group), token range
-    [lo, hi) in the joint attention sequence, row range [r0, r1) for attention over rows (folded)."""
+    """One forward of a step: image rows [row0, row0 + n) (of every frame; row0 None: an extra token group),
+    its positions `mine` in the joint attention sequence and the positions `fresh` once it is done (those of
+    the pieces before it and its own), row range [r0, r1) for attention over rows (folded)."""
 
     row0: int | None
     n: int | None
-    lo: int
-    hi: int
+    mine: torch.Tensor
+    fresh: torch.Tensor
     r0: int
     r1: int
+    image_at: int = 0   # where the image tokens start in the joint sequence
+
+    @property
+    def lo(self) -> int:
+        """First position of the piece in the sequence (its positions are [lo, hi) in one frame)."""
+        return int(self.mine[0])
+
+    @property
+    def hi(self) -> int:
+        return int(self.mine[-1]) + 1
 
 
 class ReferencePipeFusion:
@@ -173,11 +190,13 @@ class ReferencePipeFusion:
         n, m = query.shape[-2], key.shape[-2]
         if n == num_tokens and m == num_tokens:
             return "joint"
-        if n == m == layout.rows * layout.tokens_per_row:
+        if n == m == layout.frames * layout.rows * layout.tokens_per_row:
             return "image"  # a joint model's self-attention over its image tokens alone (Flux3's per-mode blocks)
         if self.key_text_tokens and n == layout.rows * layout.tokens_per_row and m == n + self.key_text_tokens:
             return "image+text keys"
         rows, per_row = layout.rows, layout.tokens_per_row
+        if layout.frames > 1:
+            return None  # attention over the rows of a factorized model is recognized for bands of frames only
         if n != m or rows <= 1 or per_row <= 1 or n not in (rows, per_row) or num_tokens != rows * per_row:
             return None
         folded = query.numel() // (n * query.shape[-1])  # all leading (batch, heads) elements
@@ -195,18 +214,21 @@ class ReferencePipeFusion:
             return "local"
         return None
 
-    def _assemble(self, layer: int, key, value, lo: int, hi: int, warmup: bool):
+    def _assemble(self, layer: int, key, value, mine: torch.Tensor, fresh: torch.Tensor, warmup: bool):
+        """K/V of one layer: the piece's own positions `mine` (sequence indices) computed now, the positions
+        `fresh` (done this step, `mine` among them) from this step, the rest from the previous step."""
         if len(self.current) <= layer:
             self.current.append((torch.zeros_like(key), torch.zeros_like(value)))
         ck, cv = self.current[layer]
-        ck[..., lo:hi, :] = key[..., lo:hi, :]
-        cv[..., lo:hi, :] = value[..., lo:hi, :]
+        ck[..., mine, :] = key[..., mine, :]
+        cv[..., mine, :] = value[..., mine, :]
         if warmup:
             return key, value
         # warmup_steps=0: the first step's "previous" K/V are the zero-initialised caches
         pk, pv = self.previous[layer] if self.previous else (torch.zeros_like(ck), torch.zeros_like(cv))
-        key = torch.cat([ck[..., :hi, :], pk[..., hi:, :]], dim=-2)
-        value = torch.cat([cv[..., :hi, :], pv[..., hi:, :]], dim=-2)
+        key, value = pk.clone(), pv.clone()
+        key[..., fresh, :] = ck[..., fresh, :]
+        value[..., fresh, :] = cv[..., fresh, :]
         return key, value
 
     @contextlib.contextmanager
@@ -223,18 +245,24 @@ class ReferencePipeFusion:
                     self.local_calls += 1
                 if kind not in ("joint", "rows", "image", "image+text keys"):
                     return original(query, key, value, *args, **kwargs)  # cross-attention, or local
-                lo, hi = {"joint": (piece.lo, piece.hi), "rows": (piece.r0, piece.r1)}.get(
-                    kind, (piece.r0 * layout.tokens_per_row, piece.r1 * layout.tokens_per_row))
+                if kind == "joint":
+                    mine, fresh = piece.mine, piece.fresh
+                elif kind == "rows":
+                    mine, fresh = torch.arange(piece.r0, piece.r1), torch.arange(piece.r1)
+                else:  # the image part of the joint sequence: its positions less the groups before the image
+                    size = layout.frames * layout.rows * layout.tokens_per_row
+                    mine, fresh = (i[(i >= 0) & (i < size)] for i in (piece.mine - piece.image_at,
+                                                                       piece.fresh - piece.image_at))
                 if kind == "image+text keys":  # the image part assembled, the text part as computed now
                     t, n_image = self.key_text_tokens, key.shape[-2] - self.key_text_tokens
                     image_at, text_at = (t, 0) if self.text_first else (0, n_image)
                     image = [x.narrow(-2, image_at, n_image) for x in (key, value)]
                     text = [x.narrow(-2, text_at, t) for x in (key, value)]
-                    image = self._assemble(layer, *image, lo, hi, warmup)
+                    image = self._assemble(layer, *image, mine, fresh, warmup)
                     key, value = [torch.cat([tx, im] if self.text_first else [im, tx], dim=-2)
                                   for im, tx in zip(image, text)]
                 else:
-                    key, value = self._assemble(layer, key, value, lo, hi, warmup)
+                    key, value = self._assemble(layer, key, value, mine, fresh, warmup)
                 layer += 1
                 self.layers_seen += 1
                 inside = True
@@ -356,28 +384,34 @@ class ReferencePipeFusion:
 
     def _pieces(self, layout: ImageLayout, warmup: bool) -> list[_Piece]:
         before, after = self._groups()
-        per_row = layout.tokens_per_row
+        per_row, per_frame = layout.tokens_per_row, layout.rows * layout.tokens_per_row
         image_at = sum(before)  # where the image tokens start in the sequence
-        num_tokens = image_at + layout.rows * per_row + sum(after)
+        image = layout.frames * per_frame
+        num_tokens = image_at + image + sum(after)
+        everything = torch.arange(num_tokens)
         if warmup or self.num_patches == 1:  # the whole (joint) sequence is one patch
-            return [_Piece(0, layout.rows, 0, num_tokens, 0, layout.rows)]
+            return [_Piece(0, layout.rows, everything, everything, 0, layout.rows, image_at)]
         pieces, at = [], 0
         for size in before:
-            pieces.append(_Piece(None, None, at, at + size, 0, 0))
+            pieces.append(_Piece(None, None, torch.arange(at, at + size), torch.arange(at + size), 0, 0, image_at))
             at += size
+        frame_starts = image_at + per_frame * torch.arange(layout.frames)[:, None]
         for row0, n in bands(layout.rows, self.num_patches):
-            pieces.append(_Piece(row0, n, at, at + n * per_row, row0, row0 + n))
-            at += n * per_row
+            mine = (frame_starts + torch.arange(row0 * per_row, (row0 + n) * per_row)).flatten()
+            fresh = torch.cat([torch.arange(image_at), (frame_starts + torch.arange((row0 + n) * per_row)).flatten()])
+            pieces.append(_Piece(row0, n, mine, fresh, row0, row0 + n, image_at))
+        at = image_at + image
         for size in after:  # the image is all done: rows all fresh
-            pieces.append(_Piece(None, None, at, at + size, layout.rows, layout.rows))
+            pieces.append(_Piece(None, None, torch.arange(at, at + size), torch.arange(at + size), layout.rows,
+                                 layout.rows, image_at))
             at += size
         return pieces
 
     @torch.no_grad()
     def __call__(self, hidden_states, **kwargs):
-        layout = self.layout or ImageLayout.of(self.model, hidden_states)
+        layout = self.layout or ImageLayout.of(self.model, hidden_states, self.num_patches)
         before, after = self._groups()
-        num_tokens = sum(before) + layout.rows * layout.tokens_per_row + sum(after)
+        num_tokens = sum(before) + layout.frames * layout.rows * layout.tokens_per_row + sum(after)
         warmup = self.step < self.warmup_steps
         result = None
         for piece in self._pieces(layout, warmup):

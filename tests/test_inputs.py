@@ -172,3 +172,82 @@ def test_the_image_input_is_the_one_whose_tokens_reach_the_most_self_attention()
     assert "control" not in a.token_input and "hidden_states" in a.token_input
     assert len(a.self_attention) == 4
     assert [t.outcome for t in a.attempts if "control" in t.token_input][-1] is AttemptOutcome.FEWER_LAYERS
+
+
+@pytest.mark.parametrize("name, patches, axis, rows, outcomes", [
+    # one latent frame: the frame axis passes with 1 token row, fewer than M; the H axis holds M (its rows are
+    # contiguous token ranges: flattening [1, h, w] is flattening [h, w])
+    ("one_frame", 4, 3, 4, [AttemptOutcome.FAILED, AttemptOutcome.FEWER_ROWS, AttemptOutcome.CHOSEN]),
+    # M=1 holds in either: the leading axis, as before
+    ("one_frame", 1, 2, 1, [AttemptOutcome.FAILED, AttemptOutcome.CHOSEN]),
+    # four frames hold M=4: the frames, and H is not tried
+    ("four_frames", 4, 2, 4, [AttemptOutcome.FAILED, AttemptOutcome.CHOSEN]),
+    # two frames do not: the rows of every frame (the tokens [B, F * h * w, D] are F blocks of h rows)
+    ("two_frames", 4, 3, 4, [AttemptOutcome.FAILED, AttemptOutcome.FEWER_ROWS, AttemptOutcome.CHOSEN]),
+])
+def test_the_axis_chosen_is_the_one_whose_rows_hold_the_patches(name, patches, axis, rows, outcomes):
+    gm, ex = _capture(name)
+    a = analyze_tokens(gm, ex, num_patches=patches)
+    assert (a.token_input, a.input_axis, a.token_rows, len(a.self_attention)) == ("l_hidden_states_", axis, rows, 4)
+    own = [t for t in a.attempts if t.token_input == a.token_input]
+    assert [t.outcome for t in own] == outcomes
+    assert [t.axis for t in own] == list(range(1, len(outcomes) + 1))
+
+
+def test_rows_within_frames_are_folded_with_the_frames():
+    """Two frames at M=4: after the patch embedding's flatten the token axis is 2 blocks (frames) of the 4 rows
+    of a frame (`outer` 2); the self-attention is over that folded axis, and the per-token table is POSITIONAL
+    with the same fold (sliced per frame)."""
+    gm, ex = _capture("two_frames")
+    a = analyze_tokens(gm, ex, num_patches=4)
+    infos = {n.name: n.meta["pipefusion"].token for n in gm.graph.nodes if n.op != "output"}
+    attention = [infos[name] for name in a.self_attention]
+    assert {(i.outer, i.attention) for i in attention} == {(2, "self")}
+    (pos,) = [infos[name] for name in a.positional]
+    assert (pos.kind.value, pos.axis, pos.outer) == ("positional", 1, 2)
+
+
+def test_stale_attention_writes_the_rows_of_every_frame():
+    """The band graph of a two-frame video writes its K/V through views that split the frames off the cache's
+    token axis: the same rows of both frames."""
+    from pipefusion_compile.passes.pieces import BAND, Piece
+
+    model, x, ctx = im.make("two_frames")
+    compiled, programs = compile_pf(model, num_stages=2, num_patches=4, warmup_steps=1, stage_backend="eager")
+    with torch.no_grad():
+        compiled(x, T, ctx)
+    stage = programs[0].stages[0].lowered
+    (cache,) = {c.outer for c in stage.caches}
+    assert cache == 2
+    code = stage.piece_graph(Piece(BAND, 0, 1)).gm.code
+    assert "unflatten" in code and "kv_cache_update" in code
+    updates = [n for n in stage.piece_graph(Piece(BAND, 0, 1)).gm.graph.nodes
+               if n.target is torch.ops.pipefusion.kv_cache_update.default]
+    # [B, heads, F, h * w, d] views: the rows lie on axis 3, 6 tokens per row of one frame
+    assert {(n.args[0].target, n.args[5], n.args[6]) for n in updates} == {("unflatten", 3, 6)}
+
+
+@pytest.mark.parametrize("name", ["one_frame", "two_frames"])
+def test_video_with_fewer_frames_than_patches_equals_the_reference(name):
+    """[B, C, F, H, W] with F < M=4: bands of the H rows (of every frame); M=1 and full warmup equal the plain
+    model, one warmup step equals the eager reference, whose `ImageLayout.of` takes the same rows."""
+    model, x, ctx = im.make(name)
+    class Config:
+        patch_size = (1, model.p, model.p)
+    of = ImageLayout.of(type("M", (), {"config": Config})(), x, num_patches=4)
+    layout = (of.rows, of.tokens_per_row, of.out_axis, of.out_per_row) + ((of.frames,) if of.frames > 1 else ())
+    assert layout == model.layout() and layout[:4] == (4, 6, 3, 2)
+    want = _loop(model, model, x, ctx)
+    for patches, warmup in ((1, 1), (4, 4)):
+        compiled, _ = compile_pf(model, num_stages=2, num_patches=patches, warmup_steps=warmup, stage_backend="eager")
+        for got, ref in zip(_loop(compiled, model, x, ctx), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    reference = ReferencePipeFusion(_Adapter(model), num_patches=4, warmup_steps=1, layout=of)
+    want = _loop(lambda h, t, c: reference(h, timestep=t, context=c), model, x, ctx)
+    compiled, programs = compile_pf(model, num_stages=2, num_patches=4, warmup_steps=1, stage_backend="eager")
+    got = _loop(compiled, model, x, ctx)
+    (program,) = programs
+    assert program.stats["pipelined_calls"] == 3 and program.plan.patches == ((0, 1), (1, 1), (2, 1), (3, 1))
+    assert program.plan.token_axis == 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

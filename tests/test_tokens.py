@@ -186,23 +186,44 @@ def test_frames_first_token_axis_is_found_and_a_failure_lists_the_axes_tried():
     assert analyze_tokens(gm, ex, token_axis=1).token_rows == 3
 
 
-@pytest.mark.parametrize("case", ["slice", "attention", "not-a-fold"])
+@pytest.mark.parametrize("case", ["positional", "attention"])
+def test_rule_folded_token_axis_slices_tables_and_caches_per_block(case):
+    """A table with one entry per (batch, frame) on the folded [B * F] axis is POSITIONAL with the same fold
+    (sliced block by block), and attention along the folded axis is a self-attention over it (its cache
+    written block by block)."""
+    table = torch.randn(6, 4, 1, 1)
+
+    def f(x):
+        t = x.reshape(-1, 4, 8, 8)                        # [B*F, 4, 8, 8], outer 2
+        if case == "positional":
+            t = t + table
+        else:
+            q = t.flatten(1).unsqueeze(0)
+            t = F.scaled_dot_product_attention(q, q, q).reshape(6, 4, 8, 8)
+        return t.reshape(2, 3, 4, 8, 8)
+
+    gm, a = _analyze_frames_first(f, torch.randn(2, 3, 4, 8, 8))
+    infos = {n.name: n.meta["pipefusion"].token for n in gm.graph.nodes if n.op != "output"}
+    if case == "positional":
+        (name,) = a.positional
+        assert (infos[name].axis, infos[name].outer) == (0, 2)
+    else:
+        (name,) = a.self_attention
+        assert (infos[name].axis, infos[name].outer, infos[name].attention) == (1, 2, "self")
+
+
+@pytest.mark.parametrize("case", ["slice", "not-a-fold"])
 def test_rule_folded_token_axis_refuses_position_dependent_ops(case):
-    """(A table folded like the tokens is sliced per patch: test_rule_a_table_on_a_folded_token_axis_...)"""
     def f(x):
         t = x.reshape(-1, 4, 8, 8)                        # [B*F, 4, 8, 8], outer 2
         if case == "slice":
             t = torch.cat([t[3:], t[:3]])
-        elif case == "attention":
-            q = t.flatten(1).unsqueeze(0)
-            t = F.scaled_dot_product_attention(q, q, q).reshape(6, 4, 8, 8)
         elif case == "not-a-fold":
             t = t.reshape(2, 3, 4, 8, 8).reshape(3, 2, 4, 8, 8)   # unfolds, then regroups batch x frames
             return t.reshape(2, 3, 4, 8, 8)
         return t.reshape(2, 3, 4, 8, 8)
 
-    expected = {"slice": "folded with the dims before it",
-                "attention": "folded with the dims before it", "not-a-fold": "merges the token axis"}[case]
+    expected = {"slice": "folded with the dims before it", "not-a-fold": "merges the token axis"}[case]
     with pytest.raises(UnsupportedGraphError, match=expected) as err:
         _analyze_frames_first(f, torch.randn(2, 3, 4, 8, 8))
     assert "from:" in str(err.value) or "node:" in str(err.value)

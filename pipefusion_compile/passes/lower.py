@@ -61,8 +61,8 @@ class StageInput:
     per_row: int | None = None  # elements per token row along `axis`
     prefix: int = 0             # text elements before / after the image part along `axis` (joint sequences)
     suffix: int = 0
-    outer: int = 1              # > 1: `axis` is folded with the dims before it (`TokenInfo.outer`); `per_row`
-                                # counts all `outer` slices
+    outer: int = 1              # > 1: `axis` is `outer` blocks (folded with the dims before it: frames, batch x
+                                # positions), a piece the same rows of each block; `per_row` counts all blocks
 
     def token_range(self, token_rows: int, piece: Piece) -> tuple[int, int]:
         """(start, length) of the full-sequence value that `piece` reads (length over all `outer` slices;
@@ -75,6 +75,8 @@ class StageInput:
     def narrow(self, full: torch.Tensor, token_rows: int, piece: Piece) -> torch.Tensor:
         """The part of the full-sequence value `full` that `piece` reads: on a folded axis, the piece's range
         of each of the `outer` slices (`[outer * S, ...]` -> `[outer * length, ...]`)."""
+        if piece.kind == FULL:
+            return full
         start, length = self.token_range(token_rows, piece)
         if self.outer == 1:
             return full.narrow(self.axis, start, length)
@@ -107,6 +109,7 @@ class CacheSpec:
     @property
     def nbytes(self) -> int:
         return len(self.buffers) * math.prod(self.shape) * self.dtype.itemsize
+    outer: int = 1    # > 1: the token axis is `outer` blocks (frames), a patch the same rows of each
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,8 @@ def extract_stage(
                                      info.suffix, info.outer))
         elif info.carries_tokens:
             source = "image" if a.op == "placeholder" else "recv"
-            inputs.append(StageInput(a.name, source, info.axis, analysis.per_row(info), info.prefix, info.suffix))
+            inputs.append(StageInput(a.name, source, info.axis, analysis.per_row(info), info.prefix, info.suffix,
+                                     info.outer))
         else:
             inputs.append(StageInput(a.name, "global"))
     caches = []
@@ -191,7 +195,7 @@ def extract_stage(
             kinfo = node_meta(k).token
             val = example_value(k)
             caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, kinfo.axis, analysis.per_row(kinfo),
-                                    kinfo.prefix, kinfo.suffix))
+                                    kinfo.prefix, kinfo.suffix, kinfo.outer))
         elif info.mixing is MixingRule.HALO_ROWS:
             x = n.args[0]
             xinfo, val = node_meta(x).token, example_value(x)
@@ -425,6 +429,12 @@ def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphMod
                                                         %attn = sdpa(%q, %a_cache_k, %a_cache_v)
     The image band lands at its rows, each GLOBAL operand at its fixed place (per_row 0): every patch writes
     the text K/V of this step, so the text part of the keys is always fresh.
+
+    A token axis of `outer` blocks (rows within frames, [B, heads, F * h * w, d]: a band is the same rows of
+    every frame) is written through views that split the blocks off, at the band's rows of each block:
+        %bk = unflatten(%a_cache_k, 2, (F, -1)) ... %k2 = unflatten(%k, 2, (F, -1)) ...
+        %u = pipefusion.kv_cache_update(%bk, %bv, %k2, %v2, %row_start, 3, 4, 0)   # F=2, 8 = 2 x 4 per row
+        %attn = sdpa(%q, %a_cache_k, %a_cache_v)
     """
     caches: dict[tuple[str, str], fx.Node] = {}
     row_start = None
@@ -454,9 +464,14 @@ def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphMod
                 at += extent or image
         with gm.graph.inserting_before(n):
             for kpart, vpart, per_row, at in writes:
+                axis, dst = spec.axis, (ck, cv, kpart, vpart)
+                if spec.outer > 1:
+                    if at or layout is not None:
+                        raise UnsupportedGraphError("internal: a folded token axis with another token group", n)
+                    dst = tuple(gm.graph.call_method("unflatten", (t, axis, (spec.outer, -1))) for t in dst)
+                    axis, per_row = axis + 1, per_row // spec.outer
                 upd = gm.graph.call_function(
-                    torch.ops.pipefusion.kv_cache_update.default,
-                    (ck, cv, kpart, vpart, row_start, spec.axis, per_row, at),
+                    torch.ops.pipefusion.kv_cache_update.default, (*dst, row_start, axis, per_row, at),
                 )
                 upd.meta["stack_trace"] = n.meta.get("stack_trace")
         set_sdpa_kv(n, ck, cv)

@@ -145,6 +145,8 @@ def rule_elementwise(ctx: RuleContext) -> TokenInfo:
             raise ctx.fail("operands hold different token groups (text/image) along the token axis")
         out_axis, groups = cand, (info.prefix, info.suffix)
     like = token_operands(ctx)[0][1]
+    if any(info.outer != like.outer for _, info in token_operands(ctx)):
+        raise ctx.fail("operands carry tokens folded differently with the dims before the token axis")
     for a in ctx.node.all_input_nodes:
         if not ctx.info(a).carries_tokens and isinstance(example_value(a), torch.Tensor):
             nd = len(shape_of(a))
@@ -187,13 +189,16 @@ def reshape_axis(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, ...
 
 
 def fold_axis(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """(out dim, outer) when a reshape folds the token axis with the dims just before it (and nothing after
-    it) into one dim, e.g. [B, F, C, H, W] -> [B * F, C, H, W]: out dim 0, outer B. Else None."""
+    """(out dim, outer) when a reshape folds the token axis with the dims just before it (and maybe the dims
+    just after it) into one dim, outer-major: [B, F, C, H, W] -> [B * F, C, H, W] (frames as token rows):
+    out dim 0, outer B; [B, D, F, h, w] -> [B, D, F * h * w] (rows within frames): out dim 2, outer F, each
+    of the F blocks holding the h rows of one frame in order. Else None."""
     for j in range(axis):
-        for b in range(len(out_shape)):
-            if (math.prod(out_shape[:b]) == math.prod(in_shape[:j])
-                    and out_shape[b] == math.prod(in_shape[j:axis + 1])):
-                return b, math.prod(in_shape[j:axis])
+        for k in range(axis, len(in_shape)):
+            for b in range(len(out_shape)):
+                if (math.prod(out_shape[:b]) == math.prod(in_shape[:j])
+                        and out_shape[b] == math.prod(in_shape[j:k + 1])):
+                    return b, math.prod(in_shape[j:axis])
     return None
 
 
@@ -486,6 +491,9 @@ def rule_sdpa(ctx: RuleContext) -> TokenInfo:
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     iq, ik, iv = ctx.info(q), ctx.info(k), ctx.info(v)
     mask = ctx.arg(3, "attn_mask")
+    nq = len(shape_of(q))
+    if iq.carries_tokens and iq.outer > 1 and iq.axis == nq - 2:
+        return _strided_attention(ctx, (q, k, v), (iq, ik, iv), mask)
     if any(i.outer > 1 for i in (iq, ik, iv)):
         return _local_attention(ctx, (q, k, v), (iq, ik, iv), mask)
     if isinstance(mask, fx.Node) and ctx.info(mask).carries_tokens:
@@ -494,7 +502,6 @@ def rule_sdpa(ctx: RuleContext) -> TokenInfo:
         raise ctx.fail("causal attention over image tokens cannot use stale K/V")
     if not iq.carries_tokens:
         raise ctx.fail("attention whose query is global but whose keys carry image tokens (pools tokens)")
-    nq = len(shape_of(q))
     if iq.axis != nq - 2:
         raise ctx.fail("attention query carries tokens off the sequence axis")
     if isinstance(mask, fx.Node):
@@ -557,6 +564,32 @@ def _global_key_groups(ctx: RuleContext, key, value, iq: TokenInfo) -> tuple[int
     if layouts[0] != layouts[1]:
         raise refuse(f"the key and value concatenations differ ({layouts[0]} vs {layouts[1]}; 0: the image)")
     return layouts[0]
+
+
+def _strided_attention(ctx: RuleContext, qkv, infos, mask) -> TokenInfo:
+    """Attention along a token axis folded with the dims before it (`outer` > 1 on the sequence axis), e.g.
+    [B, heads, F * h * w, d] with the rows within frames: a patch is the same rows of every frame, a strided
+    set of the sequence, and a self-attention's K/V cache is written at those positions (the lowering views
+    the cache's token axis as [outer, rest]). Attention is invariant to the order of its keys, and a patch's
+    queries keep their order in its output, so nothing else changes. K and V must be folded alike; GLOBAL K/V
+    (the prompt) make it a cross-attention."""
+    q, k, v = qkv
+    iq, ik, iv = infos
+    if isinstance(mask, fx.Node) and ctx.info(mask).carries_tokens:
+        raise ctx.fail("attention mask computed from the image tokens")
+    if ctx.arg(5, "is_causal", False):
+        raise ctx.fail("causal attention over image tokens cannot use stale K/V")
+    if isinstance(mask, fx.Node):
+        ctx.positional(mask, len(shape_of(mask)) - 2, len(shape_of(q)) - 2, like=iq)
+    if ik.carries_tokens != iv.carries_tokens:
+        raise ctx.fail("attention with only one of K/V carrying image tokens")
+    if not ik.carries_tokens:
+        return ctx.patched(iq.axis, "cross-attention", attention="cross", outer=iq.outer)
+    for t, it in ((k, ik), (v, iv)):
+        if it.axis != len(shape_of(t)) - 2 or (it.epr, it.outer) != (iq.epr, iq.outer):
+            raise ctx.fail("self-attention whose K/V token layout differs from its query's (folded with the dims "
+                           "before the token axis differently)")
+    return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING, outer=iq.outer)
 
 
 def _local_attention(ctx: RuleContext, qkv, infos, mask) -> TokenInfo:
@@ -641,8 +674,13 @@ def rule_cat(ctx: RuleContext, stack: bool = False) -> TokenInfo:
                 raise ctx.fail("concatenated tensors carry tokens on different axes")
             axis = info.axis
     out_axis = axis + (1 if stack and dim <= axis else 0)
+    outers = {ctx.info(t).outer for t in tensors if ctx.info(t).carries_tokens}
     if not stack and dim == axis:
+        if outers != {1}:
+            raise ctx.fail("concatenation along a token axis folded with the dims before it (e.g. frames x rows)")
         return _cat_groups(ctx, tensors, axis)
+    if len(outers) > 1:
+        raise ctx.fail("concatenated tensors carry tokens folded differently with the dims before the token axis")
     if len({(ctx.info(t).prefix, ctx.info(t).suffix) for t in tensors if ctx.info(t).carries_tokens}) > 1:
         raise ctx.fail("concatenated tensors hold different token groups (text/image) along the token axis")
     for t in tensors:
@@ -790,12 +828,13 @@ def rule_setitem(ctx: RuleContext) -> TokenInfo:
     if isinstance(value, fx.Node) and isinstance(example_value(value), torch.Tensor):
         nd = len(shape_of(value))
         axis_in_value = nd - (len(shape) - info.axis)
-        if vinfo.carries_tokens and vinfo.axis != axis_in_value:
-            raise ctx.fail("in-place write of a value whose tokens lie on another axis")
+        if vinfo.carries_tokens and (vinfo.axis, vinfo.outer) != (axis_in_value, info.outer):
+            raise ctx.fail("in-place write of a value whose tokens lie on another axis (or are folded with the "
+                           "dims before it otherwise)")
         if not vinfo.carries_tokens:
             ctx.positional(value, axis_in_value, info.axis, expected=shape[info.axis], like=info)
     return TokenInfo(info.kind if info.kind is Kind.PATCHED else Kind.PATCHED, info.axis, info.epr, "setitem",
-                     prefix=info.prefix, suffix=info.suffix)
+                     prefix=info.prefix, suffix=info.suffix, outer=info.outer)
 
 
 def rule_repeat(ctx: RuleContext) -> TokenInfo:
@@ -932,7 +971,8 @@ for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
 # Rules that may run on a folded token axis (`TokenInfo.outer` > 1): they never use token positions (a POSITIONAL
 # operand is marked folded the same way by `RuleContext.positional`) or handle the fold themselves (reshape, conv).
 FOLD_SAFE_RULES = {rule_elementwise, rule_cast, rule_reshape, rule_permute, rule_linear, rule_norm, rule_reduce,
-                   rule_conv, rule_sdpa, rule_chunk_split, rule_pad, rule_unbind, rule_getitem, rule_view_complex, rule_repeat, rule_repeat_interleave}
+                   rule_conv, rule_sdpa, rule_chunk_split, rule_pad, rule_unbind, rule_getitem, rule_view_complex,
+                   rule_repeat, rule_repeat_interleave, rule_setitem, rule_cat}
 
 
 def rule_for(node: fx.Node) -> Callable[[RuleContext], TokenInfo] | None:

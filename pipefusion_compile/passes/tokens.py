@@ -205,7 +205,8 @@ class AttemptOutcome(enum.Enum):
     CHOSEN = "chosen"
     FAILED = "the analysis failed"
     NO_SELF_ATTENTION = "the analysis succeeded but found no self-attention over the tokens"
-    FEWER_LAYERS = "the analysis succeeded, but another input's tokens reach more self-attention layers"
+    FEWER_LAYERS = "the analysis succeeded, but another input's (or axis') tokens reach more self-attention layers"
+    FEWER_ROWS = "the analysis succeeded, but another axis' token rows hold more of the requested patches"
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,7 @@ def _summarize(gm, token_input: fx.Node, axis: int, analyzer: _Analyzer, attempt
 
 def analyze_tokens(
     gm: fx.GraphModule, example_inputs: list | None = None, token_axis: int | None = None,
-    image_input: str | None = None,
+    image_input: str | None = None, num_patches: int | None = None,
 ) -> TokenAnalysis:
     """Run the token analysis over `gm`; per-node results in `node.meta["pipefusion"].token`.
 
@@ -297,6 +298,15 @@ def analyze_tokens(
         [B, C, H, W]     axis 1: conv over the channels (fails)   axis 2: ok (chosen)
         [B, F, C, H, W]  axis 1: ok (chosen: the frames)
         [B, C, F, H, W]  axis 1: fails                             axis 2: ok (chosen)
+        [B, C, 1, H, W]  axis 1: fails   axis 2: ok, 1 row < M     axis 3: ok, H rows (chosen)
+
+    An axis that passes with fewer token rows than the `num_patches` requested is not the last one tried: the
+    later axes of that input are tried too (a single latent frame is one row on the frame axis, while its H
+    rows are contiguous token ranges: flattening [1, H, W] is flattening [H, W]). Among the passing pairs the
+    one whose tokens reach the most self-attention layers wins (the better-ranked input on a tie); of that
+    input's passing axes, the one whose rows hold the most of the `num_patches` (all of them when it has at
+    least that many rows), then the earliest. Without `num_patches` the first passing axis of an input is its
+    last.
 
     `token_axis` and `image_input` (options of the same names) restrict the search to that axis / input. When
     every pair fails, the error is the one of the attempt that got furthest through the graph, followed by the
@@ -317,7 +327,7 @@ def analyze_tokens(
     attempts: list[AxisAttempt] = []
     errors: dict[int, UnsupportedGraphError] = {}
     first_ok = None       # the conventional attempt, when it succeeded without self-attention
-    chosen = None
+    passing: list[_Passing] = []
     last_run = None
     for token_input in inputs:
         shape = tuple(shape_of(token_input))
@@ -334,20 +344,28 @@ def analyze_tokens(
                          and (node_meta(n).token.attention == "self"
                               or node_meta(n).token.mixing is MixingRule.STALE_INPUTS))
             if layers:
-                # several inputs may pass (WanVACE: its control latent, larger than the latent, matches the
-                # output too): the image input is the one whose tokens reach the most self-attention layers
-                # (the control stream joins the latent's; the latent's own blocks would be GLOBAL otherwise)
-                if chosen is None or layers > chosen[4]:
-                    chosen = (len(attempts), token_input, axis, analyzer, layers)
+                rows = _summarize(gm, token_input, axis, analyzer, ()).token_rows
+                passing.append(_Passing(len(attempts), token_input, axis, analyzer, layers, rows))
                 attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.CHOSEN))
-                break
+                if num_patches is None or rows >= num_patches:
+                    break
+                continue
             if token_input is inputs[0] and axis == (token_axis or default_token_axis(len(shape))):
                 first_ok = (len(attempts), token_input, axis, analyzer)
             attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.NO_SELF_ATTENTION))
-    if chosen is not None:   # the attempts of the inputs that lost are recorded as passing, not chosen
-        attempts = [a if a.outcome is not AttemptOutcome.CHOSEN or i == chosen[0] else dataclasses.replace(
-            a, outcome=AttemptOutcome.FEWER_LAYERS) for i, a in enumerate(attempts)]
-        chosen = chosen[:4]
+    chosen = None
+    if passing:
+        # several inputs may pass (WanVACE: its control latent, larger than the latent, matches the output
+        # too): the image input is the one whose tokens reach the most self-attention layers (the control
+        # stream joins the latent's; the latent's own blocks would be GLOBAL otherwise), the better-ranked
+        # on a tie; then, of its axes, the one whose rows hold the requested patches
+        image = max(passing, key=lambda p: (p.layers, -p.index)).token_input
+        best = max((p for p in passing if p.token_input is image),
+                   key=lambda p: (p.layers, p.held(num_patches), -p.index))
+        for p in passing:
+            if p is not best:
+                attempts[p.index] = dataclasses.replace(attempts[p.index], outcome=_losing_outcome(p, best))
+        chosen = (best.index, best.token_input, best.axis, best.analyzer)
     if chosen is None and first_ok is not None:
         chosen = first_ok
         index = chosen[0]
@@ -358,6 +376,27 @@ def analyze_tokens(
             analyzer, _ = _run_attempt(gm, token_input, axis, saved)
         return _summarize(gm, token_input, axis, analyzer, attempts)
     raise _all_failed(attempts, errors, candidates, token_axis) from None
+
+
+@dataclass(frozen=True)
+class _Passing:
+    """An attempt whose analysis succeeded with self-attention over the tokens."""
+
+    index: int            # in the attempts list
+    token_input: fx.Node
+    axis: int
+    analyzer: _Analyzer
+    layers: int           # self-attention layers its tokens reach
+    rows: int             # token rows a patch plan can split
+
+    def held(self, num_patches: int | None) -> int:
+        """How many of the requested patches its rows can hold (any number when none is requested)."""
+        return self.rows if num_patches is None else min(self.rows, num_patches)
+
+
+def _losing_outcome(loser: _Passing, best: _Passing) -> AttemptOutcome:
+    same_input = loser.token_input is best.token_input
+    return AttemptOutcome.FEWER_ROWS if same_input and loser.layers == best.layers else AttemptOutcome.FEWER_LAYERS
 
 
 def _all_failed(attempts: list[AxisAttempt], errors: dict, candidates, token_axis: int | None):
