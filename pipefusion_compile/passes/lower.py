@@ -100,6 +100,7 @@ class CacheSpec:
     rule: MixingRule = MixingRule.STALE_KV
     halo: tuple[int, int] = (0, 0)
     operand: int = 0  # HALO_ROWS / STALE_INPUTS: which argument of the node it caches (one spec per operand)
+    outer: int = 1    # > 1: the token axis is `outer` blocks (frames), a patch the same rows of each
 
     @property
     def buffers(self) -> tuple[str, ...]:
@@ -109,7 +110,6 @@ class CacheSpec:
     @property
     def nbytes(self) -> int:
         return len(self.buffers) * math.prod(self.shape) * self.dtype.itemsize
-    outer: int = 1    # > 1: the token axis is `outer` blocks (frames), a patch the same rows of each
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def extract_stage(
             kinfo = node_meta(k).token
             val = example_value(k)
             caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, kinfo.axis, analysis.per_row(kinfo),
-                                    kinfo.prefix, kinfo.suffix, kinfo.outer))
+                                    kinfo.prefix, kinfo.suffix, outer=kinfo.outer))
         elif info.mixing is MixingRule.HALO_ROWS:
             x = n.args[0]
             xinfo, val = node_meta(x).token, example_value(x)
