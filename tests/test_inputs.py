@@ -5,9 +5,11 @@ import re
 
 import pytest
 import torch
+import torch.nn as nn
 
+import handwritten_dits as hd
 import input_models as im
-from graph_utils import capture_graphs
+from graph_utils import capture_graphs, capture_model
 from helpers import compile_pf, raised
 from reference_pipefusion import ImageLayout, ReferencePipeFusion
 from pipefusion_compile.errors import UnsupportedGraphError
@@ -251,3 +253,40 @@ def test_video_with_fewer_frames_than_patches_equals_the_reference(name):
     assert program.plan.token_axis == 3
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+class _RefinedPromptMMDiT(hd.HandMMDiT):
+    """HandMMDiT whose prompt first goes through a refiner of its own (self-attention over the prompt, then a
+    mean over its tokens added back, as HunyuanImage's token refiner does) and one joint block: the prompt's
+    tokens reach more self-attention layers (3 refiner + 1 joint) than the latent's (1 joint)."""
+
+    def __init__(self):
+        super().__init__(depth=1)
+        self.refiner = nn.ModuleList(hd.Attention(hd.DIM, hd.HEADS) for _ in range(3))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=True):
+        h, w = hidden_states.shape[-2] // self.patch, hidden_states.shape[-1] // self.patch
+        img = self.x_embedder(hidden_states).flatten(2).transpose(1, 2) + self.pos
+        txt = self.context_embedder(encoder_hidden_states)
+        for attn in self.refiner:
+            txt = txt + attn(txt)
+        txt = txt + txt.mean(dim=1, keepdim=True)
+        c = self.t_embedder(timestep)
+        for block in self.blocks:
+            img, txt = block(img, txt, c)
+        x = self.final_layer(img, c)
+        return hd._out(hd.unpatchify(x, self.patch, self.channels, h, w), return_dict)
+
+
+def test_the_input_closest_to_the_output_wins_over_one_reaching_more_attention():
+    """Both the latent and the prompt pass the analysis (a mean over tokens has a rule); the prompt's tokens
+    reach more self-attention layers, but the latent's shape is the output's but channels: it is the image
+    input, and the prompt's attempt says why it lost."""
+    torch.manual_seed(0)
+    model = _RefinedPromptMMDiT().eval()
+    _, kwargs = hd.make_hand_mmdit()
+    gm, ex = capture_model(model, kwargs)
+    a = analyze_tokens(gm, ex)
+    assert a.token_input == "l_hidden_states_" and a.token_rows == 8
+    prompt = [t for t in a.attempts if t.token_input == "l_encoder_hidden_states_"]
+    assert prompt and AttemptOutcome.WEAKER_MATCH in {t.outcome for t in prompt}, a.attempts

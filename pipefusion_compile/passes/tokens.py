@@ -207,6 +207,7 @@ class AttemptOutcome(enum.Enum):
     NO_SELF_ATTENTION = "the analysis succeeded but found no self-attention over the tokens"
     FEWER_LAYERS = "the analysis succeeded, but another input's (or axis') tokens reach more self-attention layers"
     FEWER_ROWS = "the analysis succeeded, but another axis' token rows hold more of the requested patches"
+    WEAKER_MATCH = "the analysis succeeded, but another input that passes matches the output's shape more closely"
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,8 @@ def analyze_tokens(
     An axis that passes with fewer token rows than the `num_patches` requested is not the last one tried: the
     later axes of that input are tried too (a single latent frame is one row on the frame axis, while its H
     rows are contiguous token ranges: flattening [1, H, W] is flattening [H, W]). Among the passing pairs the
-    one whose tokens reach the most self-attention layers wins (the better-ranked input on a tie); of that
+    input whose shape matches the output's most closely (`InputMatch`) wins, then the one whose tokens reach the
+    most self-attention layers (the better-ranked input on a tie); of that
     input's passing axes, the one whose rows hold the most of the `num_patches` (all of them when it has at
     least that many rows), then the earliest. Without `num_patches` the first passing axis of an input is its
     last.
@@ -316,6 +318,7 @@ def analyze_tokens(
     one tried.
     """
     inputs, candidates = find_token_inputs(gm, example_inputs, image_input)
+    match_of = {c.name: int(c.match) for c in candidates if c.match is not None}
     if token_axis is not None:
         for token_input in inputs:
             ndim = len(shape_of(token_input))
@@ -345,7 +348,8 @@ def analyze_tokens(
                               or node_meta(n).token.mixing is MixingRule.STALE_INPUTS))
             if layers:
                 rows = _summarize(gm, token_input, axis, analyzer, ()).token_rows
-                passing.append(_Passing(len(attempts), token_input, axis, analyzer, layers, rows))
+                passing.append(_Passing(len(attempts), token_input, axis, analyzer, layers, rows,
+                                        match_of.get(token_input.name, 0)))
                 attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.CHOSEN))
                 if num_patches is None or rows >= num_patches:
                     break
@@ -355,11 +359,14 @@ def analyze_tokens(
             attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.NO_SELF_ATTENTION))
     chosen = None
     if passing:
-        # several inputs may pass (WanVACE: its control latent, larger than the latent, matches the output
-        # too): the image input is the one whose tokens reach the most self-attention layers (the control
-        # stream joins the latent's; the latent's own blocks would be GLOBAL otherwise), the better-ranked
-        # on a tie; then, of its axes, the one whose rows hold the requested patches
-        image = max(passing, key=lambda p: (p.layers, -p.index)).token_input
+        # several inputs may pass: the image input is the one whose shape matches the output's most closely
+        # (HunyuanImage: its prompt, [B, 6, C], passes too since reductions over tokens have a rule, and its
+        # tokens reach its refiner's self-attention besides the joint blocks), then of those the one whose
+        # tokens reach the most self-attention layers (WanVACE: its control latent, larger than the latent,
+        # matches the output as well; the control stream joins the latent's, the latent's own blocks would be
+        # GLOBAL otherwise), the better-ranked on a tie; then, of its axes, the one whose rows hold the
+        # requested patches
+        image = max(passing, key=lambda p: (-p.match, p.layers, -p.index)).token_input
         best = max((p for p in passing if p.token_input is image),
                    key=lambda p: (p.layers, p.held(num_patches), -p.index))
         for p in passing:
@@ -388,6 +395,7 @@ class _Passing:
     analyzer: _Analyzer
     layers: int           # self-attention layers its tokens reach
     rows: int             # token rows a patch plan can split
+    match: int = 0        # its input's `InputMatch` (lower: closer to the output's shape)
 
     def held(self, num_patches: int | None) -> int:
         """How many of the requested patches its rows can hold (any number when none is requested)."""
@@ -396,6 +404,8 @@ class _Passing:
 
 def _losing_outcome(loser: _Passing, best: _Passing) -> AttemptOutcome:
     same_input = loser.token_input is best.token_input
+    if not same_input and loser.match > best.match:
+        return AttemptOutcome.WEAKER_MATCH
     return AttemptOutcome.FEWER_ROWS if same_input and loser.layers == best.layers else AttemptOutcome.FEWER_LAYERS
 
 
