@@ -423,8 +423,9 @@ CASES: list[Case] = [
     Case("MochiTransformer3DModel[1f]", functools.partial(mochi, 1), text_tokens=L, layout=_video_layout(1, 16, 16)),
     Case("MotifVideoTransformer3DModel", motif_video, text_tokens=L, layout=_video_layout(4, 16, 16),
          feed=_MOTIF_FEED),
+    # one latent frame: the backend splits its 8 H rows (of 8 tokens each), so must the reference
     Case("MotifVideoTransformer3DModel[1f]", functools.partial(motif_video, 1), text_tokens=L,
-         layout=_video_layout(1, 16, 16), feed=_MOTIF_FEED),
+         layout=ImageLayout(8, 8, 3, 2), feed=_MOTIF_FEED),
     Case("NucleusMoEImageTransformer2DModel", nucleus_moe, key_text_tokens=L),
     Case("OmniGenTransformer2DModel", omnigen, text_tokens=L + 1, text_first=True),
     Case("OvisImageTransformer2DModel", ovis_image, text_tokens=L, text_first=True),
@@ -444,7 +445,9 @@ CASES: list[Case] = [
     Case("StableAudio3DiTModel", stable_audio3, text_tokens=4, text_first=True, layout=ImageLayout(16, 1, 2, 1)),
     Case("StableAudioDiTModel", stable_audio, text_tokens=1, text_first=True, layout=ImageLayout(16, 1, 2, 1)),
     Case("Transformer2DModel", transformer_2d),
-    Case("WanAnimateTransformer3DModel", wan_animate, feed=_WAN_ANIMATE_FEED),
+    # its pose latent is added to frames 1: (a slice of the frame axis), so the frames cannot be the token rows:
+    # the backend splits the 8 rows of every one of the 5 frames, and so must the reference
+    Case("WanAnimateTransformer3DModel", wan_animate, feed=_WAN_ANIMATE_FEED, layout=ImageLayout(8, 8, 3, 2, 5)),
     Case("WanTransformer3DModel", wan),
     Case("WanTransformer3DModel[2f]", functools.partial(wan, 2)),
     Case("WanVACETransformer3DModel", wan_vace),
