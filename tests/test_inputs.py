@@ -290,3 +290,15 @@ def test_the_input_closest_to_the_output_wins_over_one_reaching_more_attention()
     assert a.token_input == "l_hidden_states_" and a.token_rows == 8
     prompt = [t for t in a.attempts if t.token_input == "l_encoder_hidden_states_"]
     assert prompt and AttemptOutcome.WEAKER_MATCH in {t.outcome for t in prompt}, a.attempts
+
+
+def test_column_bands_are_refused_not_run():
+    """token_axis on the last spatial axis of [B, C, H, W] would fold the rows before it like frames, a patch
+    being the same columns of every row; that ran, and differed from the eager reference by 2.3 at M=4: refused,
+    and an image with fewer rows than patches is a PlanError, not column bands."""
+    model, kwargs = hd.make_timm_dit()
+    e = raised(compile_pf(model, stage_backend="eager", num_stages=2, num_patches=4, token_axis=3)[0], **kwargs)
+    assert isinstance(e, UnsupportedGraphError) and "bands of columns are not supported" in str(e), str(e)
+    torch._dynamo.reset()
+    e = raised(compile_pf(model, stage_backend="eager", num_stages=2, num_patches=16)[0], **kwargs)
+    assert "num_patches=16 is larger than the 8 token rows" in str(e), str(e)

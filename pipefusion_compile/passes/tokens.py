@@ -119,6 +119,14 @@ class _Analyzer:
         self.positional[node.name] = node
 
     def run(self) -> None:
+        ndim = len(shape_of(self.token_input))
+        if ndim >= 4 and self.axis == ndim - 1:
+            # the last spatial axis of [B, C, H, W] / [B, C, F, H, W]: its bands are columns, the same range of
+            # every row once the tokens are flattened; the folded split of rows within frames would take it, but
+            # column bands are not checked against the reference (they differed from it): refused
+            raise UnsupportedGraphError(
+                f"token rows on the last axis ({self.axis}) of the image input {self.token_input.name} "
+                f"{list(shape_of(self.token_input))}: bands of columns are not supported", self.token_input)
         for index, node in enumerate(self.gm.graph.nodes):
             self.reached = index
             meta = node_meta(node)
