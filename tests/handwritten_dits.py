@@ -171,6 +171,12 @@ def _class_kwargs(seed_offset=0):
                 class_labels=torch.tensor([3, 10]))  # a class and the null class, as CFG batches them
 
 
+def _prompt_kwargs():
+    return dict(hidden_states=torch.randn(BATCH, CHANNELS, SIZE, SIZE),
+                timestep=torch.full((BATCH,), 500, dtype=torch.int64),
+                encoder_hidden_states=torch.randn(BATCH, PROMPT, DIM))
+
+
 def make_timm_dit():
     torch.manual_seed(0)
     model = TimmDiT()
@@ -335,9 +341,7 @@ class MHADiT(nn.Module):
 def make_mha_dit():
     torch.manual_seed(0)
     model = MHADiT()
-    return model.eval(), dict(hidden_states=torch.randn(BATCH, CHANNELS, SIZE, SIZE),
-                              timestep=torch.full((BATCH,), 500, dtype=torch.int64),
-                              encoder_hidden_states=torch.randn(BATCH, PROMPT, DIM))
+    return model.eval(), _prompt_kwargs()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -471,20 +475,21 @@ class HandMMDiT(nn.Module):
     def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=True):
         h, w = hidden_states.shape[-2] // self.patch, hidden_states.shape[-1] // self.patch
         img = self.x_embedder(hidden_states).flatten(2).transpose(1, 2) + self.pos
-        txt = self.context_embedder(encoder_hidden_states)
+        txt = self.embed_prompt(encoder_hidden_states)
         c = self.t_embedder(timestep)
         for block in self.blocks:
             img, txt = block(img, txt, c)
         x = self.final_layer(img, c)
         return _out(unpatchify(x, self.patch, self.channels, h, w), return_dict)
 
+    def embed_prompt(self, encoder_hidden_states):
+        return self.context_embedder(encoder_hidden_states)
+
 
 def make_hand_mmdit():
     torch.manual_seed(0)
     model = HandMMDiT()
-    return model.eval(), dict(hidden_states=torch.randn(BATCH, CHANNELS, SIZE, SIZE),
-                              timestep=torch.full((BATCH,), 500, dtype=torch.int64),
-                              encoder_hidden_states=torch.randn(BATCH, PROMPT, DIM))
+    return model.eval(), _prompt_kwargs()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -677,9 +682,7 @@ class HandMMDiTRope(HandMMDiT):
 def make_hand_mmdit_rope():
     torch.manual_seed(0)
     model = HandMMDiTRope()
-    return model.eval(), dict(hidden_states=torch.randn(BATCH, CHANNELS, SIZE, SIZE),
-                              timestep=torch.full((BATCH,), 500, dtype=torch.int64),
-                              encoder_hidden_states=torch.randn(BATCH, PROMPT, DIM))
+    return model.eval(), _prompt_kwargs()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -855,9 +858,7 @@ def make_text_keys_dit(text_first=False):
     model = TextKeysDiT(text_first=bool(text_first))
     mask = torch.ones(BATCH, PROMPT, dtype=torch.bool)
     mask[1, PROMPT - 2:] = False   # the second prompt is shorter (padded)
-    return model.eval(), dict(hidden_states=torch.randn(BATCH, CHANNELS, SIZE, SIZE),
-                              timestep=torch.full((BATCH,), 500, dtype=torch.int64),
-                              encoder_hidden_states=torch.randn(BATCH, PROMPT, DIM), encoder_attention_mask=mask)
+    return model.eval(), dict(_prompt_kwargs(), encoder_attention_mask=mask)
 
 
 class MixedKeysDiT(nn.Module):

@@ -264,18 +264,11 @@ class _RefinedPromptMMDiT(hd.HandMMDiT):
         super().__init__(depth=1)
         self.refiner = nn.ModuleList(hd.Attention(hd.DIM, hd.HEADS) for _ in range(3))
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=True):
-        h, w = hidden_states.shape[-2] // self.patch, hidden_states.shape[-1] // self.patch
-        img = self.x_embedder(hidden_states).flatten(2).transpose(1, 2) + self.pos
+    def embed_prompt(self, encoder_hidden_states):
         txt = self.context_embedder(encoder_hidden_states)
         for attn in self.refiner:
             txt = txt + attn(txt)
-        txt = txt + txt.mean(dim=1, keepdim=True)
-        c = self.t_embedder(timestep)
-        for block in self.blocks:
-            img, txt = block(img, txt, c)
-        x = self.final_layer(img, c)
-        return hd._out(hd.unpatchify(x, self.patch, self.channels, h, w), return_dict)
+        return txt + txt.mean(dim=1, keepdim=True)
 
 
 def test_the_input_closest_to_the_output_wins_over_one_reaching_more_attention():
