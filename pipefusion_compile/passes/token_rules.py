@@ -399,6 +399,13 @@ def rule_reduce(ctx: RuleContext) -> TokenInfo:
     return ctx.patched(info.axis - shift, "reduce")
 
 
+def _conv_param(value, sd: int, default):
+    """A conv's stride / padding / dilation along spatial dim `sd` (given per dim, as one int, or not at all)."""
+    if value is None:
+        return default
+    return value[sd] if isinstance(value, (tuple, list)) else value
+
+
 def rule_conv(ctx: RuleContext) -> TokenInfo:
     """A conv over the token rows: a patch embedding (kernel == stride, no padding, no dilation: each output row
     reads its own input rows) or, with stride 1 and the padding that keeps the rows ("same" conv, e.g. the
@@ -416,15 +423,10 @@ def rule_conv(ctx: RuleContext) -> TokenInfo:
     if sd < 0:
         raise ctx.fail("conv over the channels of a token-carrying tensor")
 
-    def at(value, default):
-        if value is None:
-            return default
-        return value[sd] if isinstance(value, (tuple, list)) else value
-
     kernel = shape_of(w)[2 + sd]
-    stride = at(ctx.arg(3, "stride"), 1)
-    padding = at(ctx.arg(4, "padding"), 0)
-    dilation = at(ctx.arg(5, "dilation"), 1)
+    stride = _conv_param(ctx.arg(3, "stride"), sd, 1)
+    padding = _conv_param(ctx.arg(4, "padding"), sd, 0)
+    dilation = _conv_param(ctx.arg(5, "dilation"), sd, 1)
     if isinstance(padding, str):
         padding = 0 if padding == "valid" else -1
     if stride == kernel and padding == 0 and dilation == 1:
@@ -456,14 +458,10 @@ def rule_conv_transpose(ctx: RuleContext) -> TokenInfo:
     if sd < 0:
         raise ctx.fail("transposed conv over the channels of a token-carrying tensor")
 
-    def at(value, default):
-        if value is None:
-            return default
-        return value[sd] if isinstance(value, (tuple, list)) else value
-
     kernel = shape_of(w)[2 + sd]
-    stride, padding = at(ctx.arg(3, "stride"), 1), at(ctx.arg(4, "padding"), 0)
-    output_padding, dilation = at(ctx.arg(5, "output_padding"), 0), at(ctx.arg(7, "dilation"), 1)
+    stride, padding = _conv_param(ctx.arg(3, "stride"), sd, 1), _conv_param(ctx.arg(4, "padding"), sd, 0)
+    output_padding = _conv_param(ctx.arg(5, "output_padding"), sd, 0)
+    dilation = _conv_param(ctx.arg(7, "dilation"), sd, 1)
     if (stride, padding, output_padding, dilation) != (kernel, 0, 0, 1) or info.joint:
         raise ctx.fail(f"transposed conv over token rows (kernel {kernel}, stride {stride}, padding {padding}, "
                        f"output padding {output_padding}, dilation {dilation}) overlaps neighbouring rows; only "
