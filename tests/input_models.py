@@ -222,6 +222,24 @@ class ListLatent(UnpackedInPackedOut):
         return super().to_input(super().forward(x, timestep, context))
 
 
+class PackedWithRotaryTuple(PackedInUnpackedOut):
+    """PackedInUnpackedOut with a rotary (cos, sin) tuple argument of [S, DIM] tables (the GlmImage and Lumina2
+    block graphs after a graph break): a list argument whose elements look like one sample's tokens."""
+
+    def forward(self, hidden_states, timestep, context, rotary=None):
+        cos, sin = rotary
+        b = hidden_states.shape[0]
+        tokens = self.embed(hidden_states)
+        tokens = tokens * cos + sin
+        t = self.out(self.run(tokens, timestep, context))
+        t = t.reshape(b, self.h, self.w, self.p, self.p, self.c).permute(0, 5, 1, 3, 2, 4)
+        return t.reshape(b, self.c, self.h * self.p, self.w * self.p)
+
+    def rotary(self):
+        angles = torch.arange(self.h * self.w, dtype=torch.float32)[:, None] / (1 + torch.arange(DIM))
+        return angles.cos(), angles.sin()
+
+
 MODELS = {"packed_in": PackedInUnpackedOut, "packed_out": UnpackedInPackedOut, "frames_first": FramesFirst,
           "extra_dim": OutputWithExtraDim, "one_frame": ChannelsFirstVideo,
           "two_frames": lambda: ChannelsFirstVideo(frames=2),

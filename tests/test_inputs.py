@@ -109,6 +109,35 @@ def test_list_latent_is_refused_naming_the_argument():
     assert "list argument `hidden_states`" in str(raised(compiled, xs, torch.full((2,), 500), ctx))
 
 
+def test_a_list_argument_of_per_token_tables_does_not_hide_the_image_input():
+    """A tuple argument whose elements match one sample's tokens (a rotary (cos, sin) pair of [S, D] tables)
+    is not taken for a list latent while a tensor input passes the analysis: the list error is the answer only
+    when no input does (GlmImage's block graph was refused this way)."""
+    torch.manual_seed(0)
+    model = im.PackedWithRotaryTuple().eval()
+    x, ctx, rotary = model.example(2), torch.randn(2, *im.CONTEXT), model.rotary()
+    t = torch.full((2,), 500)
+    seen = []
+
+    def backend(gm, example_inputs):  # dynamo's sources (which say "an element of a list") live during the call
+        seen.append(image_input_candidates(gm, example_inputs)[1])
+        seen.append(analyze_tokens(gm, example_inputs).token_input)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(x, t, ctx, rotary)
+    assert any(c.per_sample_match for c in seen[0])  # the tables look like one sample's tokens
+    assert seen[1] == "l_hidden_states_"
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model(x, t, ctx, rotary)
+        compiled, programs = compile_pf(model, num_stages=2, num_patches=4, warmup_steps=1, stage_backend="eager")
+        got = compiled(x, t, ctx, rotary)   # the warmup step: every patch fresh, so the plain model's result
+        compiled(x, t - 100, ctx, rotary)    # a pipelined step
+    assert programs and programs[0].plan.num_patches == 4 and programs[0].stats["pipelined_calls"] == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_image_input_option_names_the_input():
     gm, ex = _capture("packed_out")
     for name in ("hidden_states", "l_hidden_states_"):

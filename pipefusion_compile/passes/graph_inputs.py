@@ -143,7 +143,7 @@ def _match(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> InputMatch | N
     return None
 
 
-def _output_shape(gm: fx.GraphModule) -> tuple[int, ...]:
+def output_shape(gm: fx.GraphModule) -> tuple[int, ...]:
     outputs = [example_value(o) for o in graph_outputs(gm) if isinstance(o, fx.Node)]
     outputs = [v for v in outputs if isinstance(v, torch.Tensor)]
     if not outputs:
@@ -162,7 +162,7 @@ def image_input_candidates(gm: fx.GraphModule, example_inputs: list | None = Non
     same shape in all dims but one is the strongest match. `image_input` (a forward argument or a placeholder
     name) takes that input whatever its shape.
     """
-    out_shape = _output_shape(gm)
+    out_shape = output_shape(gm)
     found = []
     for i, ph in enumerate(gm.graph.find_nodes(op="placeholder")):
         ex = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else None
@@ -235,9 +235,8 @@ def find_token_inputs(gm: fx.GraphModule, example_inputs: list | None = None,
     out_shape, candidates = image_input_candidates(gm, example_inputs, image_input)
     matched = [c for c in candidates if c.match is not None]
     listed = list_latent_error(candidates, out_shape)
-    if listed is not None and (not matched or matched[0].match > InputMatch.SAME_BUT_CHANNELS
-                               or image_input is not None):
-        raise listed
+    if listed is not None and (not matched or image_input is not None):
+        raise listed  # with matched inputs, `tokens.analyze_tokens` raises it only when none of them passes
     if not matched:
         raise _no_image_input(out_shape, candidates, image_input)
     by_name = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}

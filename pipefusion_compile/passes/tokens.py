@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import OptionsError, PipefusionError, UnsupportedGraphError, symbolic_hint
-from .graph_inputs import find_token_inputs
+from .graph_inputs import find_token_inputs, list_latent_error, output_shape
 from .meta import META_KEY, Kind, MixingRule, TokenInfo, example_value, node_meta
 from .token_rules import FOLD_SAFE_RULES, GLOBAL, REDUCED, RuleContext, op_name, rule_for, shape_of, token_operands
 
@@ -381,6 +381,12 @@ def analyze_tokens(
             if p is not best:
                 attempts[p.index] = dataclasses.replace(attempts[p.index], outcome=_losing_outcome(p, best))
         chosen = (best.index, best.token_input, best.axis, best.analyzer)
+    if chosen is None:
+        # nothing passed with self-attention: a latent passed as a list (one graph input per sample, which no
+        # band of rows can split) explains that better than the attempts over the other inputs
+        listed = list_latent_error(candidates, output_shape(gm))
+        if listed is not None:
+            raise listed
     if chosen is None and first_ok is not None:
         chosen = first_ok
         index = chosen[0]
