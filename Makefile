@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # (the package itself only asks for torch>=2.6).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv venv-examples test demo bench bench-quality train-digits sweep coverage clean
+.PHONY: venv venv-examples test test-full demo bench bench-quality train-digits sweep coverage clean
 
 venv: $(VENV)/.installed
 
@@ -24,8 +24,13 @@ $(VENV)/.installed-examples: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test,examples]'
 	touch $@
 
+# make test: the suite with a fixed sample of its long parametrized groups (tests/conftest.py SAMPLE_EVERY);
+# make test-full: every parameter set of them too
 test: venv
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/python -m pytest -q -x --durations=15 -m "not full" tests
+
+test-full: venv
+	$(BIN)/python -m pytest -q -x --durations=25 tests
 
 # the trained digits DiT, serially and on 2 ranks (torchrun, gloo, CPU): writes out/demo.png
 demo: venv-examples
