@@ -332,6 +332,9 @@ def _rewrite(gm: fx.GraphModule, buf: fx.Node) -> fx.Node:
     for w in setitems:
         g.erase_node(w)
     g.erase_node(buf)
+    for value in dict.fromkeys(w.value for w in writes):   # the per-sample reads that merged writes replaced
+        if not value.users and value.op == "call_function" and value.target is operator.getitem:
+            g.erase_node(value)
     return joint
 
 
