@@ -66,7 +66,7 @@ class NotConcatenation(enum.Enum):
     INDEX = "a write's index is not made of ints and unit-step slices"
     NOT_TENSOR = "a write stores a number, not a tensor"
     BROADCAST = "a written value's shape is not the written region's (it is broadcast)"
-    DTYPE = "a written value's dtype is not the buffer's"
+    DTYPE = "a written value's dtype or device is not the buffer's"
     OVERLAP = "two writes overlap"
     GAPS = ("some elements are never written (left zero: padding, e.g. samples of different lengths in one "
             "buffer)")
@@ -155,8 +155,9 @@ def _parse_write(w: fx.Node, buf_val: torch.Tensor) -> _Write:
     region = tuple(hi - lo for d, (lo, hi) in enumerate(box) if d not in dropped)
     if tuple(int(s) for s in val.shape) != region:
         raise _Refused(NotConcatenation.BROADCAST, f"{value.name} {list(val.shape)} into {list(region)} at {w.name}")
-    if val.dtype != buf_val.dtype:
-        raise _Refused(NotConcatenation.DTYPE, f"{value.name} {val.dtype}, the buffer {buf_val.dtype}")
+    if (val.dtype, val.device) != (buf_val.dtype, buf_val.device):
+        raise _Refused(NotConcatenation.DTYPE, f"{value.name} {val.dtype} on {val.device}, the buffer "
+                                               f"{buf_val.dtype} on {buf_val.device}")
     return _Write(box, dropped, value, w)
 
 
@@ -301,7 +302,7 @@ def _rewrite(gm: fx.GraphModule, buf: fx.Node) -> fx.Node:
     order = {n: i for i, n in enumerate(g.nodes)}
     last = max(setitems, key=order.__getitem__)
     early = [u for u in buf.users if u not in setitems and order[u] < order[last]]
-    if early or any(w.args[2] is buf for w in setitems):
+    if early or any(w.args[2] is buf or w.users for w in setitems):
         raise _Refused(NotConcatenation.READ_BEFORE_FILLED, ", ".join(u.name for u in early))
     writes = [_parse_write(w, buf_val) for w in setitems]
     for i, a in enumerate(writes):
