@@ -32,6 +32,7 @@ import torch.fx as fx
 from .declines import decline
 from .errors import PipefusionError, TooFewLayersError, UnsupportedGraphError, failures_named, graph_break_report
 from .options import PipefusionOptions
+from .passes.buffer_writes import fold_buffer_writes
 from .passes.canonical_attention import canonicalize_attention
 from .passes.key_concat import concat_keys_at_attention
 from .passes.graph_inputs import is_user_input
@@ -165,6 +166,9 @@ def analyze_for_pipeline(gm: fx.GraphModule, example_inputs, options: Pipefusion
     image tokens in a form the backend does not recognize, that is a WARNING, or an error under `strict`.
     """
     check_example_values(gm)
+    with failures_named("rewriting buffers filled by slice writes as concatenations", gm):
+        for name in fold_buffer_writes(gm):
+            log.info("pipefusion: the slice writes into %s rewritten as a concatenation", name)
     with failures_named("rewriting attention to scaled_dot_product_attention", gm):
         rewritten = canonicalize_attention(gm)
         concat_keys_at_attention(gm)

@@ -324,3 +324,13 @@ def test_column_bands_are_refused_not_run():
     torch._dynamo.reset()
     e = raised(compile_pf(model, stage_backend="eager", num_stages=2, num_patches=16)[0], **kwargs)
     assert "num_patches=16 is larger than the 8 token rows" in str(e), str(e)
+
+
+def test_values_on_dynamos_resume_stack_are_inputs_not_a_list_latent():
+    """After a graph break inside a call (Lumina2's rope embedder: `.tolist()`), the resumed graph takes what the
+    call returned as `___stack0[i]`: the patchified latent and tables, not a list of per-sample latents; they are
+    image-input candidates like any argument (tests/test_buffer_writes.py runs such a model end to end)."""
+    from pipefusion_compile.passes.graph_inputs import is_resume_stack
+
+    assert is_resume_stack("___stack0") and is_resume_stack("___stack12")
+    assert not is_resume_stack("hidden_states") and not is_resume_stack("___stack") and not is_resume_stack(None)

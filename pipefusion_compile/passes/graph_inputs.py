@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,16 @@ def _argument(node: fx.Node) -> tuple[str, str | None, int | None]:
     return (display() if callable(display) else str(display)), name, None
 
 
+_RESUME_STACK = re.compile(r"___stack\d+")
+
+
+def is_resume_stack(root: str | None) -> bool:
+    """True for a forward argument that is a value dynamo's resume function got from the interpreter stack at a
+    graph break (`___stack0`): the result of the call that broke the graph (Lumina2's rope embedder returns the
+    patchified latent and its rotary tables as one tuple), not a list the user passed."""
+    return root is not None and _RESUME_STACK.fullmatch(root) is not None
+
+
 def _per_channel(shape: tuple[int, ...], drop_extra: bool = False) -> set[int]:
     """Elements per channel of one sample, for each choice of the channel dim (and, for outputs of 4+ non-batch
     dims with `drop_extra`, of one more dim the output carries besides the tokens)."""
@@ -185,7 +196,7 @@ def image_input_candidates(gm: fx.GraphModule, example_inputs: list | None = Non
             else:
                 found.append(InputCandidate(ph.name, argument, shape, None, InputRejection.NOT_NAMED))
             continue
-        if index is not None:
+        if index is not None and not is_resume_stack(root):
             per_sample = len(out_shape) >= 3 and _match((1, *shape), (1, *out_shape[1:])) is not None
             found.append(InputCandidate(ph.name, argument, shape, None, InputRejection.LIST_ELEMENT, per_sample))
             continue

@@ -791,7 +791,7 @@ def rule_setitem(ctx: RuleContext) -> TokenInfo:
     target, index, value = ctx.node.args
     info = ctx.info(target)
     if not info.carries_tokens:
-        raise ctx.fail("writing image tokens into a global tensor (it would mix them)")
+        raise ctx.fail("writing image tokens into a global tensor (it would mix them)" + _buffer_note(target))
     shape = shape_of(target)
     items = index if isinstance(index, tuple) else (index,)
     consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
@@ -833,6 +833,16 @@ def rule_setitem(ctx: RuleContext) -> TokenInfo:
             ctx.positional(value, axis_in_value, info.axis, expected=shape[info.axis], like=info)
     return TokenInfo(info.kind if info.kind is Kind.PATCHED else Kind.PATCHED, info.axis, info.epr, "setitem",
                      prefix=info.prefix, suffix=info.suffix, outer=info.outer)
+
+
+def _buffer_note(target) -> str:
+    """Why the writes into a fresh buffer were not rewritten as a concatenation (`buffer_writes`), if they were
+    looked at."""
+    refusal = node_meta(target).extra.get("not_concatenation") if isinstance(target, fx.Node) else None
+    if refusal is None:
+        return ""
+    return (f"; {target.name} is a fresh buffer filled by slice writes, which is read as the concatenation of the "
+            f"written values only when they tile it exactly, but here {refusal.describe()}")
 
 
 def rule_repeat(ctx: RuleContext) -> TokenInfo:
