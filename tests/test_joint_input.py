@@ -127,3 +127,26 @@ def test_a_graph_refining_only_a_joint_context_runs_unchanged():
     assert "only inside a joint sequence" in record.reason
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_a_joint_attention_graph_returning_a_joint_stream_still_fails():
+    """A graph whose self-attention is over [other tokens | image] and that returns that joint sequence (a
+    break in the middle of the blocks) is the image stream: refused, not run unchanged."""
+
+    class JointStream(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.refiner = ContextRefiner()
+
+        def forward(self, hidden_states, prompt, image_embeds):
+            context, image = self.refiner(hidden_states, prompt, image_embeds)
+            joint = torch.cat([context, image], dim=1)
+            q = k = v = joint.unflatten(-1, (2, -1)).transpose(1, 2)
+            return joint + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+    torch.manual_seed(0)
+    compiled, _ = compile_pf(JointStream().eval(), num_stages=1, num_patches=4, stage_backend="eager")
+    torch._dynamo.reset()
+    err = raised(compiled, hidden_states=torch.randn(2, 4, 16, 16), prompt=torch.randn(2, 6, 16),
+                 image_embeds=torch.randn(2, 4, 8))
+    assert "text tokens of a joint sequence" in str(err)

@@ -335,7 +335,7 @@ def analyze_tokens(
     inputs, candidates = _token_inputs(gm, example_inputs, image_input)
     match_of = {c.name: int(c.match) for c in candidates if c.match is not None}
     if token_axis is not None:
-        for token_input in inputs:
+        for token_input, _ in inputs:
             ndim = len(shape_of(token_input))
             if not 0 < token_axis < ndim:
                 raise OptionsError(
