@@ -20,6 +20,7 @@ part, or an output holding the other tokens, is still refused.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -50,7 +51,7 @@ class JointInput:
 def _end_slice(node: fx.Node, extent: int) -> tuple[int, int] | None:
     """(prefix, suffix) when `node` is `x[:, lo:hi]` keeping one end of a token axis of `extent` elements
     (`x[:, -n:]`, `x[:, extent - n:]`, `x[:, :n]`), else None."""
-    if node.op != "call_function" or node.target.__name__ != "getitem" or len(node.args) != 2:
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
         return None
     index = node.args[1]
     if not isinstance(index, tuple) or len(index) != 2 or index[0] != slice(None):
