@@ -34,6 +34,7 @@ from .errors import PipefusionError, TooFewLayersError, UnsupportedGraphError, f
 from .options import PipefusionOptions
 from .passes.buffer_writes import fold_buffer_writes
 from .passes.canonical_attention import canonicalize_attention
+from .passes.context_graphs import joint_only_outputs
 from .passes.key_concat import concat_keys_at_attention
 from .passes.graph_inputs import is_user_input
 from .passes.lower import lower
@@ -194,6 +195,13 @@ def analyze_for_pipeline(gm: fx.GraphModule, example_inputs, options: Pipefusion
         return None
     if not analysis.mixes_tokens:
         decline(gm, example_inputs, strict, "no self-attention over the image tokens")
+        return None
+    joint = joint_only_outputs(gm)
+    if joint:
+        decline(gm, example_inputs, strict,
+                f"the tokens of {analysis.token_input} that its self-attention mixes reach the outputs only inside "
+                f"a joint sequence with other tokens ({', '.join(n.name for n in joint)}): a context refiner, no "
+                "image stream to pipeline")
         return None
     return analysis
 

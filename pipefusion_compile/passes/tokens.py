@@ -25,7 +25,8 @@ import torch
 import torch.fx as fx
 
 from ..errors import OptionsError, PipefusionError, UnsupportedGraphError, symbolic_hint
-from .graph_inputs import find_token_inputs, list_latent_error, output_shape
+from .graph_inputs import find_token_inputs, image_input_candidates, list_latent_error, output_shape
+from .joint_input import JointInput, find_joint_inputs
 from .meta import META_KEY, Kind, MixingRule, TokenInfo, example_value, node_meta
 from .token_rules import FOLD_SAFE_RULES, GLOBAL, REDUCED, RuleContext, op_name, rule_for, shape_of, token_operands
 
@@ -47,6 +48,7 @@ class TokenAnalysis:
     token_reductions: list[str] = field(default_factory=list)  # reductions over the tokens (STALE_INPUTS):
                                                                # linear attention's phi(K)^T V, sums, means
     attempts: tuple = ()          # every (image input, token axis) tried: `AxisAttempt`s, in order
+    joint_input: JointInput | None = None  # the image input holds other tokens too (`joint_input.py`)
 
     @property
     def attention_layers(self) -> int:
@@ -78,10 +80,11 @@ class TokenAnalysis:
 
 
 class _Analyzer:
-    def __init__(self, gm: fx.GraphModule, token_input: fx.Node, axis: int):
+    def __init__(self, gm: fx.GraphModule, token_input: fx.Node, axis: int, joint: JointInput | None = None):
         self.gm = gm
         self.token_input = token_input
-        self.input_rows = shape_of(token_input)[axis]
+        self.joint = joint
+        self.input_rows = shape_of(token_input)[axis] - (joint.prefix + joint.suffix if joint else 0)
         self.axis = axis
         self.positional: dict[str, fx.Node] = {}
         self.reached = 0   # index of the node the analysis is at (how far a failing attempt got)
@@ -131,7 +134,10 @@ class _Analyzer:
             self.reached = index
             meta = node_meta(node)
             if node.op == "placeholder":
-                if node is self.token_input:
+                if node is self.token_input and self.joint is not None:
+                    meta.token = self.make_info(node, self.axis, "joint image input", prefix=self.joint.prefix,
+                                                suffix=self.joint.suffix)
+                elif node is self.token_input:
                     meta.token = self.make_info(node, self.axis, "image input")
                 else:
                     meta.token = GLOBAL
@@ -245,10 +251,10 @@ def _reset(gm: fx.GraphModule, saved: dict) -> None:
             meta.extra = dict(saved.get(node, {}))
 
 
-def _run_attempt(gm, token_input: fx.Node, axis: int, saved: dict):
+def _run_attempt(gm, token_input: fx.Node, axis: int, saved: dict, joint: JointInput | None = None):
     """(analyzer, None) or (analyzer, error) for one attempt, the node meta holding its results."""
     _reset(gm, saved)
-    analyzer = _Analyzer(gm, token_input, axis)
+    analyzer = _Analyzer(gm, token_input, axis, joint)
     try:
         analyzer.run()
     except UnsupportedGraphError as e:
@@ -290,6 +296,7 @@ def _summarize(gm, token_input: fx.Node, axis: int, analyzer: _Analyzer, attempt
         local_attention=local_attn,
         token_reductions=reductions,
         attempts=tuple(attempts),
+        joint_input=analyzer.joint,
     )
 
 
@@ -325,10 +332,10 @@ def analyze_tokens(
     self-attention nothing tells the axes apart, so the conventional one decides, as it did when it was the only
     one tried.
     """
-    inputs, candidates = find_token_inputs(gm, example_inputs, image_input)
+    inputs, candidates = _token_inputs(gm, example_inputs, image_input)
     match_of = {c.name: int(c.match) for c in candidates if c.match is not None}
     if token_axis is not None:
-        for token_input in inputs:
+        for token_input, _ in inputs:
             ndim = len(shape_of(token_input))
             if not 0 < token_axis < ndim:
                 raise OptionsError(
@@ -340,11 +347,13 @@ def analyze_tokens(
     first_ok = None       # the conventional attempt, when it succeeded without self-attention
     passing: list[_Passing] = []
     last_run = None
-    for token_input in inputs:
+    for token_input, joint in inputs:
         shape = tuple(shape_of(token_input))
         axes = [token_axis] if token_axis is not None else candidate_axes(len(shape))
+        if joint is not None:
+            axes = [a for a in axes if a == joint.axis]
         for axis in axes:
-            analyzer, error = _run_attempt(gm, token_input, axis, saved)
+            analyzer, error = _run_attempt(gm, token_input, axis, saved, joint)
             last_run = (token_input, axis)
             if error is not None:
                 errors[len(attempts)] = error
@@ -362,7 +371,7 @@ def analyze_tokens(
                 if num_patches is None or rows >= num_patches:
                     break
                 continue
-            if token_input is inputs[0] and axis == (token_axis or default_token_axis(len(shape))):
+            if (token_input, joint) == inputs[0] and axis == (token_axis or default_token_axis(len(shape))):
                 first_ok = (len(attempts), token_input, axis, analyzer)
             attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.NO_SELF_ATTENTION))
     chosen = None
@@ -394,9 +403,29 @@ def analyze_tokens(
     if chosen is not None:
         _, token_input, axis, analyzer = chosen
         if last_run != (token_input, axis):  # a later attempt overwrote the meta: rerun the chosen one
-            analyzer, _ = _run_attempt(gm, token_input, axis, saved)
+            analyzer, _ = _run_attempt(gm, token_input, axis, saved, analyzer.joint)
         return _summarize(gm, token_input, axis, analyzer, attempts)
     raise _all_failed(attempts, errors, candidates, token_axis) from None
+
+
+def _token_inputs(gm, example_inputs, image_input: str | None):
+    """(the (input, joint layout or None) pairs to try, best first; every candidate).
+
+    The inputs that match the output's tokens (`find_token_inputs`), each as image tokens only, come first;
+    the joint inputs (`joint_input.find_joint_inputs`: one input holding other tokens besides the image's,
+    which the graph's output slices off) after them. Without either, the error `find_token_inputs` raises."""
+    try:
+        inputs, candidates = find_token_inputs(gm, example_inputs, image_input)
+    except UnsupportedGraphError as e:
+        error, inputs = e, []
+        _, candidates = image_input_candidates(gm, example_inputs, image_input)
+    else:
+        error = None
+    joints = [] if image_input is not None else find_joint_inputs(gm, candidates, output_shape(gm))
+    if not inputs and not joints:
+        raise error
+    by_name = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
+    return [*((n, None) for n in inputs), *((by_name[j.name], j) for j in joints)], candidates
 
 
 @dataclass(frozen=True)
