@@ -936,11 +936,13 @@ def detach_fresh_tensors(gm: fx.GraphModule) -> fx.GraphModule:
 
 def check_lowerable(gm: fx.GraphModule) -> None:
     """What the piece lowering cannot express yet, refused with the node that shows it: a model output that
-    holds tokens of another group than the image (text, extra tokens)."""
+    holds tokens of another group than the image (text, extra tokens) next to image tokens. An output of one
+    group only (LTX-2's audio, a separate stream whose queries attend over the image) is written whole by
+    that group's piece (`runtime._OutputSlot`)."""
     out = next(iter(gm.graph.find_nodes(op="output")))
     for n in out.all_input_nodes:
         info = node_meta(n).token
-        if info is not None and info.carries_tokens and (info.joint or info.epr == 0):
+        if info is not None and info.carries_tokens and info.joint and info.epr > 0:
             raise UnsupportedGraphError("a model output that holds text tokens of a joint sequence", n)
         if info is not None and info.kind is Kind.REDUCED:
             raise UnsupportedGraphError("a model output that is a reduction over the image tokens (no token axis)", n)
