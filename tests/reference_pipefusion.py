@@ -146,13 +146,16 @@ class ReferencePipeFusion:
     reference then returns that part.
     key_text_tokens: text keys that image queries attend to besides the image keys (text first in the keys
     when text_first), with no text queries and no text piece.
+    stream_tokens: tokens of a second stream in its own tensor (see above); stream_output: the position of
+    the stream's own output in the model's output tuple: the reference then returns (prediction, that output
+    as the stream's piece computed it).
     """
 
     def __init__(self, model, num_patches: int, warmup_steps: int = 1, text_tokens: int = 0,
                  text_first: bool = False, layout: ImageLayout | None = None, after_tokens: int = 0,
                  attention_fns: Sequence[tuple[object, str]] = (),
                  prediction: Callable[[object, object], torch.Tensor] | None = None, reductions: bool = False,
-                 key_text_tokens: int = 0, stream_tokens: int = 0):
+                 key_text_tokens: int = 0, stream_tokens: int = 0, stream_output: int | None = None):
         self.model = model
         self.num_patches = num_patches
         self.warmup_steps = warmup_steps
@@ -161,6 +164,7 @@ class ReferencePipeFusion:
         self.after_tokens = after_tokens
         self.key_text_tokens = key_text_tokens  # text keys of image queries (no text queries)
         self.stream_tokens = stream_tokens  # tokens of a second stream in its own tensor (its piece is last)
+        self.stream_output = stream_output  # which element of the model's output tuple is the stream's own
         self.attention_fns = list(attention_fns)
         self.prediction = prediction
         self.layout = layout  # None: derived from the input's shape (`ImageLayout.of`)
@@ -439,11 +443,14 @@ class ReferencePipeFusion:
         before, after = self._groups()
         num_tokens = sum(before) + layout.frames * layout.rows * layout.tokens_per_row + sum(after)
         warmup = self.step < self.warmup_steps
-        result = None
+        result = stream = None
         for piece in self._pieces(layout, warmup):
             with self._stale_attention(layout, num_tokens, piece, warmup), self._stale_convs(layout, piece, warmup), \
                     self._stale_reductions(layout, piece, warmup):
-                out = self.model(hidden_states, **kwargs, return_dict=False)[0]
+                outs = self.model(hidden_states, **kwargs, return_dict=False)
+            out = outs[0]
+            if self.stream_output is not None:
+                stream = outs[self.stream_output]  # the last piece is the stream's (or the only one)
             if self.prediction is not None:
                 out = self.prediction(out, hidden_states)
             if result is None:
@@ -456,4 +463,4 @@ class ReferencePipeFusion:
         self.conv_previous = [x.clone() for x in self.conv_current]
         self.red_previous = [(a.clone(), b.clone()) for a, b in self.red_current]
         self.step += 1
-        return result
+        return result if self.stream_output is None else (result, stream)
