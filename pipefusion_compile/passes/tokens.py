@@ -351,8 +351,10 @@ def analyze_tokens(
                 attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.FAILED, error.reason,
                                             analyzer.reached))
                 continue
+            # layers over the image tokens: a self-attention within another token group alone (the stream
+            # of a wrong image input, e.g. the real image as a stream attending over the prompt) is none
             layers = sum(1 for n in gm.graph.nodes if n.op != "output" and node_meta(n).token is not None
-                         and (node_meta(n).token.attention == "self"
+                         and ((node_meta(n).token.attention == "self" and node_meta(n).token.epr != 0)
                               or node_meta(n).token.mixing is MixingRule.STALE_INPUTS))
             if layers:
                 rows = _summarize(gm, token_input, axis, analyzer, ()).token_rows
@@ -362,7 +364,11 @@ def analyze_tokens(
                 if num_patches is None or rows >= num_patches:
                     break
                 continue
-            if token_input is inputs[0] and axis == (token_axis or default_token_axis(len(shape))):
+            # without self-attention over them, tokens that only serve as keys of another stream's queries
+            # (the prompt taken for the image, the real image then a stream over it) are no fallback
+            streams = any(node_meta(n).token is not None and node_meta(n).token.mixing is
+                          MixingRule.STALE_KV_CROSS_GROUP for n in gm.graph.nodes if n.op != "output")
+            if token_input is inputs[0] and axis == (token_axis or default_token_axis(len(shape))) and not streams:
                 first_ok = (len(attempts), token_input, axis, analyzer)
             attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.NO_SELF_ATTENTION))
     chosen = None
