@@ -439,7 +439,8 @@ def _mixing_rule(info) -> MixingRule | None:
 def _text_side(nodes: list[fx.Node]) -> str | None:
     """Where the text group of a joint sequence lies along the self-attention's token axis (None: no text).
     The query's groups decide: keys with more groups than their query hold tokens computed without the image
-    (`MixingRule.STALE_KV_GLOBAL_KEYS`), which every patch writes itself, so they need no piece of their own."""
+    (`MixingRule.STALE_KV_GLOBAL_KEYS`), which every patch writes itself, so they need no piece of their own.
+    Attention between two token streams (`MixingRule.STALE_KV_CROSS_GROUP`) needs the stream's piece."""
     sides = set()
     for n in nodes:
         if node_meta(n).token.attention == "self":

@@ -175,3 +175,22 @@ def test_reference_one_patch_is_the_plain_model():
     _, got, got_streams = _loop(lambda x, t, **kw: reference(x, timestep=t, **kw), kwargs)
     for g, w in zip(got + got_streams, want + want_streams):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_equal_simulate_bit_for_bit(tmp_path):
+    """On real ranks (gloo) the TAIL piece of the stream runs on both stages after the bands and writes
+    the stream's output (returned here too), bit for bit as in simulate mode."""
+    from dist_utils import run_ranks
+    from dist_workers import generate
+    from test_multiprocess import assert_bit_identical, simulate
+
+    jobs = [("stream:registers_first", {"return_registers": True}, {"num_patches": 4}),
+            ("stream:image_first", {}, {"num_patches": 4})]
+    results = run_ranks(generate, 2, jobs, 4, tmp_path=tmp_path, timeout=600)
+    for j, (name, fkw, options) in enumerate(jobs):
+        want = simulate(name, fkw, {**options, "num_stages": 2}, steps=4)
+        for res in results:
+            got = res["value"][j]
+            assert_bit_identical(got, want)
+            assert got["stats"]["bytes_sent"] == got["plan_bytes"], (name, res["rank"])
+            assert got["stats"]["pipelined_calls"] == 3
