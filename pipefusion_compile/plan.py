@@ -25,6 +25,7 @@ from .passes.partition import (
     token_nodes,
     uniform_layers,
 )
+from .passes.cross_group import is_cross_group, query_side
 from .passes.pieces import BAND, FULL, HEAD, TAIL, Piece
 from .passes.sdpa import sdpa_qkv
 from .passes.tokens import TokenAnalysis, analyze_tokens
@@ -359,7 +360,7 @@ def _assemble(gm, analysis, nodes, candidates: CutCandidates, cuts, patches, par
         layer_ids = tuple(i for i, p in enumerate(attn_positions) if lo <= p < hi)
         kv = 0   # every mixing cache: K/V of self-attention, the input of a conv over rows (HALO_ROWS)
         for n in members:
-            if node_meta(n).token.attention == "self":
+            if node_meta(n).token.attention == "self" or is_cross_group(n):
                 kv += sum(node_meta(a).out_bytes for a in sdpa_qkv(n)[1:])
             elif node_meta(n).token.mixing is MixingRule.HALO_ROWS:
                 kv += node_meta(n.args[0]).out_bytes
@@ -438,7 +439,8 @@ def _mixing_rule(info) -> MixingRule | None:
 def _text_side(nodes: list[fx.Node]) -> str | None:
     """Where the text group of a joint sequence lies along the self-attention's token axis (None: no text).
     The query's groups decide: keys with more groups than their query hold tokens computed without the image
-    (`MixingRule.STALE_KV_GLOBAL_KEYS`), which every patch writes itself, so they need no piece of their own."""
+    (`MixingRule.STALE_KV_GLOBAL_KEYS`), which every patch writes itself, so they need no piece of their own.
+    Attention between two token streams (`MixingRule.STALE_KV_CROSS_GROUP`) needs the stream's piece."""
     sides = set()
     for n in nodes:
         if node_meta(n).token.attention == "self":
@@ -447,6 +449,9 @@ def _text_side(nodes: list[fx.Node]) -> str | None:
                 sides.add("first")
             if info.suffix:
                 sides.add("last")
+        elif is_cross_group(n):   # a separate token stream's piece writes or reads its K/V cache
+            prefix, suffix = query_side(n)
+            sides.add("first" if prefix else "last")
     if len(sides) > 1:
         return "both"
     return sides.pop() if sides else None

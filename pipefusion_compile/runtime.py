@@ -23,7 +23,7 @@ from .options import PipefusionOptions
 from .passes.kernels import select_kernels
 from .passes.lower import LoweredStage, PieceGraph, StageInput
 from .passes.meta import example_value, node_meta
-from .passes.pieces import EXTRA, FULL, Piece
+from .passes.pieces import EXTRA, FULL, HEAD, TAIL, Piece
 from .plan import PipelinePlan
 
 log = logging.getLogger("pipefusion_compile")
@@ -93,13 +93,16 @@ class _StageRuntime:
 
 @dataclass(frozen=True)
 class _OutputSlot:
-    """A token-carrying model output: assembled patch by patch into a full-size tensor."""
+    """A token-carrying model output: assembled patch by patch into a full-size tensor. An output of one
+    extra token group only (`group`: HEAD or TAIL, e.g. LTX-2's audio, a separate stream whose queries attend
+    over the image) is written whole by that group's piece (and by a FULL piece)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     axis: int
     per_row: int
+    group: str | None = None
 
     @classmethod
     def of(cls, node: fx.Node, token_rows: int) -> "_OutputSlot":
@@ -109,11 +112,20 @@ class _OutputSlot:
             raise UnsupportedGraphError(
                 "a model output whose token axis is folded with the dims before it (e.g. frames x rows, "
                 "[B, F * h * w, C]): a band is not one range of it; unfold it before returning it", node)
+        if info.epr == 0:   # one extra group only (check_lowerable refuses outputs that mix groups)
+            return cls(node.name, tuple(val.shape), val.dtype, axis, 0, HEAD if info.prefix else TAIL)
         return cls(node.name, tuple(val.shape), val.dtype, axis, val.shape[axis] // token_rows)
 
-    def writer(self, pg: PieceGraph, piece: Piece) -> tuple:
+    def writer(self, pg: PieceGraph, piece: Piece) -> tuple | None:
         """(op, trailing args): the op that writes the part of this output `piece` computed (as the last
-        stage's piece graph `pg` returns it) into the full output, called as `op(out, value, *args)`."""
+        stage's piece graph `pg` returns it) into the full output, called as `op(out, value, *args)`; None
+        when the piece computes no part of it."""
+        if self.group is not None:
+            if piece.kind not in (FULL, self.group):
+                return None
+            return torch.ops.pipefusion.write_band.default, (self.axis, 0)
+        if piece.kind in EXTRA:
+            return None
         if self.name in pg.unpatchified:  # token layout: the unpatchify is fused into the write
             return torch.ops.pipefusion.write_unpatchified.default, (piece.row0, pg.unpatchified[self.name])
         return torch.ops.pipefusion.write_band.default, (self.axis, piece.row0 * self.per_row)
@@ -210,9 +222,10 @@ class PipelineProgram:
                           *caches]
                 result = self._stage_fn(s, piece, inputs)(*inputs)
                 carry.update(zip(pg.outputs, result))
-            if piece.kind not in EXTRA:
-                for o in self._token_outputs:
-                    op, rest = o.writer(pg, piece)  # pg: the last stage's piece graph
+            for o in self._token_outputs:
+                write = o.writer(pg, piece)  # pg: the last stage's piece graph
+                if write is not None:
+                    op, rest = write
                     op(outputs[o.name], carry[o.name], *rest, kernels=self.options.kernels)
         return self._finish_step(inst, outputs, dict(zip(self.stages[-1].lowered.global_outputs, globals_[-1])))
 

@@ -233,10 +233,12 @@ class DistributedProgram(PipelineProgram):
                 packed = g.call_function(torch.ops.pipefusion.pack.default,
                                          ([produced[i.name] for i in routes[j][(k, c)]],))
                 g.call_function(torch.ops.pipefusion.isend.default, (packed, c, j, channel))
-            if k == last and piece.kind not in EXTRA:
+            if k == last:
                 for slot, out in zip(self._token_outputs, outs):
-                    op, rest = slot.writer(pg, piece)
-                    g.call_function(op, (out, produced[slot.name], *rest))
+                    write = slot.writer(pg, piece)
+                    if write is not None:
+                        op, rest = write
+                        g.call_function(op, (out, produced[slot.name], *rest))
         token = outs[0] if outs else caches[0]
         g.call_function(torch.ops.pipefusion.wait_sends.default, (token, channel))
         for out in outs:

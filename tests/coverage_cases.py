@@ -25,6 +25,8 @@ class Case:
     text_tokens: int = 0                        # text tokens in a joint text+image attention sequence (for the reference)
     text_first: bool = False                    # text before image in that sequence (or in the keys, below)
     key_text_tokens: int = 0                    # text keys of image-only queries ([image | text] keys, no text queries)
+    stream_tokens: int = 0                      # tokens of a second stream in its own tensor whose queries attend over
+                                                # the image (LTX-2's audio): one more piece after the image, for the reference
     layout: "ImageLayout | None" = None         # reference's image layout when ImageLayout.of cannot tell it (see tests/reference_pipefusion.py)
     reductions: bool = False                    # the reference assembles torch.matmul over the image tokens (linear attention)
     options: tuple = ()                         # backend options the class needs, as (key, value) pairs (ideally none)

@@ -276,12 +276,15 @@ def ltx(frames: int = 2):
                        rope_interpolation_scale=(8 / 25, 32, 32), attention_kwargs=None)
 
 
+_LTX2_AUDIO_FRAMES = 8
+
+
 def ltx2(frames: int = 2):
     model = _build("LTX2VideoTransformer3DModel", dict(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
         audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=8,
         audio_cross_attention_dim=16, num_layers=2, caption_channels=16, pos_embed_max_pos=20))
-    audio_frames = 8
+    audio_frames = _LTX2_AUDIO_FRAMES
     return model, dict(hidden_states=_randn(B, frames * 8 * 8, 4), audio_hidden_states=_randn(B, audio_frames, 4, seed=3),
                        encoder_hidden_states=_randn(B, L, 16, seed=2), audio_encoder_hidden_states=_randn(B, L, 16, seed=4),
                        timestep=_t(), sigma=_t(), encoder_attention_mask=_mask(), audio_encoder_attention_mask=_mask(),
@@ -406,8 +409,9 @@ _Z_IMAGE_FEED = Feed(latent_arg="x", timestep_arg="t", latents=lambda built: tor
 
 
 CASES: list[Case] = [
-    Case("LTX2VideoTransformer3DModel", ltx2),
-    Case("LTX2VideoTransformer3DModel[1f]", functools.partial(ltx2, 1)),
+    # the audio stream (8 tokens in its own tensor) attends over the video and the video over it
+    Case("LTX2VideoTransformer3DModel", ltx2, stream_tokens=_LTX2_AUDIO_FRAMES),
+    Case("LTX2VideoTransformer3DModel[1f]", functools.partial(ltx2, 1), stream_tokens=_LTX2_AUDIO_FRAMES),
     Case("LTXVideoTransformer3DModel", ltx),
     Case("LTXVideoTransformer3DModel[1f]", functools.partial(ltx, 1)),
     Case("LatteTransformer3DModel", latte, layout=ImageLayout(8, 8, 3, 2)),

@@ -178,7 +178,8 @@ def _run(case: Case, row: Row, stages: int, patches: int, steps: int, ranks: boo
                 reference = ReferencePipeFusion(model, num_patches=patches, warmup_steps=1,
                                                 text_tokens=case.text_tokens, text_first=case.text_first,
                                                 layout=case.layout, prediction=case.feed.prediction,
-                                                reductions=case.reductions, key_text_tokens=case.key_text_tokens)
+                                                reductions=case.reductions, key_text_tokens=case.key_text_tokens,
+                                                stream_tokens=case.stream_tokens)
                 # the reference returns the prediction already (it assembles the patches' rows of it)
                 feed = dataclasses.replace(case.feed, prediction=None)
                 _, want = sample_loop(lambda x, t, **kw: reference(x, **{feed.timestep_arg: t}, **kw), kwargs,

@@ -16,6 +16,10 @@ def factory(name):
         from toy_models import make_skips
 
         return make_skips
+    if name.startswith("stream:"):  # tests/stream_dits.py: "stream:registers_first"
+        import stream_dits
+
+        return lambda **kw: stream_dits.make_register_stream_dit(name.split(":")[1], **kw)
     if name.startswith("hw:"):  # a hand-written DiT of tests/handwritten_dits.py: "hw:make_uvit", "hw:make_uvit:4"
         import handwritten_dits
 

@@ -44,6 +44,15 @@ Image queries over keys that are the image's K/V concatenated with K/V computed 
 assembled as above; the text part is the one computed now, in every patch (it depends on no image token, so
 it is this step's for every patch).
 
+A second token stream kept in its own tensor (`stream_tokens` tokens: LTX-2's audio, register tokens): one
+more group after all the others, so one more piece, the last of a step. Its queries over the image keys
+(a call of `stream_tokens` queries over the image tokens' keys) read the image K/V assembled as above (in
+the stream's piece: all of this step). Image queries over the stream's keys (the image tokens' queries over
+`stream_tokens` keys) read the stream's K/V assembled as above along the stream (in a band: the ones its
+piece computed last step; in its own piece: the ones computed now), once the stream has attended to the
+image in this forward; before that the stream depends on no image token and its K/V are used as computed
+now (the same in every piece). The stream's own attention runs as it is.
+
 Attention with the image tokens folded into its batch axis (a factorized video model, whose rows are
 frames): with the tokens of a row on the sequence axis and the rows in the batch (spatial attention per
 frame, [B * F, H, HW, D]) a call never mixes rows, so it is local to a band of whole rows and runs as it
@@ -137,13 +146,16 @@ class ReferencePipeFusion:
     reference then returns that part.
     key_text_tokens: text keys that image queries attend to besides the image keys (text first in the keys
     when text_first), with no text queries and no text piece.
+    stream_tokens: tokens of a second stream in its own tensor (see above); stream_output: the position of
+    the stream's own output in the model's output tuple: the reference then returns (prediction, that output
+    as the stream's piece computed it).
     """
 
     def __init__(self, model, num_patches: int, warmup_steps: int = 1, text_tokens: int = 0,
                  text_first: bool = False, layout: ImageLayout | None = None, after_tokens: int = 0,
                  attention_fns: Sequence[tuple[object, str]] = (),
                  prediction: Callable[[object, object], torch.Tensor] | None = None, reductions: bool = False,
-                 key_text_tokens: int = 0):
+                 key_text_tokens: int = 0, stream_tokens: int = 0, stream_output: int | None = None):
         self.model = model
         self.num_patches = num_patches
         self.warmup_steps = warmup_steps
@@ -151,6 +163,8 @@ class ReferencePipeFusion:
         self.text_first = text_first
         self.after_tokens = after_tokens
         self.key_text_tokens = key_text_tokens  # text keys of image queries (no text queries)
+        self.stream_tokens = stream_tokens  # tokens of a second stream in its own tensor (its piece is last)
+        self.stream_output = stream_output  # which element of the model's output tuple is the stream's own
         self.attention_fns = list(attention_fns)
         self.prediction = prediction
         self.layout = layout  # None: derived from the input's shape (`ImageLayout.of`)
@@ -181,6 +195,8 @@ class ReferencePipeFusion:
         after = [self.text_tokens] if self.text_tokens and not self.text_first else []
         if self.after_tokens:
             after.append(self.after_tokens)
+        if self.stream_tokens:
+            after.append(self.stream_tokens)
         return before, after
 
     def _kind(self, query, key, layout: ImageLayout, num_tokens: int) -> str | None:
@@ -188,6 +204,12 @@ class ReferencePipeFusion:
         whose sequence has other groups too); "rows": over the rows, with the positions of a
         row folded into the batch; "local": within one row; None: anything else (cross-attention)."""
         n, m = query.shape[-2], key.shape[-2]
+        image = layout.frames * layout.rows * layout.tokens_per_row
+        if self.stream_tokens and (n, m) in ((self.stream_tokens, image), (image, self.stream_tokens)):
+            if image == self.stream_tokens:
+                raise ValueError("reference: the stream has as many tokens as the image: its attention and the "
+                                 "image's cannot be told apart")
+            return "stream queries" if n == self.stream_tokens else "stream keys"
         if n == num_tokens and m == num_tokens:
             return "joint"
         if n == m == layout.frames * layout.rows * layout.tokens_per_row:
@@ -235,21 +257,29 @@ class ReferencePipeFusion:
     def _stale_attention(self, layout: ImageLayout, num_tokens: int, piece: _Piece, warmup: bool):
         layer = 0
         inside = False  # an entry point that calls another one is one attention layer, not two
+        attended = False  # the stream has attended to the image in this forward (it depends on image tokens)
         self.layers_seen = self.local_calls = 0
 
         def intercept(original: Callable) -> Callable:
             def attention(query, key, value, *args, **kwargs):
-                nonlocal layer, inside
+                nonlocal layer, inside, attended
                 kind = None if inside else self._kind(query, key, layout, num_tokens)
                 if kind == "local":
                     self.local_calls += 1
-                if kind not in ("joint", "rows", "image", "image+text keys"):
+                if kind == "stream keys" and not attended:
+                    kind = None  # the stream depends on no image token yet: its K/V as computed now
+                if kind not in ("joint", "rows", "image", "image+text keys", "stream queries", "stream keys"):
                     return original(query, key, value, *args, **kwargs)  # cross-attention, or local
                 if kind == "joint":
                     mine, fresh = piece.mine, piece.fresh
+                elif kind == "stream keys":  # the stream's positions, the last group of the sequence
+                    at = num_tokens - self.stream_tokens
+                    mine, fresh = (i[(i >= 0) & (i < self.stream_tokens)] for i in (piece.mine - at,
+                                                                                    piece.fresh - at))
                 elif kind == "rows":
                     mine, fresh = torch.arange(piece.r0, piece.r1), torch.arange(piece.r1)
                 else:  # the image part of the joint sequence: its positions less the groups before the image
+                    attended = attended or kind == "stream queries"
                     size = layout.frames * layout.rows * layout.tokens_per_row
                     mine, fresh = (i[(i >= 0) & (i < size)] for i in (piece.mine - piece.image_at,
                                                                        piece.fresh - piece.image_at))
@@ -413,11 +443,14 @@ class ReferencePipeFusion:
         before, after = self._groups()
         num_tokens = sum(before) + layout.frames * layout.rows * layout.tokens_per_row + sum(after)
         warmup = self.step < self.warmup_steps
-        result = None
+        result = stream = None
         for piece in self._pieces(layout, warmup):
             with self._stale_attention(layout, num_tokens, piece, warmup), self._stale_convs(layout, piece, warmup), \
                     self._stale_reductions(layout, piece, warmup):
-                out = self.model(hidden_states, **kwargs, return_dict=False)[0]
+                outs = self.model(hidden_states, **kwargs, return_dict=False)
+            out = outs[0]
+            if self.stream_output is not None:
+                stream = outs[self.stream_output]  # the last piece is the stream's (or the only one)
             if self.prediction is not None:
                 out = self.prediction(out, hidden_states)
             if result is None:
@@ -430,4 +463,4 @@ class ReferencePipeFusion:
         self.conv_previous = [x.clone() for x in self.conv_current]
         self.red_previous = [(a.clone(), b.clone()) for a, b in self.red_current]
         self.step += 1
-        return result
+        return result if self.stream_output is None else (result, stream)

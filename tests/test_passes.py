@@ -136,16 +136,17 @@ def test_joint_pieces_keep_their_token_group_and_write_kv_at_its_offset():
 
 def test_joint_layouts_the_lowering_cannot_express_are_clear_errors():
     """The same text tokens on both sides of the image along the token axis (two groups, each its own piece,
-    would both need them), or a model output holding text tokens."""
+    would both need them), or a model output holding text and image tokens. A model output of the text
+    tokens alone is written by the text piece: with one patch it equals the plain model."""
     import pytest
     import torch.nn.functional as F
 
     from toy_models import ToyDiT
 
     class JointToy(ToyDiT):
-        def __init__(self, both_sides: bool):
+        def __init__(self, both_sides: bool, output: str = "text"):
             super().__init__(ff_mults=(1, 1))
-            self.both_sides = both_sides
+            self.both_sides, self.output = both_sides, output
 
         def forward(self, hidden_states, encoder_hidden_states, return_dict=True):
             x = self.embed(hidden_states).flatten(2).transpose(1, 2)
@@ -157,15 +158,27 @@ def test_joint_layouts_the_lowering_cannot_express_are_clear_errors():
                 x = x + joint[:, t.shape[1]:t.shape[1] + x.shape[1]] if self.both_sides else x + joint[:, :x.shape[1]]
                 t = t + joint[:, -t.shape[1]:]
             out = self.unpatchify(x, hidden_states.shape, return_dict=False)[0]
-            return (out, t) if not self.both_sides else (out,)
+            if self.both_sides:
+                return (out,)
+            return (out, t) if self.output == "text" else (out, joint)
 
     for both_sides, message in ((True, "same tokens on both sides of the image"),
                                 (False, "model output that holds text")):
         torch.manual_seed(0)
-        model = JointToy(both_sides).eval()
+        model = JointToy(both_sides, output="joint").eval()
         compiled, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
         with pytest.raises(Exception, match=f"UnsupportedGraphError: .*{message}"), torch.no_grad():
             compiled(torch.randn(1, 4, 8, 8), torch.randn(1, 3, 32))
+
+    torch.manual_seed(0)
+    model = JointToy(False, output="text").eval()
+    inputs = (torch.randn(1, 4, 8, 8), torch.randn(1, 3, 32))
+    compiled, programs = compile_pf(model, num_stages=2, num_patches=1, warmup_steps=0, stage_backend="eager")
+    with torch.no_grad():
+        want, got = model(*inputs), compiled(*inputs)
+    assert programs[0].stats["pipelined_calls"] == 1
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_a_stage_output_replaced_by_select_group_keeps_its_name():

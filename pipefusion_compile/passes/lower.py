@@ -41,6 +41,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .. import ops  # noqa: F401  (registers torch.ops.pipefusion.*)
 from ..errors import PipefusionError, UnsupportedGraphError
 from .autocast import autocast_scopes, restore_autocast
+from .cross_group import rewrite_cross_group_attention
 from .meta import META_KEY, Kind, MixingRule, NodeMeta, TokenInfo, example_value, node_meta
 from .pieces import BAND, FULL, HEAD, Piece, extent, group_offset, holds, token_range
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
@@ -196,6 +197,11 @@ def extract_stage(
             val = example_value(k)
             caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, kinfo.axis, analysis.per_row(kinfo),
                                     kinfo.prefix, kinfo.suffix, outer=kinfo.outer))
+        elif info.mixing is MixingRule.STALE_KV_CROSS_GROUP:   # a K/V cache sized like its keys
+            _, k, _ = sdpa_qkv(n)
+            kinfo, val = node_meta(k).token, example_value(k)
+            caches.append(CacheSpec(n.name, tuple(val.shape), val.dtype, kinfo.axis, analysis.per_row(kinfo),
+                                    kinfo.prefix, kinfo.suffix))
         elif info.mixing is MixingRule.HALO_ROWS:
             x = n.args[0]
             xinfo, val = node_meta(x).token, example_value(x)
@@ -930,11 +936,13 @@ def detach_fresh_tensors(gm: fx.GraphModule) -> fx.GraphModule:
 
 def check_lowerable(gm: fx.GraphModule) -> None:
     """What the piece lowering cannot express yet, refused with the node that shows it: a model output that
-    holds tokens of another group than the image (text, extra tokens)."""
+    holds tokens of another group than the image (text, extra tokens) next to image tokens. An output of one
+    group only (LTX-2's audio, a separate stream whose queries attend over the image) is written whole by
+    that group's piece (`runtime._OutputSlot`)."""
     out = next(iter(gm.graph.find_nodes(op="output")))
     for n in out.all_input_nodes:
         info = node_meta(n).token
-        if info is not None and info.carries_tokens and (info.joint or info.epr == 0):
+        if info is not None and info.carries_tokens and info.joint and info.epr > 0:
             raise UnsupportedGraphError("a model output that holds text tokens of a joint sequence", n)
         if info is not None and info.kind is Kind.REDUCED:
             raise UnsupportedGraphError("a model output that is a reduction over the image tokens (no token axis)", n)
@@ -992,6 +1000,7 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
             graph = fx.Graph()
             graph.output(graph.graph_copy(stage_gm.graph, {}))
             g = fx.GraphModule(stage_gm, graph)
+            g = _run_pass("rewrite_cross_group_attention", rewrite_cross_group_attention, g, piece.kind)
             g = _run_pass("select_group", select_group, g, piece.kind)
             g = _run_pass("rewrite_stale_attention", rewrite_stale_attention, g, piece.kind)
             whole = piece.kind == FULL or (piece.kind == BAND and piece.rows == analysis.token_rows)

@@ -31,6 +31,9 @@ class MixingRule(enum.Enum):
     STALE_KV_GLOBAL_KEYS = ("K/V cache over the whole key sequence: image part fresh for the patches done this "
                             "step, one step stale for the rest; the other keys (computed without the image "
                             "tokens, e.g. the prompt's) fresh, written by every patch")
+    STALE_KV_CROSS_GROUP = ("K/V cache between two token streams: the piece of the keys writes it, the piece "
+                            "of the queries reads it (image keys fresh for the patches done this step, stale for "
+                            "the rest; a stream's keys written by its piece once per step)")
     LOCAL = "local to a token row (attention within a frame): needs nothing of other patches"
     STALE_INPUTS = ("full-size cache of the reduction's token-carrying inputs (fresh for the patches done this "
                     "step, one step stale for the rest); the reduction runs over the whole cache")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedGraphError
 from .meta import Kind, MixingRule, TokenInfo, example_value, node_meta
 from .sdpa import SDPA_TARGETS
+from .cross_group import cross_group_kind, rule_cross_group_attention
 
 GLOBAL = TokenInfo(Kind.GLOBAL, rule="global")
 REDUCED = TokenInfo(Kind.REDUCED, rule="from-reduction")
@@ -498,6 +499,9 @@ def rule_sdpa(ctx: RuleContext) -> TokenInfo:
         raise ctx.fail("attention mask computed from the image tokens")
     if ctx.arg(5, "is_causal", False):
         raise ctx.fail("causal attention over image tokens cannot use stale K/V")
+    form = cross_group_kind(iq, ik, iv)
+    if form is not None:   # a separate token stream's queries over image keys, or image queries over its keys
+        return rule_cross_group_attention(ctx, q, k, v, iq, ik, mask, form)
     if not iq.carries_tokens:
         raise ctx.fail("attention whose query is global but whose keys carry image tokens (pools tokens)")
     if iq.axis != nq - 2:

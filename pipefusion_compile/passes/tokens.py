@@ -354,14 +354,16 @@ def analyze_tokens(
             axes = [a for a in axes if a == joint.axis]
         for axis in axes:
             analyzer, error = _run_attempt(gm, token_input, axis, saved, joint)
-            last_run = (token_input, axis)
+            last_run = (token_input, axis, joint)
             if error is not None:
                 errors[len(attempts)] = error
                 attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.FAILED, error.reason,
                                             analyzer.reached))
                 continue
+            # layers over the image tokens: a self-attention within another token group alone (the stream
+            # of a wrong image input, e.g. the real image as a stream attending over the prompt) is none
             layers = sum(1 for n in gm.graph.nodes if n.op != "output" and node_meta(n).token is not None
-                         and (node_meta(n).token.attention == "self"
+                         and ((node_meta(n).token.attention == "self" and node_meta(n).token.epr != 0)
                               or node_meta(n).token.mixing is MixingRule.STALE_INPUTS))
             if layers:
                 rows = _summarize(gm, token_input, axis, analyzer, ()).token_rows
@@ -371,7 +373,12 @@ def analyze_tokens(
                 if num_patches is None or rows >= num_patches:
                     break
                 continue
-            if (token_input, joint) == inputs[0] and axis == (token_axis or default_token_axis(len(shape))):
+            # without self-attention over them, tokens that only serve as keys of another stream's queries
+            # (the prompt taken for the image, the real image then a stream over it) are no fallback
+            streams = any(node_meta(n).token is not None and node_meta(n).token.mixing is
+                          MixingRule.STALE_KV_CROSS_GROUP for n in gm.graph.nodes if n.op != "output")
+            if (token_input, joint) == inputs[0] and axis == (token_axis or default_token_axis(len(shape))) \
+                    and not streams:
                 first_ok = (len(attempts), token_input, axis, analyzer)
             attempts.append(AxisAttempt(token_input.name, shape, axis, AttemptOutcome.NO_SELF_ATTENTION))
     chosen = None
@@ -402,7 +409,7 @@ def analyze_tokens(
         attempts[index] = dataclasses.replace(attempts[index], outcome=AttemptOutcome.CHOSEN)
     if chosen is not None:
         _, token_input, axis, analyzer = chosen
-        if last_run != (token_input, axis):  # a later attempt overwrote the meta: rerun the chosen one
+        if last_run != (token_input, axis, analyzer.joint):  # a later attempt overwrote the meta: rerun it
             analyzer, _ = _run_attempt(gm, token_input, axis, saved, analyzer.joint)
         return _summarize(gm, token_input, axis, analyzer, attempts)
     raise _all_failed(attempts, errors, candidates, token_axis) from None
