@@ -25,7 +25,9 @@ import torch
 import torch.fx as fx
 
 from ..errors import OptionsError, PipefusionError, UnsupportedGraphError, symbolic_hint
-from .graph_inputs import find_token_inputs, list_latent_error, output_shape
+from .graph_inputs import find_token_inputs, input_members, list_latent_error, output_shape
+from . import sample_rules  # noqa: F401  (registers the rules for the samples of a list latent)
+from .graph_inputs import InputMatch
 from .meta import META_KEY, Kind, MixingRule, TokenInfo, example_value, node_meta
 from .token_rules import FOLD_SAFE_RULES, GLOBAL, REDUCED, RuleContext, op_name, rule_for, shape_of, token_operands
 
@@ -78,9 +80,14 @@ class TokenAnalysis:
 
 
 class _Analyzer:
-    def __init__(self, gm: fx.GraphModule, token_input: fx.Node, axis: int):
+    def __init__(self, gm: fx.GraphModule, token_input: fx.Node, axis: int,
+                 members: tuple[fx.Node, ...] | None = None, is_list: bool = False):
         self.gm = gm
         self.token_input = token_input
+        # the placeholders patched as the image input: itself, or the elements of a list latent (one sample each,
+        # without a batch dim; a patch is the same rows of every element)
+        self.members = members or (token_input,)
+        self.is_list = is_list   # the members have no batch dim (a sample each)
         self.input_rows = shape_of(token_input)[axis]
         self.axis = axis
         self.positional: dict[str, fx.Node] = {}
@@ -119,8 +126,8 @@ class _Analyzer:
         self.positional[node.name] = node
 
     def run(self) -> None:
-        ndim = len(shape_of(self.token_input))
-        if ndim >= 4 and self.axis == ndim - 1:
+        ndim = len(shape_of(self.token_input)) + self.is_list   # as one batched tensor
+        if ndim >= 4 and self.axis + self.is_list == ndim - 1:
             # the last spatial axis of [B, C, H, W] / [B, C, F, H, W]: its bands are columns, the same range of
             # every row once the tokens are flattened; the folded split of rows within frames would take it, but
             # column bands are not checked against the reference (they differed from it): refused
@@ -131,7 +138,7 @@ class _Analyzer:
             self.reached = index
             meta = node_meta(node)
             if node.op == "placeholder":
-                if node is self.token_input:
+                if node in self.members:
                     meta.token = self.make_info(node, self.axis, "image input")
                 else:
                     meta.token = GLOBAL
@@ -199,14 +206,15 @@ def default_token_axis(ndim: int) -> int:
     return 1 if ndim == 3 else 2
 
 
-def candidate_axes(ndim: int) -> list[int]:
-    """The token axes `analyze_tokens` tries, in order: every dim but the batch dim 0, leading first.
+def candidate_axes(ndim: int, is_list: bool = False) -> list[int]:
+    """The token axes `analyze_tokens` tries, in order: every dim but the batch dim 0, leading first (every dim
+    of an element of a list latent, which is one sample without a batch dim).
 
     The token rows are the leading spatial or temporal axis, so the first axis that is not the channels is
     right: the channel axis (the one the patch embedding's conv or linear contracts) fails the analysis at that
     op ("conv over the channels", "linear contracts over the token axis"), and so does a trailing spatial axis
     (its rows are not contiguous once the tokens are flattened)."""
-    return list(range(1, ndim))
+    return list(range(0 if is_list else 1, ndim))
 
 
 class AttemptOutcome(enum.Enum):
@@ -245,10 +253,11 @@ def _reset(gm: fx.GraphModule, saved: dict) -> None:
             meta.extra = dict(saved.get(node, {}))
 
 
-def _run_attempt(gm, token_input: fx.Node, axis: int, saved: dict):
-    """(analyzer, None) or (analyzer, error) for one attempt, the node meta holding its results."""
+def _run_attempt(gm, token_input: fx.Node, axis: int, saved: dict, members: tuple[fx.Node, ...] | None = None):
+    """(analyzer, None) or (analyzer, error) for one attempt, the node meta holding its results. `members`: the
+    elements of a list latent (`token_input` the first), patched alike."""
     _reset(gm, saved)
-    analyzer = _Analyzer(gm, token_input, axis)
+    analyzer = _Analyzer(gm, token_input, axis, members, is_list=members is not None)
     try:
         analyzer.run()
     except UnsupportedGraphError as e:
@@ -286,7 +295,7 @@ def _summarize(gm, token_input: fx.Node, axis: int, analyzer: _Analyzer, attempt
         self_attention=self_attn,
         cross_attention=cross_attn,
         positional=sorted(analyzer.positional),
-        patched_inputs=[token_input.name],
+        patched_inputs=[n.name for n in analyzer.members],
         local_attention=local_attn,
         token_reductions=reductions,
         attempts=tuple(attempts),
@@ -326,11 +335,15 @@ def analyze_tokens(
     one tried.
     """
     inputs, candidates = find_token_inputs(gm, example_inputs, image_input)
-    match_of = {c.name: int(c.match) for c in candidates if c.match is not None}
+    # a list latent ranks after every tensor input of any match (see `graph_inputs.image_input_candidates`)
+    match_of = {c.name: int(c.match) + (len(InputMatch) if c.is_list and c.match is not InputMatch.NAMED else 0)
+                for c in candidates if c.match is not None}
+    lists = {c.name for c in candidates if c.is_list and c.match is not None}
+    members_of = {n.name: input_members(gm, candidates, n) if n.name in lists else None for n in inputs}
     if token_axis is not None:
         for token_input in inputs:
             ndim = len(shape_of(token_input))
-            if not 0 < token_axis < ndim:
+            if not (0 if token_input.name in lists else 1) <= token_axis < ndim:
                 raise OptionsError(
                     f"option token_axis={token_axis}: the image input {token_input.name} "
                     f"{list(shape_of(token_input))} has {ndim} dims, so the token axis is one of 1..{ndim - 1}")
@@ -342,9 +355,10 @@ def analyze_tokens(
     last_run = None
     for token_input in inputs:
         shape = tuple(shape_of(token_input))
-        axes = [token_axis] if token_axis is not None else candidate_axes(len(shape))
+        is_list = token_input.name in lists
+        axes = [token_axis] if token_axis is not None else candidate_axes(len(shape), is_list)
         for axis in axes:
-            analyzer, error = _run_attempt(gm, token_input, axis, saved)
+            analyzer, error = _run_attempt(gm, token_input, axis, saved, members_of[token_input.name])
             last_run = (token_input, axis)
             if error is not None:
                 errors[len(attempts)] = error
@@ -394,7 +408,7 @@ def analyze_tokens(
     if chosen is not None:
         _, token_input, axis, analyzer = chosen
         if last_run != (token_input, axis):  # a later attempt overwrote the meta: rerun the chosen one
-            analyzer, _ = _run_attempt(gm, token_input, axis, saved)
+            analyzer, _ = _run_attempt(gm, token_input, axis, saved, members_of[token_input.name])
         return _summarize(gm, token_input, axis, analyzer, attempts)
     raise _all_failed(attempts, errors, candidates, token_axis) from None
 
