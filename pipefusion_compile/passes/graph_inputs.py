@@ -162,7 +162,7 @@ def _list_candidates(elements: list[InputCandidate], out_shape, image_input: str
     """One candidate per list argument whose elements (at least one, all of one shape, each with 2+ dims) look
     like per-sample latents: the list latent, its elements patched alike."""
     groups: dict[str, list[InputCandidate]] = {}
-    for c in elements:
+    for c in sorted(elements, key=_list_index):
         groups.setdefault(c.argument.rsplit("[", 1)[0], []).append(c)
     found = []
     for root, members in groups.items():
@@ -244,6 +244,12 @@ def image_input_candidates(gm: fx.GraphModule, example_inputs: list | None = Non
     return out_shape, found
 
 
+def _list_index(c: InputCandidate) -> int:
+    """The position of a list element in its list (`x[3]` -> 3)."""
+    tail = c.argument.rsplit("[", 1)[-1].rstrip("]")
+    return int(tail) if tail.isdigit() else 0
+
+
 def list_latent_error(candidates: list[InputCandidate], out_shape) -> UnsupportedGraphError | None:
     """The error for a latent passed as a list of per-sample tensors that cannot be one image input (one graph
     input per element): samples of different shapes, whose bands of rows would not line up."""
@@ -253,7 +259,7 @@ def list_latent_error(candidates: list[InputCandidate], out_shape) -> Unsupporte
     if not elements:
         return None
     root = elements[0].argument.rsplit("[", 1)[0]
-    same = [c for c in elements if c.argument.rsplit("[", 1)[0] == root]
+    same = sorted((c for c in elements if c.argument.rsplit("[", 1)[0] == root), key=_list_index)
     return UnsupportedGraphError(
         f"the image input looks like the list argument `{root}`: {len(same)} per-sample tensors "
         f"({', '.join(f'{c.argument} {list(c.shape)}' for c in same)}) for an output {list(out_shape)}. "
