@@ -159,3 +159,29 @@ def test_stacked_list_latent_pipelines_and_equals_the_reference():
 def test_list_latent_with_samples_folded_into_the_tokens_pipelines_and_equals_the_reference():
     model = im.ListTokensCat()
     _check_numerics(im.ListTokensCat, ImageLayout(*model.layout()))
+
+
+def test_a_list_latent_graph_without_attention_runs_unchanged():
+    """A graph piece that reads a list latent but holds no self-attention (a model cut by graph breaks: its
+    embedding alone) passes the analysis on every axis without self-attention: it runs unchanged, declined."""
+    import pipefusion_compile
+
+    class Batch(torch.nn.Module):   # Z-Image's padding of its embedded samples into a batch
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.full((16,), 2.0))
+
+        def forward(self, xs):
+            return torch.nn.utils.rnn.pad_sequence(list(xs), batch_first=True) * self.scale
+
+    torch.manual_seed(0)
+    model = Batch().eval()
+    xs = [torch.randn(24, 16), torch.randn(24, 16)]   # packed per-sample tokens (Z-Image's embedded samples)
+    compiled, programs = compile_pf(model, num_stages=2, stage_backend="eager")
+    with torch.no_grad():
+        got, want = compiled(xs), model(xs)   # [2, 24, 16]
+    assert not pipefusion_compile.programs(compiled)
+    (record,) = pipefusion_compile.declined(compiled)
+    assert "no self-attention over the" in record.reason, record.reason
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

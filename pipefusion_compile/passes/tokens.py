@@ -443,6 +443,10 @@ def _all_failed(attempts: list[AxisAttempt], errors: dict, candidates, token_axi
         return a.token_input == attempts[0].token_input and a.axis == (token_axis or default_token_axis(len(a.shape)))
 
     failed = [i for i in range(len(attempts)) if i in errors]
+    tried = "".join(f"\n    - {a.describe()}" for a in attempts)
+    if not failed:  # every attempt passed, none with self-attention, none the conventional one (a list latent)
+        return UnsupportedGraphError(
+            f"no image input and token axis gave an analysis with self-attention over the tokens; tried:{tried}")
     best = max(failed, key=lambda i: (attempts[i].reached, conventional(i), -i))
     error, attempt = errors[best], attempts[best]
     where = f"the image input {attempt.token_input} {list(attempt.shape)}"
