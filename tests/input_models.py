@@ -231,35 +231,37 @@ class ListTokensCat(_Trunk):
     """A list of per-sample [C, H, W] latents, each patchified on its own to [h * w, p * p * C] tokens; the
     samples' tokens concatenated along the token axis ([B * S, D]: sample-major, as Z-Image embeds them), a
     per-token table tiled per sample added there, split back per sample and batched by pad_sequence (all of
-    one length: a stack); a list of per-sample [C, H, W] out, each unpatchified on its own."""
+    one length: a stack); a list of per-sample [C, H, W] out, each unpatchified on its own. Any resolution."""
 
     def __init__(self, height: int = 8, width: int = 12, p: int = 2, channels: int = 4):
         super().__init__()
         self.height, self.width, self.p, self.c = height, width, p, channels
         self.h, self.w = height // p, width // p
         self.embed = nn.Linear(p * p * channels, DIM)
-        self.pos = nn.Parameter(0.1 * torch.randn(self.h * self.w, DIM))
         self.out = nn.Linear(DIM, p * p * channels)
 
-    def example(self, batch: int = 2):
-        return list(torch.randn(batch, self.c, self.height, self.width).unbind(0))
+    def example(self, batch: int = 2, height: int | None = None, width: int | None = None):
+        return list(torch.randn(batch, self.c, height or self.height, width or self.width).unbind(0))
 
     def patchify(self, x):
-        c, p = self.c, self.p
-        t = x.view(c, self.h, p, self.w, p).permute(1, 3, 2, 4, 0)
-        return t.reshape(self.h * self.w, p * p * c)
+        c, hh, ww = x.shape
+        p = self.p
+        t = x.view(c, hh // p, p, ww // p, p).permute(1, 3, 2, 4, 0)
+        return t.reshape((hh // p) * (ww // p), p * p * c)
 
-    def unpatchify(self, t):
+    def unpatchify(self, t, hh, ww):
         c, p = self.c, self.p
-        return t.view(self.h, self.w, p, p, c).permute(4, 0, 2, 1, 3).reshape(c, self.height, self.width)
+        return t.view(hh // p, ww // p, p, p, c).permute(4, 0, 2, 1, 3).reshape(c, hh, ww)
 
     def forward(self, hidden_states, timestep, context):
-        lengths = [self.h * self.w] * len(hidden_states)
-        x = self.embed(torch.cat([self.patchify(s) for s in hidden_states], dim=0))   # [B * S, D]
-        x = x + self.pos.repeat(len(hidden_states), 1)
-        x = torch.nn.utils.rnn.pad_sequence(list(x.split(lengths, dim=0)), batch_first=True)   # [B, S, D]
-        t = self.out(self.run(x, timestep, context))
-        return [self.unpatchify(s) for s in t.unbind(0)]
+        _, hh, ww = hidden_states[0].shape
+        s = (hh // self.p) * (ww // self.p)
+        x = self.embed(torch.cat([self.patchify(x) for x in hidden_states], dim=0))   # [B * S, D]
+        pos = torch.sin(torch.arange(s, dtype=torch.float32)[:, None] / (1.0 + torch.arange(DIM)))  # [S, D]
+        x = x + pos.repeat(len(hidden_states), 1)
+        x = torch.nn.utils.rnn.pad_sequence(list(x.split([s] * len(hidden_states), dim=0)), batch_first=True)
+        t = self.out(self.run(x, timestep, context))                                   # [B, S, p * p * C]
+        return [self.unpatchify(y, hh, ww) for y in t.unbind(0)]
 
     def layout(self):
         return (self.h, self.w, 1, self.p)   # of each output element [C, H, W]

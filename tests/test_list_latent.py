@@ -185,3 +185,28 @@ def test_a_list_latent_graph_without_attention_runs_unchanged():
     assert "no self-attention over the" in record.reason, record.reason
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_a_list_latent_at_a_second_shape_is_still_one_image_input():
+    """The second resolution makes dynamo hand over a graph with symbolic sizes, planned per shape at call
+    time, when dynamo's sources are gone: the list's elements are still one image input (recorded while the
+    sources lived), so it pipelines; with warmup over every step it equals the plain model."""
+    import pipefusion_compile
+
+    torch.manual_seed(0)
+    model = im.ListTokensCat().eval()
+    ctx = torch.randn(2, *im.CONTEXT)
+    small, large = model.example(2), model.example(2, height=12)
+    plain = _loop(lambda x, t: model(x, t, ctx), model, large, steps=3)
+    for warmup in (1, 3):
+        torch._dynamo.reset()
+        compiled, _ = compile_pf(model, num_stages=2, num_patches=2, warmup_steps=warmup, stage_backend="eager")
+        _loop(lambda x, t: compiled(x, t, ctx), model, small, steps=2)
+        got = _loop(lambda x, t: compiled(x, t, ctx), model, large, steps=4 if warmup == 1 else 3)
+        programs = pipefusion_compile.programs(compiled)
+        assert {p.plan.input_shape for p in programs} == {(4, 8, 12), (4, 12, 12)}
+        if warmup == 1:
+            assert any(p.plan.input_shape == (4, 12, 12) and p.stats["pipelined_calls"] for p in programs)
+        else:
+            for g, w in zip(got, plain):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

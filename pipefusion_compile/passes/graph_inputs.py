@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import UnsupportedGraphError
-from .meta import example_value
+from .meta import META_KEY, NodeMeta, example_value
 
 
 def _source_root(source):
@@ -90,6 +90,9 @@ def _argument(node: fx.Node) -> tuple[str, str | None, int | None]:
     Sources as dynamo writes them: `L['x']` (an argument), `L['x'][0]` (an element of a list argument), and
     through `nn.Module.__call__`'s `*args, **kwargs`: `L['args'][0]`, `L['kwargs']['x']`, `L['args'][0][1]`.
     """
+    meta = node.meta.get(META_KEY)
+    if meta is not None and "argument" in meta.extra:   # recorded while dynamo's sources lived (`remember_arguments`)
+        return meta.extra["argument"]
     source = getattr(node.meta.get("grapharg"), "source", None)
     root = _source_root(source)
     local = getattr(root, "local_name", None)
@@ -116,6 +119,21 @@ def _argument(node: fx.Node) -> tuple[str, str | None, int | None]:
     if isinstance(first, int) and len(levels) == 1:
         return display, name, first
     return (display() if callable(display) else str(display)), name, None
+
+
+def arguments_of(gm: fx.GraphModule) -> dict[str, tuple]:
+    """`_argument` of every placeholder, read while dynamo's sources live (during the backend call)."""
+    return {ph.name: _argument(ph) for ph in gm.graph.find_nodes(op="placeholder")}
+
+
+def remember_arguments(gm: fx.GraphModule, arguments: dict[str, tuple]) -> fx.GraphModule:
+    """Record `arguments` (from `arguments_of` on the graph dynamo handed the backend) on the placeholders of
+    `gm`, a copy made later (a graph specialized to a shape at call time, when the sources are gone), so a list
+    latent's elements are still told from arguments of their own. Each placeholder gets its own meta."""
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        if ph.name in arguments:
+            ph.meta[META_KEY] = NodeMeta(extra={"argument": arguments[ph.name]})
+    return gm
 
 
 def _per_channel(shape: tuple[int, ...], drop_extra: bool = False) -> set[int]:
