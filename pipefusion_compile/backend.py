@@ -36,7 +36,7 @@ from .passes.buffer_writes import fold_buffer_writes
 from .passes.canonical_attention import canonicalize_attention
 from .passes.context_graphs import joint_only_outputs
 from .passes.key_concat import concat_keys_at_attention
-from .passes.graph_inputs import is_user_input
+from .passes.graph_inputs import arguments_of, is_user_input, remember_arguments
 from .passes.lower import lower
 from .passes.meta import Kind, node_meta
 from .passes.sdpa import is_sdpa
@@ -231,7 +231,9 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
         # dynamo generalized the sizes (the second shape under automatic dynamic shapes): one program per
         # concrete shape, each planned as a fresh compile at that shape would be (see shapes.py)
         log.info("pipefusion: graph with symbolic sizes: planning one program per concrete input shape")
-        return ShapeDispatcher(gm, opts, lambda static, args: compile_for_shape(static, args, opts))
+        arguments = arguments_of(gm)  # dynamo's sources (a list latent's elements) are gone by the first call
+        return ShapeDispatcher(gm, opts, lambda static, args: compile_for_shape(
+            remember_arguments(static, arguments), args, opts))
     return compile_for_shape(gm, example_inputs, opts)
 
 

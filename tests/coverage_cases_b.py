@@ -456,7 +456,9 @@ CASES: list[Case] = [
     Case("WanTransformer3DModel[2f]", functools.partial(wan, 2)),
     Case("WanVACETransformer3DModel", wan_vace),
     Case("WanVACETransformer3DModel[2f]", functools.partial(wan_vace, 2)),
-    Case("ZImageTransformer2DModel", z_image, feed=_Z_IMAGE_FEED),
+    # a list latent of per-sample [C, 1, H, W]; its joint sequence is [image | caption], the caption padded to a
+    # multiple of 32 tokens (6 -> 32); the prediction is stacked to [B, C, H, W]: rows on axis 2, 2 per token row
+    Case("ZImageTransformer2DModel", z_image, feed=_Z_IMAGE_FEED, text_tokens=32, layout=ImageLayout(8, 8, 2, 2)),
     Case("SanaWMTransformer3DModel", None, skip="not built yet: its pipeline always passes camera raymaps and "
                                                 "Plucker rays (camera-controlled world model); no tiny camera input here"),
     Case("WanAnimate2Transformer3DModel", None, skip="not built yet: a step needs a WanAnimate2KVCache filled by a "

@@ -10,6 +10,8 @@ per row in the attention sequence, output axis of the rows, output elements per 
     ChannelsFirstVideo    [B, C, F, H, W]        -> [B, C, F, H, W]        (Wan layout, a conv3d patch embedding)
     OutputWithExtraDim    [B, C, H, W]           -> [B, 2, C, H, W]        (two heads stacked on a new dim)
     ListLatent            [[C, H, W]] * B        -> [B, C, H, W]           (a list of per-sample latents)
+    ListTokensCat         [[C, H, W]] * B        -> [[C, H, W]] * B        (per-sample patchify, the samples'
+                                                                            tokens concatenated on the token axis)
 """
 from __future__ import annotations
 
@@ -220,6 +222,49 @@ class ListLatent(UnpackedInPackedOut):
     def forward(self, hidden_states, timestep, context):
         x = torch.stack(hidden_states)
         return super().to_input(super().forward(x, timestep, context))
+
+    def layout(self):
+        return (self.height // self.p, self.width // self.p, 2, self.p)   # of the [B, C, H, W] output
+
+
+class ListTokensCat(_Trunk):
+    """A list of per-sample [C, H, W] latents, each patchified on its own to [h * w, p * p * C] tokens; the
+    samples' tokens concatenated along the token axis ([B * S, D]: sample-major, as Z-Image embeds them), a
+    per-token table tiled per sample added there, split back per sample and batched by pad_sequence (all of
+    one length: a stack); a list of per-sample [C, H, W] out, each unpatchified on its own. Any resolution."""
+
+    def __init__(self, height: int = 8, width: int = 12, p: int = 2, channels: int = 4):
+        super().__init__()
+        self.height, self.width, self.p, self.c = height, width, p, channels
+        self.h, self.w = height // p, width // p
+        self.embed = nn.Linear(p * p * channels, DIM)
+        self.out = nn.Linear(DIM, p * p * channels)
+
+    def example(self, batch: int = 2, height: int | None = None, width: int | None = None):
+        return list(torch.randn(batch, self.c, height or self.height, width or self.width).unbind(0))
+
+    def patchify(self, x):
+        c, hh, ww = x.shape
+        p = self.p
+        t = x.view(c, hh // p, p, ww // p, p).permute(1, 3, 2, 4, 0)
+        return t.reshape((hh // p) * (ww // p), p * p * c)
+
+    def unpatchify(self, t, hh, ww):
+        c, p = self.c, self.p
+        return t.view(hh // p, ww // p, p, p, c).permute(4, 0, 2, 1, 3).reshape(c, hh, ww)
+
+    def forward(self, hidden_states, timestep, context):
+        _, hh, ww = hidden_states[0].shape
+        s = (hh // self.p) * (ww // self.p)
+        x = self.embed(torch.cat([self.patchify(x) for x in hidden_states], dim=0))   # [B * S, D]
+        pos = torch.sin(torch.arange(s, dtype=torch.float32)[:, None] / (1.0 + torch.arange(DIM)))  # [S, D]
+        x = x + pos.repeat(len(hidden_states), 1)
+        x = torch.nn.utils.rnn.pad_sequence(list(x.split([s] * len(hidden_states), dim=0)), batch_first=True)
+        t = self.out(self.run(x, timestep, context))                                   # [B, S, p * p * C]
+        return [self.unpatchify(y, hh, ww) for y in t.unbind(0)]
+
+    def layout(self):
+        return (self.h, self.w, 1, self.p)   # of each output element [C, H, W]
 
 
 class PackedWithRotaryTuple(PackedInUnpackedOut):

@@ -85,6 +85,8 @@ class ImageLayout:
 
     @classmethod
     def of(cls, model, hidden_states: torch.Tensor, num_patches: int | None = None) -> "ImageLayout":
+        if isinstance(hidden_states, (list, tuple)):  # a list latent: each sample as a batch of one
+            hidden_states = hidden_states[0][None]
         if hidden_states.dim() == 3:  # packed tokens [B, S, C]: one token per "row"
             return cls(hidden_states.shape[1], 1, 1, 1)
         p = model.config.patch_size
@@ -143,7 +145,8 @@ class ReferencePipeFusion:
     after_tokens: tokens of one more group after the image (and after the text when not text_first).
     prediction: (output, latent argument) -> the part of the output that carries the image rows (the noise
     prediction, when the model returns more: its whole joint sequence, a list of per-sample tensors); the
-    reference then returns that part.
+    reference then returns that part. A list latent (per-sample tensors) is passed to the model as it is; a
+    list output is assembled element by element (`layout.out_axis` is then an axis of one element).
     key_text_tokens: text keys that image queries attend to besides the image keys (text first in the keys
     when text_first), with no text queries and no text piece.
     stream_tokens: tokens of a second stream in its own tensor (see above); stream_output: the position of
@@ -453,14 +456,18 @@ class ReferencePipeFusion:
                 stream = outs[self.stream_output]  # the last piece is the stream's (or the only one)
             if self.prediction is not None:
                 out = self.prediction(out, hidden_states)
+            # a list output (one tensor per sample, for a list latent): each element assembled alike
+            outs = list(out) if isinstance(out, (list, tuple)) else [out]
             if result is None:
-                result = torch.empty_like(out)
+                result = [torch.empty_like(o) for o in outs]
             if piece.row0 is None:
                 continue  # an extra token group's piece only refreshes its K/V
             a, k = layout.out_axis, layout.out_per_row
-            result.narrow(a, piece.row0 * k, piece.n * k).copy_(out.narrow(a, piece.row0 * k, piece.n * k))
+            for r, o in zip(result, outs):
+                r.narrow(a, piece.row0 * k, piece.n * k).copy_(o.narrow(a, piece.row0 * k, piece.n * k))
         self.previous = [(k.clone(), v.clone()) for k, v in self.current]
         self.conv_previous = [x.clone() for x in self.conv_current]
         self.red_previous = [(a.clone(), b.clone()) for a, b in self.red_current]
         self.step += 1
-        return result if self.stream_output is None else (result, stream)
+        final = result if isinstance(out, (list, tuple)) else result[0]
+        return final if self.stream_output is None else (final, stream)

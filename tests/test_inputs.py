@@ -1,6 +1,6 @@
 """The image input and its token axis are found, not asked for (tests/input_models.py: toy DiTs whose input
 is packed while the output is not, or the reverse, frames before channels, an output with an extra dim, a
-list latent); options image_input and token_axis override the search, with errors listing what was found."""
+list latent: tests/test_list_latent.py); options image_input and token_axis override the search, with errors listing what was found."""
 import re
 
 import pytest
@@ -92,21 +92,6 @@ def test_pipelined_equals_plain_model_and_the_reference(name):
     assert programs[0].stats["pipelined_calls"] == 3 and programs[0].plan.num_patches == 4
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
-
-
-def test_list_latent_is_refused_naming_the_argument():
-    torch.manual_seed(0)
-    model = im.ListLatent().eval()
-    xs, ctx = model.example(2), torch.randn(2, *im.CONTEXT)
-    compiled, _ = compile_pf(model, num_stages=2, stage_backend="eager")
-    err = raised(compiled, xs, torch.full((2,), 500), ctx)
-    assert isinstance(err, UnsupportedGraphError)
-    text = str(err)
-    assert "the list argument `hidden_states`: 2 per-sample tensors" in text
-    assert "hidden_states[0] [4, 8, 12], hidden_states[1] [4, 8, 12]" in text and "torch.stack" in text
-    # naming it does not make it supported
-    compiled, _ = compile_pf(model, num_stages=2, stage_backend="eager", image_input="hidden_states")
-    assert "list argument `hidden_states`" in str(raised(compiled, xs, torch.full((2,), 500), ctx))
 
 
 def test_a_list_argument_of_per_token_tables_does_not_hide_the_image_input():

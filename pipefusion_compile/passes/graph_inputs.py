@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import UnsupportedGraphError
-from .meta import example_value
+from .meta import META_KEY, NodeMeta, example_value
 
 
 def _source_root(source):
@@ -72,10 +72,17 @@ class InputCandidate:
     match: InputMatch | None     # None: rejected
     rejected: InputRejection | None = None
     per_sample_match: bool = False  # a list element whose shape matches one sample of the output
+    elements: tuple[str, ...] = ()  # a list latent: the placeholders of its elements, in list order (`name` is
+                                    # the first); each is one sample, all patched alike
+
+    @property
+    def is_list(self) -> bool:
+        return bool(self.elements)
 
     def describe(self) -> str:
         how = self.match.name.lower() if self.match is not None else f"not taken: {self.rejected.value}"
-        return f"{self.argument} ({self.name}) {list(self.shape)}: {how}"
+        what = f"{len(self.elements)} per-sample tensors of" if self.elements else ""
+        return f"{self.argument} ({self.name}) {what}{list(self.shape)}: {how}"
 
 
 def _argument(node: fx.Node) -> tuple[str, str | None, int | None]:
@@ -84,6 +91,9 @@ def _argument(node: fx.Node) -> tuple[str, str | None, int | None]:
     Sources as dynamo writes them: `L['x']` (an argument), `L['x'][0]` (an element of a list argument), and
     through `nn.Module.__call__`'s `*args, **kwargs`: `L['args'][0]`, `L['kwargs']['x']`, `L['args'][0][1]`.
     """
+    meta = node.meta.get(META_KEY)
+    if meta is not None and "argument" in meta.extra:   # recorded while dynamo's sources lived (`remember_arguments`)
+        return meta.extra["argument"]
     source = getattr(node.meta.get("grapharg"), "source", None)
     root = _source_root(source)
     local = getattr(root, "local_name", None)
@@ -122,6 +132,21 @@ def is_resume_stack(root: str | None) -> bool:
     return root is not None and _RESUME_STACK.fullmatch(root) is not None
 
 
+def arguments_of(gm: fx.GraphModule) -> dict[str, tuple]:
+    """`_argument` of every placeholder, read while dynamo's sources live (during the backend call)."""
+    return {ph.name: _argument(ph) for ph in gm.graph.find_nodes(op="placeholder")}
+
+
+def remember_arguments(gm: fx.GraphModule, arguments: dict[str, tuple]) -> fx.GraphModule:
+    """Record `arguments` (from `arguments_of` on the graph dynamo handed the backend) on the placeholders of
+    `gm`, a copy made later (a graph specialized to a shape at call time, when the sources are gone), so a list
+    latent's elements are still told from arguments of their own. Each placeholder gets its own meta."""
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        if ph.name in arguments:
+            ph.meta[META_KEY] = NodeMeta(extra={"argument": arguments[ph.name]})
+    return gm
+
+
 def _per_channel(shape: tuple[int, ...], drop_extra: bool = False) -> set[int]:
     """Elements per channel of one sample, for each choice of the channel dim (and, for outputs of 4+ non-batch
     dims with `drop_extra`, of one more dim the output carries besides the tokens)."""
@@ -154,6 +179,37 @@ def _match(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> InputMatch | N
     return None
 
 
+def _list_match(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> InputMatch | None:
+    """How one element of a list latent (one sample, no batch dim) matches the output: against one sample of a
+    batched output, or against the output itself when the model returns a list of per-sample tensors too."""
+    found = [m for m in (_match((1, *shape), (1, *out_shape[1:])) if len(out_shape) >= 3 else None,
+                         _match((1, *shape), (1, *out_shape))) if m is not None]
+    return min(found) if found else None
+
+
+def _list_candidates(elements: list[InputCandidate], out_shape, image_input: str | None) -> list[InputCandidate]:
+    """One candidate per list argument whose elements (at least one, all of one shape, each with 2+ dims) look
+    like per-sample latents: the list latent, its elements patched alike."""
+    groups: dict[str, list[InputCandidate]] = {}
+    for c in sorted(elements, key=_list_index):
+        groups.setdefault(c.argument.rsplit("[", 1)[0], []).append(c)
+    found = []
+    for root, members in groups.items():
+        shape = members[0].shape
+        if len(shape) < 2 or any(m.shape != shape for m in members):
+            continue
+        if image_input is not None:
+            if image_input not in (root, *(m.name for m in members), *(m.argument for m in members)):
+                continue
+            match = InputMatch.NAMED
+        else:
+            match = _list_match(shape, out_shape)
+        if match is not None:
+            found.append(InputCandidate(members[0].name, root, shape, match,
+                                        elements=tuple(m.name for m in members)))
+    return found
+
+
 def output_shape(gm: fx.GraphModule) -> tuple[int, ...]:
     outputs = [example_value(o) for o in graph_outputs(gm) if isinstance(o, fx.Node)]
     outputs = [v for v in outputs if isinstance(v, torch.Tensor)]
@@ -175,6 +231,7 @@ def image_input_candidates(gm: fx.GraphModule, example_inputs: list | None = Non
     """
     out_shape = output_shape(gm)
     found = []
+    elements: list[InputCandidate] = []  # the elements of list arguments, each as dynamo's own graph input
     for i, ph in enumerate(gm.graph.find_nodes(op="placeholder")):
         ex = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else None
         val = example_value(ph)
@@ -191,14 +248,14 @@ def image_input_candidates(gm: fx.GraphModule, example_inputs: list | None = Non
             if named and index is None:
                 found.append(InputCandidate(ph.name, argument, shape, InputMatch.NAMED))
             elif named:
-                found.append(InputCandidate(ph.name, argument, shape, None, InputRejection.LIST_ELEMENT,
-                                            per_sample_match=True))
+                elements.append(InputCandidate(ph.name, argument, shape, None, InputRejection.LIST_ELEMENT,
+                                               per_sample_match=True))
             else:
                 found.append(InputCandidate(ph.name, argument, shape, None, InputRejection.NOT_NAMED))
             continue
         if index is not None and not is_resume_stack(root):
-            per_sample = len(out_shape) >= 3 and _match((1, *shape), (1, *out_shape[1:])) is not None
-            found.append(InputCandidate(ph.name, argument, shape, None, InputRejection.LIST_ELEMENT, per_sample))
+            per_sample = _list_match(shape, out_shape) is not None
+            elements.append(InputCandidate(ph.name, argument, shape, None, InputRejection.LIST_ELEMENT, per_sample))
             continue
         if len(shape) < 3:
             found.append(InputCandidate(ph.name, argument, shape, None, InputRejection.TOO_FEW_DIMS))
@@ -208,23 +265,35 @@ def image_input_candidates(gm: fx.GraphModule, example_inputs: list | None = Non
             match = _match(shape, out_shape)
             found.append(InputCandidate(ph.name, argument, shape, match,
                                         None if match is not None else InputRejection.NO_TOKEN_MATCH))
-    found.sort(key=lambda c: (c.match is None, c.match or 0, -math.prod(c.shape)))
+    # a list latent is tried after every tensor input: a list argument of per-token tables (a rotary (cos, sin)
+    # pair) must not take the place of the batched latent beside it
+    found += _list_candidates(elements, out_shape, image_input)
+    found += elements
+    found.sort(key=lambda c: (c.match is None, c.is_list, c.match or 0, -math.prod(c.shape)))
     return out_shape, found
 
 
+def _list_index(c: InputCandidate) -> int:
+    """The position of a list element in its list (`x[3]` -> 3)."""
+    tail = c.argument.rsplit("[", 1)[-1].rstrip("]")
+    return int(tail) if tail.isdigit() else 0
+
+
 def list_latent_error(candidates: list[InputCandidate], out_shape) -> UnsupportedGraphError | None:
-    """The error for a latent passed as a list of per-sample tensors (one graph input per element), if the
-    candidates show one."""
-    elements = [c for c in candidates if c.rejected is InputRejection.LIST_ELEMENT and c.per_sample_match]
+    """The error for a latent passed as a list of per-sample tensors that cannot be one image input (one graph
+    input per element): samples of different shapes, whose bands of rows would not line up."""
+    grouped = {e for c in candidates if c.is_list for e in c.elements}
+    elements = [c for c in candidates if c.rejected is InputRejection.LIST_ELEMENT and c.per_sample_match
+                and c.name not in grouped]
     if not elements:
         return None
-    root = elements[0].argument.split("[")[0]
-    same = [c for c in elements if c.argument.split("[")[0] == root]
+    root = elements[0].argument.rsplit("[", 1)[0]
+    same = sorted((c for c in elements if c.argument.rsplit("[", 1)[0] == root), key=_list_index)
     return UnsupportedGraphError(
         f"the image input looks like the list argument `{root}`: {len(same)} per-sample tensors "
         f"({', '.join(f'{c.argument} {list(c.shape)}' for c in same)}) for an output {list(out_shape)}. "
-        "dynamo makes one graph input per list element, and a patch is a band of one tensor's token rows, so a "
-        "latent passed as a list is not supported: pass one batched tensor (torch.stack of the samples)")
+        "A list latent is patched element by element (a patch is the same band of rows of every sample), so its "
+        "samples must have one shape: pass samples of one resolution")
 
 
 def _no_image_input(out_shape, candidates: list[InputCandidate], image_input: str | None) -> UnsupportedGraphError:
@@ -252,6 +321,16 @@ def find_token_inputs(gm: fx.GraphModule, example_inputs: list | None = None,
         raise _no_image_input(out_shape, candidates, image_input)
     by_name = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
     return [by_name[c.name] for c in matched], candidates
+
+
+def input_members(gm: fx.GraphModule, candidates: list[InputCandidate], token_input: fx.Node) -> tuple[fx.Node, ...]:
+    """The placeholders patched as the image input `token_input`: its list's elements for a list latent (the
+    same band of rows of each sample), else itself."""
+    by_name = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
+    for c in candidates:
+        if c.is_list and c.name == token_input.name:
+            return tuple(by_name[e] for e in c.elements)
+    return (token_input,)
 
 
 def find_token_input(gm: fx.GraphModule, example_inputs: list | None = None,

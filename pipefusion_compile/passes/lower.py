@@ -44,6 +44,7 @@ from .autocast import autocast_scopes, restore_autocast
 from .cross_group import rewrite_cross_group_attention
 from .meta import META_KEY, Kind, MixingRule, NodeMeta, TokenInfo, example_value, node_meta
 from .pieces import BAND, FULL, HEAD, Piece, extent, group_offset, holds, token_range
+from .sample_rules import rewrite_sample_splits
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
 from .side_effects import alias_root, check_kept, is_impure, mutated_operand, mutation_closure
 from .tokens import TokenAnalysis
@@ -1002,6 +1003,7 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
             g = fx.GraphModule(stage_gm, graph)
             g = _run_pass("rewrite_cross_group_attention", rewrite_cross_group_attention, g, piece.kind)
             g = _run_pass("select_group", select_group, g, piece.kind)
+            g = _run_pass("rewrite_sample_splits", rewrite_sample_splits, g)
             g = _run_pass("rewrite_stale_attention", rewrite_stale_attention, g, piece.kind)
             whole = piece.kind == FULL or (piece.kind == BAND and piece.rows == analysis.token_rows)
             g = _run_pass("rewrite_halo_convs", rewrite_halo_convs, g, whole)

@@ -25,8 +25,10 @@ import torch
 import torch.fx as fx
 
 from ..errors import OptionsError, PipefusionError, UnsupportedGraphError, symbolic_hint
-from .graph_inputs import find_token_inputs, image_input_candidates, list_latent_error, output_shape
+from .graph_inputs import (InputMatch, find_token_inputs, image_input_candidates, input_members, list_latent_error,
+                           output_shape)
 from .joint_input import JointInput, find_joint_inputs
+from . import sample_rules  # noqa: F401  (registers the rules for the samples of a list latent)
 from .meta import META_KEY, Kind, MixingRule, TokenInfo, example_value, node_meta
 from .token_rules import FOLD_SAFE_RULES, GLOBAL, REDUCED, RuleContext, op_name, rule_for, shape_of, token_operands
 
@@ -80,10 +82,15 @@ class TokenAnalysis:
 
 
 class _Analyzer:
-    def __init__(self, gm: fx.GraphModule, token_input: fx.Node, axis: int, joint: JointInput | None = None):
+    def __init__(self, gm: fx.GraphModule, token_input: fx.Node, axis: int, joint: JointInput | None = None,
+                 members: tuple[fx.Node, ...] | None = None, is_list: bool = False):
         self.gm = gm
         self.token_input = token_input
         self.joint = joint
+        # the placeholders patched as the image input: itself, or the elements of a list latent (one sample each,
+        # without a batch dim; a patch is the same rows of every element)
+        self.members = members or (token_input,)
+        self.is_list = is_list   # the members have no batch dim (a sample each)
         self.input_rows = shape_of(token_input)[axis] - (joint.prefix + joint.suffix if joint else 0)
         self.axis = axis
         self.positional: dict[str, fx.Node] = {}
@@ -122,8 +129,8 @@ class _Analyzer:
         self.positional[node.name] = node
 
     def run(self) -> None:
-        ndim = len(shape_of(self.token_input))
-        if ndim >= 4 and self.axis == ndim - 1:
+        ndim = len(shape_of(self.token_input)) + self.is_list   # as one batched tensor
+        if ndim >= 4 and self.axis + self.is_list == ndim - 1:
             # the last spatial axis of [B, C, H, W] / [B, C, F, H, W]: its bands are columns, the same range of
             # every row once the tokens are flattened; the folded split of rows within frames would take it, but
             # column bands are not checked against the reference (they differed from it): refused
@@ -137,7 +144,7 @@ class _Analyzer:
                 if node is self.token_input and self.joint is not None:
                     meta.token = self.make_info(node, self.axis, "joint image input", prefix=self.joint.prefix,
                                                 suffix=self.joint.suffix)
-                elif node is self.token_input:
+                elif node in self.members:
                     meta.token = self.make_info(node, self.axis, "image input")
                 else:
                     meta.token = GLOBAL
@@ -205,14 +212,15 @@ def default_token_axis(ndim: int) -> int:
     return 1 if ndim == 3 else 2
 
 
-def candidate_axes(ndim: int) -> list[int]:
-    """The token axes `analyze_tokens` tries, in order: every dim but the batch dim 0, leading first.
+def candidate_axes(ndim: int, is_list: bool = False) -> list[int]:
+    """The token axes `analyze_tokens` tries, in order: every dim but the batch dim 0, leading first (every dim
+    of an element of a list latent, which is one sample without a batch dim).
 
     The token rows are the leading spatial or temporal axis, so the first axis that is not the channels is
     right: the channel axis (the one the patch embedding's conv or linear contracts) fails the analysis at that
     op ("conv over the channels", "linear contracts over the token axis"), and so does a trailing spatial axis
     (its rows are not contiguous once the tokens are flattened)."""
-    return list(range(1, ndim))
+    return list(range(0 if is_list else 1, ndim))
 
 
 class AttemptOutcome(enum.Enum):
@@ -251,10 +259,12 @@ def _reset(gm: fx.GraphModule, saved: dict) -> None:
             meta.extra = dict(saved.get(node, {}))
 
 
-def _run_attempt(gm, token_input: fx.Node, axis: int, saved: dict, joint: JointInput | None = None):
-    """(analyzer, None) or (analyzer, error) for one attempt, the node meta holding its results."""
+def _run_attempt(gm, token_input: fx.Node, axis: int, saved: dict, joint: JointInput | None = None,
+                 members: tuple[fx.Node, ...] | None = None):
+    """(analyzer, None) or (analyzer, error) for one attempt, the node meta holding its results. `joint`: the
+    input's other token groups; `members`: the elements of a list latent (`token_input` the first), patched alike."""
     _reset(gm, saved)
-    analyzer = _Analyzer(gm, token_input, axis, joint)
+    analyzer = _Analyzer(gm, token_input, axis, joint, members, is_list=members is not None)
     try:
         analyzer.run()
     except UnsupportedGraphError as e:
@@ -292,7 +302,7 @@ def _summarize(gm, token_input: fx.Node, axis: int, analyzer: _Analyzer, attempt
         self_attention=self_attn,
         cross_attention=cross_attn,
         positional=sorted(analyzer.positional),
-        patched_inputs=[token_input.name],
+        patched_inputs=[n.name for n in analyzer.members],
         local_attention=local_attn,
         token_reductions=reductions,
         attempts=tuple(attempts),
@@ -333,11 +343,15 @@ def analyze_tokens(
     one tried.
     """
     inputs, candidates = _token_inputs(gm, example_inputs, image_input)
-    match_of = {c.name: int(c.match) for c in candidates if c.match is not None}
+    # a list latent ranks after every tensor input of any match (see `graph_inputs.image_input_candidates`)
+    match_of = {c.name: int(c.match) + (len(InputMatch) if c.is_list and c.match is not InputMatch.NAMED else 0)
+                for c in candidates if c.match is not None}
+    lists = {c.name for c in candidates if c.is_list and c.match is not None}
+    members_of = {n.name: input_members(gm, candidates, n) if n.name in lists else None for n, _ in inputs}
     if token_axis is not None:
         for token_input, _ in inputs:
             ndim = len(shape_of(token_input))
-            if not 0 < token_axis < ndim:
+            if not (0 if token_input.name in lists else 1) <= token_axis < ndim:
                 raise OptionsError(
                     f"option token_axis={token_axis}: the image input {token_input.name} "
                     f"{list(shape_of(token_input))} has {ndim} dims, so the token axis is one of 1..{ndim - 1}")
@@ -349,11 +363,12 @@ def analyze_tokens(
     last_run = None
     for token_input, joint in inputs:
         shape = tuple(shape_of(token_input))
-        axes = [token_axis] if token_axis is not None else candidate_axes(len(shape))
+        is_list = token_input.name in lists
+        axes = [token_axis] if token_axis is not None else candidate_axes(len(shape), is_list)
         if joint is not None:
             axes = [a for a in axes if a == joint.axis]
         for axis in axes:
-            analyzer, error = _run_attempt(gm, token_input, axis, saved, joint)
+            analyzer, error = _run_attempt(gm, token_input, axis, saved, joint, members_of[token_input.name])
             last_run = (token_input, axis, joint)
             if error is not None:
                 errors[len(attempts)] = error
@@ -410,7 +425,7 @@ def analyze_tokens(
     if chosen is not None:
         _, token_input, axis, analyzer = chosen
         if last_run != (token_input, axis, analyzer.joint):  # a later attempt overwrote the meta: rerun it
-            analyzer, _ = _run_attempt(gm, token_input, axis, saved, analyzer.joint)
+            analyzer, _ = _run_attempt(gm, token_input, axis, saved, analyzer.joint, members_of[token_input.name])
         return _summarize(gm, token_input, axis, analyzer, attempts)
     raise _all_failed(attempts, errors, candidates, token_axis) from None
 
@@ -465,6 +480,10 @@ def _all_failed(attempts: list[AxisAttempt], errors: dict, candidates, token_axi
         return a.token_input == attempts[0].token_input and a.axis == (token_axis or default_token_axis(len(a.shape)))
 
     failed = [i for i in range(len(attempts)) if i in errors]
+    tried = "".join(f"\n    - {a.describe()}" for a in attempts)
+    if not failed:  # every attempt passed, none with self-attention, none the conventional one (a list latent)
+        return UnsupportedGraphError(
+            f"no image input and token axis gave an analysis with self-attention over the tokens; tried:{tried}")
     best = max(failed, key=lambda i: (attempts[i].reached, conventional(i), -i))
     error, attempt = errors[best], attempts[best]
     where = f"the image input {attempt.token_input} {list(attempt.shape)}"
