@@ -409,6 +409,48 @@ def joyimage_edit(frames=1):
     return model, kwargs
 
 
+# the target and two reference images of the edit-plus pipeline, in latent (t, h, w) before the patchify
+_JOY_ITEMS = ((1, H, W), (1, 12, W), (1, 8, 8))
+_JOY_TARGET = (H // 2) * (W // 2)                                      # the target's patches come first
+_JOY_PATCHES = sum(t * (h // 2) * (w // 2) for t, h, w in _JOY_ITEMS)  # 64 + 48 + 16
+
+
+def joyimage_edit_plus():
+    """What JoyImageEditPlusPipeline passes on each call: every item (the target noise, then the VAE latents of
+    the reference images) patchified by the pipeline and concatenated into one patch sequence
+    [B, patches, C, pt, ph, pw] (all samples of a CFG batch the same length, so no padding), the per-sample
+    (t, h, w) of every item in patches (`shape_list`, repeated for the CFG batch), the text states
+    [negative, positive] padded with zeros to one length and their mask (the negative prompt is the shorter).
+    The pipeline steps the whole sequence and writes the clean references back before every call (`feed`)."""
+    from diffusers import JoyImageEditPlusTransformer3DModel
+
+    model = JoyImageEditPlusTransformer3DModel(
+        patch_size=[1, 2, 2], in_channels=4, out_channels=4, hidden_size=32, num_attention_heads=2, text_dim=16,
+        mlp_width_ratio=2.0, num_layers=2, rope_dim_list=[4, 6, 6],
+    ).eval()
+    pt, ph, pw = 1, 2, 2
+    patches, shapes = [], []
+    for t, h, w in _JOY_ITEMS:  # prepare_latents' patchify of one item [C, t, h, w]
+        item = torch.randn(4, t, h, w)
+        patches.append(item.reshape(4, t // pt, pt, h // ph, ph, w // pw, pw).permute(1, 3, 5, 0, 2, 4, 6)
+                       .reshape(-1, 4, pt, ph, pw))
+        shapes.append((t // pt, h // ph, w // pw))
+    sample = torch.cat(patches)
+    text = torch.randn(B, L, 16)
+    mask = torch.ones(B, L, dtype=torch.int64)
+    text[0, L - 2:] = 0  # _pad_sequence of the shorter negative prompt
+    mask[0, L - 2:] = 0
+    kwargs = dict(hidden_states=torch.stack([sample] * B), timestep=_t(500.0, torch.float32),
+                  encoder_hidden_states=text, encoder_hidden_states_mask=mask, shape_list=[shapes] * B)
+    return model, kwargs
+
+
+def _joy_references(latents, built):
+    """`latents[~target_mask] = clean_reference_backup[~target_mask]`: the target patches stepped, the
+    references as encoded."""
+    return torch.cat([latents[:, :_JOY_TARGET], built[:, _JOY_TARGET:]], dim=1)
+
+
 def kandinsky5(frames=4):
     """Latents [B, F, H, W, C] (channels last); RoPE positions per axis as the pipeline builds them."""
     from diffusers import Kandinsky5Transformer3DModel
@@ -493,8 +535,10 @@ CASES: list[Case] = [
     Case("Ideogram4Transformer2DModel", None, skip=(
         "builder not written yet: one packed [text | image] sequence with position/segment ids and an indicator "
         "built by the pipeline")),
-    Case("JoyImageEditPlusTransformer3DModel", None, skip=(
-        "builder not written yet: multi-item input [B, items, C, F, H, W] with a per-item shape_list")),
+    # joint attention [image | text]; the "image" is the whole patch sequence (target, then the references), one
+    # patch a row
+    Case("JoyImageEditPlusTransformer3DModel", joyimage_edit_plus, text_tokens=L,
+         layout=ImageLayout(_JOY_PATCHES, 1, 1, 1), feed=Feed(model_input=_joy_references)),
     Case("JoyImageEditTransformer3DModel", joyimage_edit, text_tokens=L),
     *_video("Kandinsky5Transformer3DModel", kandinsky5, layout=_frames_layout(64, out_axis=1)),
     Case("Kandinsky6SRTransformer3DModel", None, skip=(
