@@ -466,6 +466,40 @@ def kandinsky5(frames=4):
     return TupleOutput(model).eval(), kwargs
 
 
+def kandinsky6(frames=4):
+    """What Kandinsky6TI2VAPipeline passes for text-to-video-and-audio (its default, sample_audio=True): the video
+    latents [B, F, H, W, C] with the conditioning channels of visual_cond (an unused conditioning latent and a
+    mask, both zero without a reference image) concatenated last, the audio latents [B, A, C_a] of the length the
+    pipeline derives from the frames (24 fps, 44.1 kHz, hop 1024), the Qwen states padded to max_length with
+    their bool mask, the CLIP pooled state. The flags the released checkpoints set (text_token_padding, ca_rope,
+    cross_gates, fix_modulation) are on. The pipeline runs CFG as two calls and steps both outputs; the shared
+    loop steps the video (the model's first output), and the audio latents stay as built."""
+    import math
+
+    from diffusers import Kandinsky6Transformer3DModel
+
+    model = Kandinsky6Transformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=32, patch_size=(1, 2, 2),
+        model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=True,
+        in_audio_dim=8, out_audio_dim=8, text_token_padding=True, ca_rope=True, cross_gates=True,
+        fix_modulation=True,
+    ).eval()
+    latents = torch.randn(B, frames, H, W, 4)
+    cond = torch.cat([torch.zeros_like(latents), torch.zeros(B, frames, H, W, 1)], dim=-1)
+    audio = math.ceil(((frames - 1) * 4 + 1) / 24.0 * 44_100 / 1024)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[:, L - 2:] = False  # padding="max_length"
+    kwargs = dict(hidden_states=torch.cat([latents, cond], dim=-1), audio_hidden_states=torch.randn(B, audio, 8),
+                  encoder_hidden_states=torch.randn(B, L, 16), pooled_projections=torch.randn(B, 8),
+                  timestep=_t(500.0, torch.float32), encoder_attention_mask=mask)
+    return model, kwargs
+
+
+# Kandinsky 6's latents are channels last: the pipeline concatenates [latent | conditioning latent | mask] on -1
+KANDINSKY6_FEED = Feed(latents=lambda built: built[..., :4],
+                       model_input=lambda x, built: torch.cat([x, built[..., 4:]], dim=-1))
+
+
 def _video(name, fn, frames=4, short=2, **case):
     """A video class at `frames` latent frames, and a second case `name[<short>f]` at `short` frames."""
     layout = case.pop("layout", None)
@@ -543,6 +577,5 @@ CASES: list[Case] = [
     *_video("Kandinsky5Transformer3DModel", kandinsky5, layout=_frames_layout(64, out_axis=1)),
     Case("Kandinsky6SRTransformer3DModel", None, skip=(
         "builder not written yet: super-resolution model with tiled NABLA sparse attention")),
-    Case("Kandinsky6Transformer3DModel", None, skip=(
-        "builder not written yet: joint video + audio streams, visual conditioning channels")),
+    *_video("Kandinsky6Transformer3DModel", kandinsky6, layout=_frames_layout(64, out_axis=1), feed=KANDINSKY6_FEED),
 ]
