@@ -409,6 +409,57 @@ def joyimage_edit(frames=1):
     return model, kwargs
 
 
+class ModelTime(torch.nn.Module):
+    """Ideogram 4's pipeline passes the model time `1 - t / num_train_timesteps` (in [0, 1], 0 is noise) where the
+    shared DDIM loop (tests/helpers.py) passes the scheduler's t: this maps it, as the pipeline does, and nothing
+    else."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, hidden_states, timestep, **kwargs):
+        return self.model(hidden_states, timestep=1.0 - timestep.float() / 1000, **kwargs)
+
+
+_IDEOGRAM_TEXT = 8  # max_sequence_length: the text slots before the image tokens
+
+
+def ideogram4():
+    """What Ideogram4Pipeline passes to its (conditional) transformer on each call: one packed sequence
+    [left padding | prompt | image tokens] per sample, max_sequence_length text slots then the 8 x 8 patchified
+    latents; `hidden_states` is `cat([zeros for the text slots, latents])`, `encoder_hidden_states` the text
+    features (zero at the padding) followed by zeros for the image tokens, and position_ids / segment_ids /
+    indicator built by the pipeline's own `_prepare_ids` for two prompts of different lengths (so their padding
+    differs). The asymmetric CFG runs a second, unconditional transformer on the image tokens alone: another
+    model, not this call."""
+    from diffusers import Ideogram4Transformer2DModel
+    from diffusers.pipelines.ideogram4.pipeline_ideogram4 import Ideogram4Pipeline
+
+    model = Ideogram4Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, intermediate_size=64,
+        adaln_dim=16, llm_features_dim=24, mrope_section=(4, 2, 2),
+    ).eval()
+    text, (h, w), lengths = _IDEOGRAM_TEXT, (8, 8), [6, 4]
+    position_ids, segment_ids, indicator = Ideogram4Pipeline._prepare_ids(lengths, h, w, text, torch.device("cpu"))
+    features = torch.randn(B, text, 24)
+    for b, n in enumerate(lengths):
+        features[b, :text - n] = 0  # the left padding, zeroed by the tokenizer's attention mask
+    kwargs = dict(hidden_states=torch.cat([torch.zeros(B, text, 16), torch.randn(B, h * w, 16)], dim=1),
+                  timestep=_t(500.0, torch.float32),
+                  encoder_hidden_states=torch.cat([features, torch.zeros(B, h * w, 24)], dim=1),
+                  position_ids=position_ids, segment_ids=segment_ids, indicator=indicator, attention_kwargs=None)
+    return ModelTime(model).eval(), kwargs
+
+
+# the pipeline keeps its latents apart and packs `cat([zeros, latents])` before each call, then steps with
+# -output[:, text:]: here the scheduler steps the whole packed sequence and the text slots are zeroed again
+# before every call, the same inputs for every call
+IDEOGRAM4_FEED = Feed(model_input=lambda x, built: torch.cat([built[:, :_IDEOGRAM_TEXT], x[:, _IDEOGRAM_TEXT:]], 1),
+                      prediction=lambda out, x: -out)
+
+
 # the target and two reference images of the edit-plus pipeline, in latent (t, h, w) before the patchify
 _JOY_ITEMS = ((1, H, W), (1, 12, W), (1, 8, 8))
 _JOY_TARGET = (H // 2) * (W // 2)                                      # the target's patches come first
@@ -566,9 +617,9 @@ CASES: list[Case] = [
     *_video("HunyuanVideoFramepackTransformer3DModel", hunyuan_framepack, text_tokens=L, layout=_frames_layout(64)),
     # the Hunyuan video classes take an int patch_size, which ImageLayout.of does not read: frames of 8 x 8 tokens
     *_video("HunyuanVideoTransformer3DModel", hunyuan_video, text_tokens=L, layout=_frames_layout(64)),
-    Case("Ideogram4Transformer2DModel", None, skip=(
-        "builder not written yet: one packed [text | image] sequence with position/segment ids and an indicator "
-        "built by the pipeline")),
+    # the packed [text slots | image] sequence is the latent argument: one token a row, text slots included
+    Case("Ideogram4Transformer2DModel", ideogram4, layout=ImageLayout(_IDEOGRAM_TEXT + 64, 1, 1, 1),
+         feed=IDEOGRAM4_FEED),
     # joint attention [image | text]; the "image" is the whole patch sequence (target, then the references), one
     # patch a row
     Case("JoyImageEditPlusTransformer3DModel", joyimage_edit_plus, text_tokens=L,
