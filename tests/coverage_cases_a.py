@@ -517,6 +517,13 @@ def kandinsky5(frames=4):
     return TupleOutput(model).eval(), kwargs
 
 
+def _kandinsky6_audio(frames):
+    """The pipeline's audio latent length for `frames` latent frames (24 fps, 44.1 kHz, hop 1024)."""
+    import math
+
+    return math.ceil(((frames - 1) * 4 + 1) / 24.0 * 44_100 / 1024)
+
+
 def kandinsky6(frames=4):
     """What Kandinsky6TI2VAPipeline passes for text-to-video-and-audio (its default, sample_audio=True): the video
     latents [B, F, H, W, C] with the conditioning channels of visual_cond (an unused conditioning latent and a
@@ -525,8 +532,6 @@ def kandinsky6(frames=4):
     their bool mask, the CLIP pooled state. The flags the released checkpoints set (text_token_padding, ca_rope,
     cross_gates, fix_modulation) are on. The pipeline runs CFG as two calls and steps both outputs; the shared
     loop steps the video (the model's first output), and the audio latents stay as built."""
-    import math
-
     from diffusers import Kandinsky6Transformer3DModel
 
     model = Kandinsky6Transformer3DModel(
@@ -537,7 +542,7 @@ def kandinsky6(frames=4):
     ).eval()
     latents = torch.randn(B, frames, H, W, 4)
     cond = torch.cat([torch.zeros_like(latents), torch.zeros(B, frames, H, W, 1)], dim=-1)
-    audio = math.ceil(((frames - 1) * 4 + 1) / 24.0 * 44_100 / 1024)
+    audio = _kandinsky6_audio(frames)
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[:, L - 2:] = False  # padding="max_length"
     kwargs = dict(hidden_states=torch.cat([latents, cond], dim=-1), audio_hidden_states=torch.randn(B, audio, 8),
@@ -554,9 +559,11 @@ KANDINSKY6_FEED = Feed(latents=lambda built: built[..., :4],
 def _video(name, fn, frames=4, short=2, **case):
     """A video class at `frames` latent frames, and a second case `name[<short>f]` at `short` frames."""
     layout = case.pop("layout", None)
+    stream = case.pop("stream_tokens", 0)  # or a function of the frames (an audio stream as long as the video)
     out = []
     for f, suffix in ((frames, ""), (short, f"[{short}f]")):
-        out.append(Case(name + suffix, lambda f=f: fn(f), layout=layout(f) if callable(layout) else layout, **case))
+        out.append(Case(name + suffix, lambda f=f: fn(f), layout=layout(f) if callable(layout) else layout,
+                        stream_tokens=stream(f) if callable(stream) else stream, **case))
     return out
 
 
@@ -628,5 +635,7 @@ CASES: list[Case] = [
     *_video("Kandinsky5Transformer3DModel", kandinsky5, layout=_frames_layout(64, out_axis=1)),
     Case("Kandinsky6SRTransformer3DModel", None, skip=(
         "builder not written yet: super-resolution model with tiled NABLA sparse attention")),
-    *_video("Kandinsky6Transformer3DModel", kandinsky6, layout=_frames_layout(64, out_axis=1), feed=KANDINSKY6_FEED),
+    # the audio stream (its own tensor) attends over the video and the video over it
+    *_video("Kandinsky6Transformer3DModel", kandinsky6, layout=_frames_layout(64, out_axis=1), feed=KANDINSKY6_FEED,
+            stream_tokens=_kandinsky6_audio),
 ]
