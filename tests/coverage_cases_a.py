@@ -397,18 +397,6 @@ def hunyuan_image():
     return model, kwargs
 
 
-def joyimage_edit(frames=1):
-    from diffusers import JoyImageEditTransformer3DModel
-
-    model = JoyImageEditTransformer3DModel(
-        patch_size=[1, 2, 2], in_channels=4, out_channels=4, hidden_size=32, num_attention_heads=2, text_dim=16,
-        mlp_width_ratio=2.0, num_layers=2, rope_dim_list=[4, 6, 6],
-    ).eval()
-    kwargs = dict(hidden_states=torch.randn(B, 4, frames, H, W), timestep=_t(500.0, torch.float32),
-                  encoder_hidden_states=torch.randn(B, L, 16))
-    return model, kwargs
-
-
 class ModelTime(torch.nn.Module):
     """Ideogram 4's pipeline passes the model time `1 - t / num_train_timesteps` (in [0, 1], 0 is noise) where the
     shared DDIM loop (tests/helpers.py) passes the scheduler's t: this maps it, as the pipeline does, and nothing
@@ -455,9 +443,21 @@ def ideogram4():
 
 # the pipeline keeps its latents apart and packs `cat([zeros, latents])` before each call, then steps with
 # -output[:, text:]: here the scheduler steps the whole packed sequence and the text slots are zeroed again
-# before every call, the same inputs for every call
+# before every call, so each call gets what the pipeline's would
 IDEOGRAM4_FEED = Feed(model_input=lambda x, built: torch.cat([built[:, :_IDEOGRAM_TEXT], x[:, _IDEOGRAM_TEXT:]], 1),
                       prediction=lambda out, x: -out)
+
+
+def joyimage_edit(frames=1):
+    from diffusers import JoyImageEditTransformer3DModel
+
+    model = JoyImageEditTransformer3DModel(
+        patch_size=[1, 2, 2], in_channels=4, out_channels=4, hidden_size=32, num_attention_heads=2, text_dim=16,
+        mlp_width_ratio=2.0, num_layers=2, rope_dim_list=[4, 6, 6],
+    ).eval()
+    kwargs = dict(hidden_states=torch.randn(B, 4, frames, H, W), timestep=_t(500.0, torch.float32),
+                  encoder_hidden_states=torch.randn(B, L, 16))
+    return model, kwargs
 
 
 # the target and two reference images of the edit-plus pipeline, in latent (t, h, w) before the patchify
