@@ -397,6 +397,57 @@ def hunyuan_image():
     return model, kwargs
 
 
+class ModelTime(torch.nn.Module):
+    """Ideogram 4's pipeline passes the model time `1 - t / num_train_timesteps` (in [0, 1], 0 is noise) where the
+    shared DDIM loop (tests/helpers.py) passes the scheduler's t: this maps it, as the pipeline does, and nothing
+    else."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, hidden_states, timestep, **kwargs):
+        return self.model(hidden_states, timestep=1.0 - timestep.float() / 1000, **kwargs)
+
+
+_IDEOGRAM_TEXT = 8  # max_sequence_length: the text slots before the image tokens
+
+
+def ideogram4():
+    """What Ideogram4Pipeline passes to its (conditional) transformer on each call: one packed sequence
+    [left padding | prompt | image tokens] per sample, max_sequence_length text slots then the 8 x 8 patchified
+    latents; `hidden_states` is `cat([zeros for the text slots, latents])`, `encoder_hidden_states` the text
+    features (zero at the padding) followed by zeros for the image tokens, and position_ids / segment_ids /
+    indicator built by the pipeline's own `_prepare_ids` for two prompts of different lengths (so their padding
+    differs). The asymmetric CFG runs a second, unconditional transformer on the image tokens alone: another
+    model, not this call."""
+    from diffusers import Ideogram4Transformer2DModel
+    from diffusers.pipelines.ideogram4.pipeline_ideogram4 import Ideogram4Pipeline
+
+    model = Ideogram4Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, intermediate_size=64,
+        adaln_dim=16, llm_features_dim=24, mrope_section=(4, 2, 2),
+    ).eval()
+    text, (h, w), lengths = _IDEOGRAM_TEXT, (8, 8), [6, 4]
+    position_ids, segment_ids, indicator = Ideogram4Pipeline._prepare_ids(lengths, h, w, text, torch.device("cpu"))
+    features = torch.randn(B, text, 24)
+    for b, n in enumerate(lengths):
+        features[b, :text - n] = 0  # the left padding, zeroed by the tokenizer's attention mask
+    kwargs = dict(hidden_states=torch.cat([torch.zeros(B, text, 16), torch.randn(B, h * w, 16)], dim=1),
+                  timestep=_t(500.0, torch.float32),
+                  encoder_hidden_states=torch.cat([features, torch.zeros(B, h * w, 24)], dim=1),
+                  position_ids=position_ids, segment_ids=segment_ids, indicator=indicator, attention_kwargs=None)
+    return ModelTime(model).eval(), kwargs
+
+
+# the pipeline keeps its latents apart and packs `cat([zeros, latents])` before each call, then steps with
+# -output[:, text:]: here the scheduler steps the whole packed sequence and the text slots are zeroed again
+# before every call, so each call gets what the pipeline's would
+IDEOGRAM4_FEED = Feed(model_input=lambda x, built: torch.cat([built[:, :_IDEOGRAM_TEXT], x[:, _IDEOGRAM_TEXT:]], 1),
+                      prediction=lambda out, x: -out)
+
+
 def joyimage_edit(frames=1):
     from diffusers import JoyImageEditTransformer3DModel
 
@@ -407,6 +458,48 @@ def joyimage_edit(frames=1):
     kwargs = dict(hidden_states=torch.randn(B, 4, frames, H, W), timestep=_t(500.0, torch.float32),
                   encoder_hidden_states=torch.randn(B, L, 16))
     return model, kwargs
+
+
+# the target and two reference images of the edit-plus pipeline, in latent (t, h, w) before the patchify
+_JOY_ITEMS = ((1, H, W), (1, 12, W), (1, 8, 8))
+_JOY_TARGET = (H // 2) * (W // 2)                                      # the target's patches come first
+_JOY_PATCHES = sum(t * (h // 2) * (w // 2) for t, h, w in _JOY_ITEMS)  # 64 + 48 + 16
+
+
+def joyimage_edit_plus():
+    """What JoyImageEditPlusPipeline passes on each call: every item (the target noise, then the VAE latents of
+    the reference images) patchified by the pipeline and concatenated into one patch sequence
+    [B, patches, C, pt, ph, pw] (all samples of a CFG batch the same length, so no padding), the per-sample
+    (t, h, w) of every item in patches (`shape_list`, repeated for the CFG batch), the text states
+    [negative, positive] padded with zeros to one length and their mask (the negative prompt is the shorter).
+    The pipeline steps the whole sequence and writes the clean references back before every call (`feed`)."""
+    from diffusers import JoyImageEditPlusTransformer3DModel
+
+    model = JoyImageEditPlusTransformer3DModel(
+        patch_size=[1, 2, 2], in_channels=4, out_channels=4, hidden_size=32, num_attention_heads=2, text_dim=16,
+        mlp_width_ratio=2.0, num_layers=2, rope_dim_list=[4, 6, 6],
+    ).eval()
+    pt, ph, pw = 1, 2, 2
+    patches, shapes = [], []
+    for t, h, w in _JOY_ITEMS:  # prepare_latents' patchify of one item [C, t, h, w]
+        item = torch.randn(4, t, h, w)
+        patches.append(item.reshape(4, t // pt, pt, h // ph, ph, w // pw, pw).permute(1, 3, 5, 0, 2, 4, 6)
+                       .reshape(-1, 4, pt, ph, pw))
+        shapes.append((t // pt, h // ph, w // pw))
+    sample = torch.cat(patches)
+    text = torch.randn(B, L, 16)
+    mask = torch.ones(B, L, dtype=torch.int64)
+    text[0, L - 2:] = 0  # _pad_sequence of the shorter negative prompt
+    mask[0, L - 2:] = 0
+    kwargs = dict(hidden_states=torch.stack([sample] * B), timestep=_t(500.0, torch.float32),
+                  encoder_hidden_states=text, encoder_hidden_states_mask=mask, shape_list=[shapes] * B)
+    return model, kwargs
+
+
+def _joy_references(latents, built):
+    """`latents[~target_mask] = clean_reference_backup[~target_mask]`: the target patches stepped, the
+    references as encoded."""
+    return torch.cat([latents[:, :_JOY_TARGET], built[:, _JOY_TARGET:]], dim=1)
 
 
 def kandinsky5(frames=4):
@@ -424,12 +517,53 @@ def kandinsky5(frames=4):
     return TupleOutput(model).eval(), kwargs
 
 
+def _kandinsky6_audio(frames):
+    """The pipeline's audio latent length for `frames` latent frames (24 fps, 44.1 kHz, hop 1024)."""
+    import math
+
+    return math.ceil(((frames - 1) * 4 + 1) / 24.0 * 44_100 / 1024)
+
+
+def kandinsky6(frames=4):
+    """What Kandinsky6TI2VAPipeline passes for text-to-video-and-audio (its default, sample_audio=True): the video
+    latents [B, F, H, W, C] with the conditioning channels of visual_cond (an unused conditioning latent and a
+    mask, both zero without a reference image) concatenated last, the audio latents [B, A, C_a] of the length the
+    pipeline derives from the frames (24 fps, 44.1 kHz, hop 1024), the Qwen states padded to max_length with
+    their bool mask, the CLIP pooled state. The flags the released checkpoints set (text_token_padding, ca_rope,
+    cross_gates, fix_modulation) are on. The pipeline runs CFG as two calls and steps both outputs; the shared
+    loop steps the video (the model's first output), and the audio latents stay as built."""
+    from diffusers import Kandinsky6Transformer3DModel
+
+    model = Kandinsky6Transformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=32, patch_size=(1, 2, 2),
+        model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=True,
+        in_audio_dim=8, out_audio_dim=8, text_token_padding=True, ca_rope=True, cross_gates=True,
+        fix_modulation=True,
+    ).eval()
+    latents = torch.randn(B, frames, H, W, 4)
+    cond = torch.cat([torch.zeros_like(latents), torch.zeros(B, frames, H, W, 1)], dim=-1)
+    audio = _kandinsky6_audio(frames)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[:, L - 2:] = False  # padding="max_length"
+    kwargs = dict(hidden_states=torch.cat([latents, cond], dim=-1), audio_hidden_states=torch.randn(B, audio, 8),
+                  encoder_hidden_states=torch.randn(B, L, 16), pooled_projections=torch.randn(B, 8),
+                  timestep=_t(500.0, torch.float32), encoder_attention_mask=mask)
+    return model, kwargs
+
+
+# Kandinsky 6's latents are channels last: the pipeline concatenates [latent | conditioning latent | mask] on -1
+KANDINSKY6_FEED = Feed(latents=lambda built: built[..., :4],
+                       model_input=lambda x, built: torch.cat([x, built[..., 4:]], dim=-1))
+
+
 def _video(name, fn, frames=4, short=2, **case):
     """A video class at `frames` latent frames, and a second case `name[<short>f]` at `short` frames."""
     layout = case.pop("layout", None)
+    stream = case.pop("stream_tokens", 0)  # or a function of the frames (an audio stream as long as the video)
     out = []
     for f, suffix in ((frames, ""), (short, f"[{short}f]")):
-        out.append(Case(name + suffix, lambda f=f: fn(f), layout=layout(f) if callable(layout) else layout, **case))
+        out.append(Case(name + suffix, lambda f=f: fn(f), layout=layout(f) if callable(layout) else layout,
+                        stream_tokens=stream(f) if callable(stream) else stream, **case))
     return out
 
 
@@ -490,15 +624,18 @@ CASES: list[Case] = [
     *_video("HunyuanVideoFramepackTransformer3DModel", hunyuan_framepack, text_tokens=L, layout=_frames_layout(64)),
     # the Hunyuan video classes take an int patch_size, which ImageLayout.of does not read: frames of 8 x 8 tokens
     *_video("HunyuanVideoTransformer3DModel", hunyuan_video, text_tokens=L, layout=_frames_layout(64)),
-    Case("Ideogram4Transformer2DModel", None, skip=(
-        "builder not written yet: one packed [text | image] sequence with position/segment ids and an indicator "
-        "built by the pipeline")),
-    Case("JoyImageEditPlusTransformer3DModel", None, skip=(
-        "builder not written yet: multi-item input [B, items, C, F, H, W] with a per-item shape_list")),
+    # the packed [text slots | image] sequence is the latent argument: one token a row, text slots included
+    Case("Ideogram4Transformer2DModel", ideogram4, layout=ImageLayout(_IDEOGRAM_TEXT + 64, 1, 1, 1),
+         feed=IDEOGRAM4_FEED),
+    # joint attention [image | text]; the "image" is the whole patch sequence (target, then the references), one
+    # patch a row
+    Case("JoyImageEditPlusTransformer3DModel", joyimage_edit_plus, text_tokens=L,
+         layout=ImageLayout(_JOY_PATCHES, 1, 1, 1), feed=Feed(model_input=_joy_references)),
     Case("JoyImageEditTransformer3DModel", joyimage_edit, text_tokens=L),
     *_video("Kandinsky5Transformer3DModel", kandinsky5, layout=_frames_layout(64, out_axis=1)),
     Case("Kandinsky6SRTransformer3DModel", None, skip=(
         "builder not written yet: super-resolution model with tiled NABLA sparse attention")),
-    Case("Kandinsky6Transformer3DModel", None, skip=(
-        "builder not written yet: joint video + audio streams, visual conditioning channels")),
+    # the audio stream (its own tensor) attends over the video and the video over it
+    *_video("Kandinsky6Transformer3DModel", kandinsky6, layout=_frames_layout(64, out_axis=1), feed=KANDINSKY6_FEED,
+            stream_tokens=_kandinsky6_audio),
 ]
