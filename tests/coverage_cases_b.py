@@ -502,6 +502,7 @@ CASES: list[Case] = [
     Case("WanVACETransformer3DModel", wan_vace),
     Case("WanVACETransformer3DModel[2f]", functools.partial(wan_vace, 2)),
     Case("ZImageTransformer2DModel", z_image, feed=_Z_IMAGE_FEED),
+    # the GDN scan's state is a matmul contracting each frame's tokens: a reduction over them when the bands are rows
     Case("SanaWMTransformer3DModel", sana_wm, reductions=True, feed=_SANA_WM_FEED),
     Case("SanaWMTransformer3DModel[2f]", functools.partial(sana_wm, 2), reductions=True, feed=_SANA_WM_FEED),
     Case("WanAnimate2Transformer3DModel", None, skip="not built yet: a step needs a WanAnimate2KVCache filled by a "
