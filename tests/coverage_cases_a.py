@@ -271,6 +271,30 @@ def bria_fibo():
     return model, kwargs
 
 
+def bria_fibo2():
+    """Z-Image-style single stream [gist | image]: a Perceiver squeezes the first text bundle into gist tokens (as
+    many as the prompt length maps to), a noise refiner runs on the image tokens first, and an injection block
+    cross-attends to its own bundle. The pipeline runs the negative prompt as a second call of batch 1, and its
+    `encode_prompt` drops the mask when nothing is padded (always, for one prompt per call): no mask, so the gist
+    goes first; the batch of 2 here is two prompts of one length. Text-to-image: no `context_latents` (they are
+    the latents of images to edit)."""
+    from diffusers import BriaFibo2Transformer2DModel
+    from coverage_cases_b import _unzero
+
+    torch.manual_seed(0)
+    # the injection block's cross-attention gate starts at zero: random, so the bundle it reads matters
+    model = _unzero(BriaFibo2Transformer2DModel(
+        in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, cap_feat_dim=16,
+        injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8,
+        gist_step=4, gist_min_text_len=4, gist_max_text_len=16, axes_dims=(4, 6, 6), axes_lens=(16, 16, 16),
+    ).eval())
+    # the noise level in [0, 1] (the pipeline passes t / 1000); bundles [B, 1 + injection blocks, L, cap_feat_dim]
+    kwargs = dict(hidden_states=torch.randn(B, 4, H, W), timestep=_t(0.5, torch.float32),
+                  encoder_hidden_states=torch.randn(B, 2, L, 16), encoder_attention_mask=None,
+                  context_latents=None)
+    return model, kwargs
+
+
 def chroma():
     model, kwargs = _flux_like("ChromaTransformer2DModel", init=dict(
         axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=32,
@@ -585,9 +609,8 @@ CASES: list[Case] = [
             options=(("token_axis", 1),)),
     # joint attention [text | image]; the text is the 8 learned register tokens followed by the prompt
     Case("AuraFlowTransformer2DModel", auraflow, text_tokens=8 + L, text_first=True),
-    Case("BriaFibo2Transformer2DModel", None, skip=(
-        "builder not written yet: perceiver gist tokens over the prompt, refiner layers and context latents "
-        "need a config worked out")),
+    # [gist | image]: 8 gist tokens for a 6-token prompt (min 4, max 8 in steps of 4 over text lengths 4..16)
+    Case("BriaFibo2Transformer2DModel", bria_fibo2, text_tokens=8, text_first=True),
     Case("BriaFiboTransformer2DModel", bria_fibo, text_tokens=L, text_first=True),
     Case("BriaTransformer2DModel", bria, text_tokens=L, text_first=True),
     Case("ChromaTransformer2DModel", chroma, text_tokens=L, text_first=True),

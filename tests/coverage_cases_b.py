@@ -394,6 +394,52 @@ def sana_wm_refiner(frames: int = 2):
                        encoder_attention_mask=_mask(), kv_cache=None, kv_cache_mode=None)
 
 
+class FirstFrameAnchor(torch.nn.Module):
+    """SANA-WM's pipeline passes a per-frame timestep [B, 1, T] with the first latent frame (the encoded input
+    image, held clean as the conditioning anchor) at t = 0: `min(t, (1 - condition_mask) * 1000)[:, :1, :, 0, 0]`.
+    The shared DDIM loop (tests/helpers.py) passes [B]; this makes the pipeline's timestep from it and nothing else."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, **kwargs):
+        frames = hidden_states.shape[2]
+        not_anchor = (torch.arange(frames, device=hidden_states.device) > 0).float() * 1000.0
+        timestep = torch.minimum(timestep.float()[:, None, None].expand(-1, 1, frames), not_anchor)
+        return self.model(hidden_states, timestep, encoder_hidden_states, **kwargs)
+
+
+def sana_wm(frames: int = 4):
+    """The camera-controlled world model: GDN linear attention over the frames in every block but the last (softmax
+    SDPA), each with its UCPE camera branch, a GLUMBConvTemp FFN (3x3 depthwise conv over rows, temporal conv over
+    frames), per-frame adaLN. The camera inputs are what the pipeline's `_build_camera_kwargs` makes: a WASD action
+    rolled out to (F - 1) * 8 + 1 poses (the LTX-2 VAE's temporal stride 8, spatial 32) and pinhole intrinsics, packed
+    by `prepare_camera` into the raymap [B, T, 20] (relative pose + latent intrinsics per latent frame) and the
+    chunked Plucker rays [B, 6 * 8, T, H, W]; both repeated over the CFG batch."""
+    import numpy as np
+    from diffusers.pipelines.sana_wm.cam_utils import action_string_to_c2w, prepare_camera
+
+    # the short convolutions and the Plucker embedder start at zero: random weights so they matter
+    model = _unzero(_build("SanaWMTransformer3DModel", dict(
+        in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, patch_size=(1, 1, 1), softmax_every_n=2,
+        linear_head_dim=16, mlp_ratio=2.0, caption_channels=12, chunk_plucker_channels=6 * 8,
+        chunk_plucker_post_attn_blocks=2)))
+    h = w = 8
+    pixel_frames = (frames - 1) * 8 + 1
+    half = (pixel_frames - 1) // 2
+    c2w = action_string_to_c2w(f"w-{half},jw-{pixel_frames - 1 - half}")
+    intrinsics = np.broadcast_to(np.array([200.0, 200.0, 128.0, 128.0], dtype=np.float32), (pixel_frames, 4)).copy()
+    cam = prepare_camera(c2w, intrinsics, target_size=(h * 32, w * 32), vae_stride=(8, 32, 32))
+    # the first latent frame is the encoded input image; the pipeline keeps it as it is every step (the feed)
+    return FirstFrameAnchor(model).eval(), dict(
+        hidden_states=_randn(B, 4, frames, h, w), timestep=_t(), encoder_hidden_states=_randn(B, 1, L, 12, seed=2),
+        mask=_mask(), data_info={"img_hw": torch.tensor([[h * 32.0, w * 32.0]])},
+        camera_conditions=cam["raymap"].unsqueeze(0).expand(B, -1, -1).clone(),
+        chunk_plucker=cam["chunk_plucker"].unsqueeze(0).expand(B, -1, -1, -1, -1).clone())
+
+
 # ----------------------------------------------------------------------------------------------- how the pipelines feed them
 # Motif-Video: cat([latents (4) | first-frame condition (4) | its mask (1)], dim=1) every step
 _MOTIF_FEED = channel_conditioned(4)
@@ -407,6 +453,9 @@ _Z_IMAGE_FEED = Feed(latent_arg="x", timestep_arg="t", latents=lambda built: tor
                      model_input=lambda x, built: list(x.unsqueeze(2).unbind(0)),
                      prediction=lambda out, x: -torch.stack(list(out)).squeeze(2))
 
+# SANA-WM: the first latent frame is the clean image anchor (`where(keep_clean, denoised, latents)` leaves it as it
+# is); every call gets the scheduler's latents with that frame in place
+_SANA_WM_FEED = Feed(model_input=lambda x, built: torch.cat([built[:, :, :1], x[:, :, 1:]], dim=2))
 
 CASES: list[Case] = [
     # the audio stream (8 tokens in its own tensor) attends over the video and the video over it
@@ -459,8 +508,9 @@ CASES: list[Case] = [
     # a list latent of per-sample [C, 1, H, W]; its joint sequence is [image | caption], the caption padded to a
     # multiple of 32 tokens (6 -> 32); the prediction is stacked to [B, C, H, W]: rows on axis 2, 2 per token row
     Case("ZImageTransformer2DModel", z_image, feed=_Z_IMAGE_FEED, text_tokens=32, layout=ImageLayout(8, 8, 2, 2)),
-    Case("SanaWMTransformer3DModel", None, skip="not built yet: its pipeline always passes camera raymaps and "
-                                                "Plucker rays (camera-controlled world model); no tiny camera input here"),
+    # the GDN scan's state is a matmul contracting each frame's tokens: a reduction over them when the bands are rows
+    Case("SanaWMTransformer3DModel", sana_wm, reductions=True, feed=_SANA_WM_FEED),
+    Case("SanaWMTransformer3DModel[2f]", functools.partial(sana_wm, 2), reductions=True, feed=_SANA_WM_FEED),
     Case("WanAnimate2Transformer3DModel", None, skip="not built yet: a step needs a WanAnimate2KVCache filled by a "
                                                      "separate reference pass (kv_cache_mode extract, then cached)"),
     Case("PriorTransformer", None, skip="denoises a CLIP image embedding (unCLIP prior), not image/video/audio latents"),

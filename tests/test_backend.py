@@ -210,3 +210,37 @@ def test_timestep_is_the_input_whose_sinusoid_an_mlp_reads_not_a_rope_position()
     analyze_tokens(gm, ex)
     names = [ph.name for ph in gm.graph.find_nodes(op="placeholder")]
     assert "timestep" in names[find_timestep_input(gm, ex)]
+
+
+class _UpperCaseGlobal(torch.nn.Module):
+    """A prompt-only value held in a local named `P` (SANA-WM's UCPE ray transforms `P, P_T`), read by every
+    block: dynamo names the node `P`, and fx lowercases that name when it makes the stage's placeholder."""
+
+    def __init__(self):
+        super().__init__()
+        from toy_models import ToyDiT
+
+        self.dit = ToyDiT(ff_mults=(1, 1, 1, 1))
+        self.cond = torch.nn.Linear(8, 32)
+        self.config = self.dit.config
+
+    def forward(self, hidden_states, cond, return_dict=True):
+        P = self.cond(cond).sigmoid()[:, None]  # noqa: N806 (the name is the point)
+        x = self.dit.embed(hidden_states).flatten(2).transpose(1, 2)
+        for blk in self.dit.blocks:
+            x = blk(x) * P
+        return self.dit.unpatchify(x, hidden_states.shape, return_dict)
+
+
+def test_a_stage_input_whose_name_fx_renames_is_still_passed():
+    from helpers import call_model, sample_loop
+
+    torch.manual_seed(0)
+    model = _UpperCaseGlobal().eval()
+    kwargs = {"hidden_states": torch.randn(1, 4, 16, 16), "cond": torch.randn(1, 8)}
+    _, want = sample_loop(lambda x, t, **kw: model(x, **kw, return_dict=False)[0], kwargs, steps=2)
+    compiled, programs = compile_pf(model, num_stages=2, num_patches=1, stage_backend="eager")
+    _, got = sample_loop(lambda x, t, **kw: compiled(x, **kw, return_dict=False)[0], kwargs, steps=2)
+    assert programs and any(i.name == "P" for s in programs[0].stages for i in s.lowered.inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

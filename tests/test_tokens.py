@@ -566,3 +566,27 @@ def test_transposed_conv_unpatchify_keeps_rows_and_an_overlapping_one_is_refused
     with pytest.raises(UnsupportedGraphError, match="transposed conv over token rows") as err:
         analyze_fn(overlapping)
     assert "F.conv_transpose2d(x, w3, padding=1)" in str(err.value)
+
+
+def test_rule_clamp_min_max_flip_and_narrow_of_other_axes():
+    """SANA-WM's GDN scan: `clamp_min` / `clamp_max` are element-wise; `flip` and `narrow` of another axis (the
+    frames of a bidirectional scan, shifted by one) keep every token where it is."""
+    def f(x):
+        t = x.flatten(2)                                   # [1, 4, 64] tokens on axis 2
+        t = t.clamp_min(0.1) + torch.clamp_max(t, 2.0)
+        t = torch.flip(t, dims=[1]) + t.flip(1)            # the channels reversed
+        t = torch.cat([t.narrow(1, 0, 1), t.narrow(1, 1, 3)], dim=1)
+        return t.reshape(1, 4, 8, 8)
+
+    gm, _ = analyze_fn(f)
+    ops = [n for n in gm.graph.nodes if n.target in ("clamp_min", torch.clamp_max, torch.flip, "flip", "narrow")]
+    assert len(ops) == 6 and all(node_meta(n).token.axis == 2 for n in ops)
+
+
+@pytest.mark.parametrize("op", [lambda t: t.flip(2), lambda t: t.narrow(2, 0, 32)])
+def test_rule_flip_and_narrow_of_the_token_axis_are_refused(op):
+    def f(x):
+        return op(x.flatten(2)).sum() * x
+
+    with pytest.raises(UnsupportedGraphError, match="of the token axis"):
+        analyze_fn(f)

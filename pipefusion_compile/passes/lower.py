@@ -1017,7 +1017,7 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
                 raise PipefusionError(
                     f"internal: the {piece.kind} piece graph of stage {sp_index} returns "
                     f"{sorted(set(names) - set(stage_outputs))}, which are not outputs of the stage")
-            kept = {ph.name for ph in g.graph.find_nodes(op="placeholder")}
+            kept = {ph.target for ph in g.graph.find_nodes(op="placeholder")}
             return PieceGraph(g, tuple(i for i in inputs if i.name in kept), names, fused)
 
         stages.append(LoweredStage(

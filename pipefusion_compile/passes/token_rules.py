@@ -865,6 +865,27 @@ def rule_repeat(ctx: RuleContext) -> TokenInfo:
     return ctx.patched(info.axis + shift, "repeat")
 
 
+def rule_flip(ctx: RuleContext) -> TokenInfo:
+    """`x.flip(dims)` reverses other axes (the frames of a bidirectional scan): every token keeps its place on
+    the token axis; reversing the token axis itself would move a patch's tokens to another patch's place."""
+    (a, info), = token_operands(ctx)
+    dims = ctx.arg(1, "dims")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    nd = len(shape_of(a))
+    if info.axis in [_norm_dim(d, nd) for d in dims]:
+        raise ctx.fail("flip of the token axis (it reverses the order of the tokens)")
+    return ctx.patched(info.axis, "flip")
+
+
+def rule_narrow(ctx: RuleContext) -> TokenInfo:
+    """`x.narrow(dim, start, length)` on another axis (the frames of a scan shifted by one step) keeps every
+    token where it is; on the token axis it would select a fixed range of tokens whatever the patch."""
+    (a, info), = token_operands(ctx)
+    if _norm_dim(ctx.arg(1, "dim"), len(shape_of(a))) == info.axis:
+        raise ctx.fail("narrow of the token axis (a fixed range of tokens, whatever the patch)")
+    return ctx.patched(info.axis, "narrow")
+
+
 def rule_repeat_interleave(ctx: RuleContext) -> TokenInfo:
     """`x.repeat_interleave(n, dim)` along another dim than the token axis keeps the token order."""
     x = ctx.node.args[0]
@@ -897,7 +918,7 @@ _ELEMENTWISE_FUNCS = [
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.exp, torch.sin, torch.cos, torch.tanh,
     torch.sigmoid, torch.rsqrt, torch.sqrt, torch.abs, torch.where, torch.clamp, torch.pow, torch.erf,
     torch.square, torch.relu, torch.maximum, torch.minimum, torch.lerp, torch.addcmul, torch.nan_to_num,
-    torch.real, torch.imag, torch.zeros_like, torch.ones_like,
+    torch.real, torch.imag, torch.clamp_min, torch.clamp_max, torch.zeros_like, torch.ones_like,
     torch.empty_like, torch.full_like, torch.randn_like,
     F.silu, F.gelu, torch._C._nn.gelu, F.relu, F.dropout, F.mish, F.softplus, F.sigmoid, F.tanh, F.leaky_relu,
     F.hardswish, F.elu,
@@ -909,7 +930,7 @@ _ELEMENTWISE_FUNCS = [
 _ELEMENTWISE_METHODS = [
     "float", "half", "bfloat16", "double", "type", "contiguous", "clone", "detach", "add",
     "sub", "mul", "div", "neg", "pow", "exp", "sin", "cos", "tanh", "sigmoid", "rsqrt", "sqrt", "abs",
-    "clamp", "clamp_", "masked_fill", "add_", "mul_", "sub_", "div_", "float_", "bool", "int", "long",
+    "clamp", "clamp_", "clamp_min", "clamp_max", "masked_fill", "add_", "mul_", "sub_", "div_", "float_", "bool", "int", "long",
     "square", "erf", "relu", "silu", "gelu", "new_zeros_like", "__add__", "__mul__", "lerp", "addcmul",
     "zero_", "fill_", "copy_", "where", "nan_to_num",
     "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or", "isnan", "isinf", "isfinite",
@@ -956,6 +977,8 @@ RULES[torch.stack] = lambda ctx: rule_cat(ctx, stack=True)
 RULES["to"] = RULES["type_as"] = rule_cast
 RULES[torch.view_as_complex] = RULES[torch.view_as_real] = rule_view_complex
 RULES["repeat"] = rule_repeat
+RULES["flip"] = RULES[torch.flip] = rule_flip
+RULES["narrow"] = RULES[torch.narrow] = rule_narrow
 RULES["repeat_interleave"] = RULES[torch.repeat_interleave] = rule_repeat_interleave
 RULES[operator.getitem] = rule_getitem
 for _t in (F.pad, torch._C._nn.pad):
@@ -984,7 +1007,7 @@ for _t in ("size", "dim", "numel", "item", "tolist", torch.numel):
 # operand is marked folded the same way by `RuleContext.positional`) or handle the fold themselves (reshape, conv).
 FOLD_SAFE_RULES = {rule_elementwise, rule_cast, rule_reshape, rule_permute, rule_linear, rule_norm, rule_reduce,
                    rule_conv, rule_sdpa, rule_chunk_split, rule_pad, rule_unbind, rule_getitem, rule_view_complex,
-                   rule_repeat, rule_repeat_interleave, rule_setitem, rule_cat}
+                   rule_repeat, rule_repeat_interleave, rule_setitem, rule_cat, rule_flip, rule_narrow}
 
 
 def rule_for(node: fx.Node) -> Callable[[RuleContext], TokenInfo] | None:
