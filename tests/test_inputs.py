@@ -319,3 +319,46 @@ def test_values_on_dynamos_resume_stack_are_inputs_not_a_list_latent():
 
     assert is_resume_stack("___stack0") and is_resume_stack("___stack12")
     assert not is_resume_stack("hidden_states") and not is_resume_stack("___stack") and not is_resume_stack(None)
+
+
+class _RaysBesideLatent(nn.Module):
+    """A latent [B, 4, H, W] and per-pixel rays [B, 6, H, W] on the same grid (SANA-WM's camera input): the
+    latent's tokens go through a running sum over the tokens (no rule: the latent fails the analysis on every
+    axis), the rays' only through ops with rules, so the rays alone would pass as the image input."""
+
+    def __init__(self):
+        super().__init__()
+        self.latent, self.rays = nn.Conv2d(4, 32, 2, stride=2), nn.Conv2d(6, 32, 2, stride=2)
+        self.blocks = nn.ModuleList(im.Block() for _ in range(2))
+        self.out = nn.Linear(32, 16)
+
+    def forward(self, hidden_states, timestep, context, rays):
+        b, _, h, w = hidden_states.shape
+        x = self.latent(hidden_states).flatten(2).transpose(1, 2).cumsum(dim=1)
+        x = x + self.rays(rays).flatten(2).transpose(1, 2)
+        temb = im.timestep_embedding(timestep)
+        for block in self.blocks:
+            x = block(x, temb, context.repeat(1, 1, 3)[..., :32])
+        x = self.out(x).reshape(b, h // 2, w // 2, 2, 2, 4).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, 4, h, w)
+
+
+def test_an_input_that_passes_is_not_pipelined_in_place_of_a_latent_that_fails():
+    """When the input with exactly the output's shape (the latent) fails the analysis on every axis, another input
+    of the same grid that passes is not silently split instead (every op on the latent would run whole on every
+    patch: a result unlike PipeFusion's, with no error): the latent's error is raised, naming the other input
+    and the option that chooses it on purpose."""
+    torch.manual_seed(0)
+    model = _RaysBesideLatent().eval()
+    x, rays, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8), torch.randn(2, *im.CONTEXT), torch.full((2,), 5)
+    compiled, _ = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
+    err = raised(compiled, x, t, ctx, rays)
+    assert isinstance(err, UnsupportedGraphError), err
+    text = str(err)
+    assert "cumsum" in text and "exactly the output's shape" in text and "options={'image_input': 'l_rays_'}" in text
+    torch._dynamo.reset()
+    compiled, programs = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager", image_input="rays")
+    with torch.no_grad():
+        want, got = model(x, t, ctx, rays), compiled(x, t, ctx, rays)
+    assert programs[0].plan.token_input == "l_rays_"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

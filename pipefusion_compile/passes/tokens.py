@@ -412,6 +412,8 @@ def analyze_tokens(
             if p is not best:
                 attempts[p.index] = dataclasses.replace(attempts[p.index], outcome=_losing_outcome(p, best))
         chosen = (best.index, best.token_input, best.axis, best.analyzer)
+        if image_input is None:
+            _refuse_other_than_the_latent(gm, inputs, lists, best, attempts, errors)
     if chosen is None:
         # nothing passed with self-attention: a latent passed as a list (one graph input per sample, which no
         # band of rows can split) explains that better than the attempts over the other inputs
@@ -428,6 +430,32 @@ def analyze_tokens(
             analyzer, _ = _run_attempt(gm, token_input, axis, saved, analyzer.joint, members_of[token_input.name])
         return _summarize(gm, token_input, axis, analyzer, attempts)
     raise _all_failed(attempts, errors, candidates, token_axis) from None
+
+
+def _refuse_other_than_the_latent(gm, inputs, lists, best: "_Passing", attempts, errors) -> None:
+    """Raise when the input chosen is not the one with exactly the output's shape while such an input exists and
+    failed the analysis on every axis.
+
+    A denoiser's latent has the shape of its prediction; another input of the same grid (SANA-WM's Plucker rays
+    [B, 48, F, H, W] beside its latent [B, 4, F, H, W]) may pass the analysis where the latent does not, and
+    pipelining it would split the wrong tensor: every op on the latent would run whole on every patch, so the
+    result would differ from PipeFusion's without any error. The latent's own failure is the answer instead (the
+    option `image_input` still chooses the other input on purpose)."""
+    out = output_shape(gm)
+    exact = [n for n, joint in inputs if joint is None and n.name not in lists and tuple(shape_of(n)) == out]
+    if not exact or best.token_input in exact:
+        return
+    failed = [i for i, a in enumerate(attempts) if i in errors and a.token_input in {n.name for n in exact}]
+    if len(failed) < sum(len(candidate_axes(len(shape_of(n)))) for n in exact):
+        return  # an exact input passed on some axis (without self-attention) or was not tried
+    worst = max(failed, key=lambda i: (attempts[i].reached, -i))
+    error, attempt = errors[worst], attempts[worst]
+    raise UnsupportedGraphError(
+        f"{error.reason}\n  (the image input {attempt.token_input} {list(attempt.shape)}, which has exactly the "
+        f"output's shape, fails the analysis on every axis; this is axis {attempt.axis}'s error, the one that got "
+        f"furthest. Another input, {best.token_input.name} {list(shape_of(best.token_input))}, passes, but "
+        "pipelining it would split another tensor than the latent being denoised; "
+        f"options={{'image_input': '{best.token_input.name}'}} chooses it on purpose)", error.node)
 
 
 def _token_inputs(gm, example_inputs, image_input: str | None):
