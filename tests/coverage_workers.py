@@ -14,6 +14,9 @@ def run_case_rank(rank, world, name, options, steps, seed=1):
     torch.manual_seed(0)
     case = case_by_name(name)
     model, kwargs = case.build()
+    # the plain run first, as in the simulate run this is compared with (tests/coverage_runner.py): a model that
+    # fills tables on its first call (Z-Image's rotary tables) then gives dynamo the same graphs here as there
+    sample_loop(call_model(model, case.feed), kwargs, steps=steps, seed=seed, feed=case.feed)
     compiled = torch.compile(model, backend="pipefusion", options=options)
     final, per_step = sample_loop(call_model(compiled, case.feed), kwargs, steps=steps, seed=seed,
                                    feed=case.feed)
