@@ -197,6 +197,22 @@ def test_same_sizes_other_mask_reuses_the_program_and_reads_the_new_mask():
     assert len(dispatcher(programs).programs) == 1
 
 
+def test_coverage_case_runs_under_its_dynamo_config():
+    """A coverage Case's `dynamo_config` is what its compiled calls run under: with the unbacked-size flags the
+    toy is one graph, pipelined and equal to the reference; without them dynamo breaks the graph at the item()."""
+    from coverage_cases import UNBACKED_SIZES, Case
+    from coverage_runner import run_case
+
+    case = Case("MaskSumDiT", um.make_mask_sum_dit, text_tokens=4, text_first=True, dynamo_config=UNBACKED_SIZES)
+    with torch._dynamo.config.patch(capture_scalar_outputs=False, capture_dynamic_output_shape_ops=False):
+        row = run_case(case, stages=2, patches=4, steps=2)
+        assert row.graphs == "1 graph, 0 breaks", row
+        assert (row.m1_equal_plain, row.m4_equal_reference) == ("yes", "yes"), row.error
+        plain = run_case(Case("MaskSumDiT", um.make_mask_sum_dit, text_tokens=4, text_first=True), stages=2,
+                         patches=4, steps=2)
+    assert plain.graphs != "1 graph, 0 breaks", plain
+
+
 # ---------------------------------------------------------------------------------------------------------
 # refusals
 
