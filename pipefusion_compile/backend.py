@@ -43,6 +43,7 @@ from .passes.sdpa import is_sdpa
 from .passes.tokens import TokenAnalysis, analyze_tokens
 from .plan import KeptCuts, build_plan
 from .passes.specialize import is_symbolic
+from .passes.unbacked import UnbackedGuard, has_unbacked
 from .runtime import PipelineProgram, register
 from .shapes import ShapeDispatcher
 
@@ -233,8 +234,23 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
         log.info("pipefusion: graph with symbolic sizes: planning one program per concrete input shape")
         arguments = arguments_of(gm)  # dynamo's sources (a list latent's elements) are gone by the first call
         return ShapeDispatcher(gm, opts, lambda static, args: compile_for_shape(
-            remember_arguments(static, arguments), args, opts))
+            remember_arguments(static, arguments), args, opts), unbacked_guard(gm))
+    if has_unbacked(gm):
+        # sizes that depend on tensor values (a mask's sum, nonzero): one program per value of them, each call
+        # computing them first (see passes/unbacked.py)
+        log.info("pipefusion: graph with data-dependent sizes: planning one program per value of them")
+        arguments = arguments_of(gm)
+        return ShapeDispatcher(gm, opts, lambda static, args: compile_for_shape(
+            remember_arguments(static, arguments), args, opts), unbacked_guard(gm))
     return compile_for_shape(gm, example_inputs, opts)
+
+
+def unbacked_guard(gm: fx.GraphModule) -> UnbackedGuard | None:
+    """The per-call computation of `gm`'s data-dependent sizes, or None if it has none."""
+    if not has_unbacked(gm):
+        return None
+    with failures_named("finding what the graph's data-dependent sizes depend on", gm):
+        return UnbackedGuard(gm)
 
 
 def compile_for_shape(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions):

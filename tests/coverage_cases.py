@@ -27,11 +27,19 @@ class Case:
     key_text_tokens: int = 0                    # text keys of image-only queries ([image | text] keys, no text queries)
     stream_tokens: int = 0                      # tokens of a second stream in its own tensor whose queries attend over
                                                 # the image (LTX-2's audio): one more piece after the image, for the reference
+    after_tokens: int = 0                       # with text_first: tokens after the image too ([text | image | after])
     layout: "ImageLayout | None" = None         # reference's image layout when ImageLayout.of cannot tell it (see tests/reference_pipefusion.py)
     reductions: bool = False                    # the reference assembles torch.matmul over the image tokens (linear attention)
     options: tuple = ()                         # backend options the class needs, as (key, value) pairs (ideally none)
     feed: Feed = Feed()                         # how its pipeline makes each call's latent argument and reads the prediction
     skip: str | None = None                     # why it is not built (not a latent denoiser, needs weights, ...)
+    # torch._dynamo.config flags its compiled calls run under, as (name, value) pairs (e.g. UNBACKED_SIZES)
+    dynamo_config: tuple = ()
+
+
+# dynamo traces sizes computed from masks (`int(mask.sum())`, `nonzero`, a boolean index) into the graph
+# instead of breaking it there; the backend specializes such a graph per call (passes/unbacked.py)
+UNBACKED_SIZES = (("capture_scalar_outputs", True), ("capture_dynamic_output_shape_ops", True))
 
 
 def all_cases() -> list[Case]:

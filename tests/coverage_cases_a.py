@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from coverage_cases import Case
+from coverage_cases import UNBACKED_SIZES, Case
 from helpers import Feed
 from reference_pipefusion import ImageLayout
 
@@ -644,7 +644,10 @@ CASES: list[Case] = [
     # patch_size is a tuple (1, 1), which ImageLayout.of does not read: 8 rows of 8 tokens, 1 output row each
     Case("HunyuanImageTransformer2DModel", hunyuan_image, text_tokens=L, layout=ImageLayout(8, 8, 2, 1)),
     *_video("HunyuanVideo15Transformer3DModel", hunyuan_video15, text_tokens=L, layout=_frames_layout(64)),
-    *_video("HunyuanVideoFramepackTransformer3DModel", hunyuan_framepack, text_tokens=L, layout=_frames_layout(64)),
+    # the prompt's attention mask is built from `int(mask.sum())` per sample: one graph with unbacked sizes, whose
+    # joint sequence is [clean + 2x + 4x history latents (64 + 16 + 4) | image | image embeds + prompt (4 + L)]
+    *_video("HunyuanVideoFramepackTransformer3DModel", hunyuan_framepack, text_tokens=84, text_first=True,
+            after_tokens=4 + L, layout=_frames_layout(64), dynamo_config=UNBACKED_SIZES),
     # the Hunyuan video classes take an int patch_size, which ImageLayout.of does not read: frames of 8 x 8 tokens
     *_video("HunyuanVideoTransformer3DModel", hunyuan_video, text_tokens=L, layout=_frames_layout(64)),
     # the packed [text slots | image] sequence is the latent argument: one token a row, text slots included

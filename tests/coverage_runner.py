@@ -124,7 +124,8 @@ def run_case(case: Case, stages: int = 2, patches: int = 4, steps: int = 3, rank
         if case.skip:
             row.error = f"skip: {case.skip}"
             return row
-        _run(case, row, stages, patches, steps, ranks)
+        with torch._dynamo.config.patch(**dict(case.dynamo_config)):
+            _run(case, row, stages, patches, steps, ranks)
     finally:
         row.seconds = time.perf_counter() - t0
         torch._dynamo.reset()
@@ -179,7 +180,7 @@ def _run(case: Case, row: Row, stages: int, patches: int, steps: int, ranks: boo
                                                 text_tokens=case.text_tokens, text_first=case.text_first,
                                                 layout=case.layout, prediction=case.feed.prediction,
                                                 reductions=case.reductions, key_text_tokens=case.key_text_tokens,
-                                                stream_tokens=case.stream_tokens)
+                                                stream_tokens=case.stream_tokens, after_tokens=case.after_tokens)
                 # the reference returns the prediction already (it assembles the patches' rows of it)
                 feed = dataclasses.replace(case.feed, prediction=None)
                 _, want = sample_loop(lambda x, t, **kw: reference(x, **{feed.timestep_arg: t}, **kw), kwargs,

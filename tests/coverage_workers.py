@@ -18,8 +18,9 @@ def run_case_rank(rank, world, name, options, steps, seed=1):
     # fills tables on its first call (Z-Image's rotary tables) then gives dynamo the same graphs here as there
     sample_loop(call_model(model, case.feed), kwargs, steps=steps, seed=seed, feed=case.feed)
     compiled = torch.compile(model, backend="pipefusion", options=options)
-    final, per_step = sample_loop(call_model(compiled, case.feed), kwargs, steps=steps, seed=seed,
-                                   feed=case.feed)
+    with torch._dynamo.config.patch(**dict(case.dynamo_config)):
+        final, per_step = sample_loop(call_model(compiled, case.feed), kwargs, steps=steps, seed=seed,
+                                       feed=case.feed)
     found = pipefusion_compile.programs(compiled)
     return {"final": final, "steps": per_step,
             "pipelined": sum(p.stats.get("pipelined_calls", 0) for p in found) > 0}

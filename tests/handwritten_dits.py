@@ -367,13 +367,16 @@ class UViTBlock(nn.Module):
 class UViT(nn.Module):
     """Sequence [time token, class token, image tokens (, registers)]: the two global tokens take part in
     every attention like image tokens; a learned positional table over the whole [1, 2 + S, dim]; the
-    first half's block outputs are concatenated with the second half's inputs (long skips)."""
+    first half's block outputs are concatenated with the second half's inputs (long skips). `nested`: the
+    sequence is built by two concatenations, `cat([time, cat([class, image])])` (as Framepack prepends its
+    history latents one resolution at a time)."""
 
     extras = 2
 
     def __init__(self, size=SIZE, patch=PATCH, channels=CHANNELS, dim=DIM, depth=DEPTH, heads=HEADS,
-                 num_classes=10, registers=0):
+                 num_classes=10, registers=0, nested=False):
         super().__init__()
+        self.nested = nested
         self.patch, self.channels = patch, channels
         self.config = SimpleNamespace(patch_size=patch)
         self.patch_embed = nn.Conv2d(channels, dim, patch, stride=patch)
@@ -392,7 +395,10 @@ class UViT(nn.Module):
         B, L, D = x.shape
         time_token = self.time_embed(timestep_embedding(timestep, D)).unsqueeze(1)
         label_token = self.label_emb(class_labels).unsqueeze(1)
-        x = torch.cat([time_token, label_token, x], dim=1)
+        if self.nested:
+            x = torch.cat([time_token, torch.cat([label_token, x], dim=1)], dim=1)
+        else:
+            x = torch.cat([time_token, label_token, x], dim=1)
         x = x + self.pos_embed
         if self.registers is not None:
             x = torch.cat([x, self.registers.expand(B, -1, -1)], dim=1)
@@ -407,9 +413,9 @@ class UViT(nn.Module):
         return _out(unpatchify(x, self.patch, self.channels, h, w), return_dict)
 
 
-def make_uvit(registers=0):
+def make_uvit(registers=0, nested=False):
     torch.manual_seed(0)
-    model = UViT(registers=registers)
+    model = UViT(registers=registers, nested=nested)
     return model.eval(), _class_kwargs()
 
 

@@ -52,7 +52,7 @@ def test_case_builds_and_is_traced(case):
         return gm.forward
 
     torch._dynamo.reset()
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(**dict(case.dynamo_config)):
         want = model(**kwargs, return_dict=False)[0]
         got = torch.compile(model, backend=count)(**kwargs, return_dict=False)[0]
     torch._dynamo.reset()

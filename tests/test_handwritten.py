@@ -50,6 +50,9 @@ CASES = {
     # [time token, class token | image | 4 registers]
     "uvit_registers": Case(lambda: hd.make_uvit(registers=4), 4,
                            reference=dict(text_tokens=2, text_first=True, after_tokens=4)),
+    # the same, the sequence made by nested concatenations: cat([time, cat([class, image])]), registers after
+    "uvit_nested": Case(lambda: hd.make_uvit(registers=4, nested=True), 4,
+                        reference=dict(text_tokens=2, text_first=True, after_tokens=4)),
     "hand_mmdit": Case(hd.make_hand_mmdit, 4, reference=dict(text_tokens=hd.PROMPT, text_first=True)),
     # the same, RoPE written in place into the image part of `cat([text, image])`
     "hand_mmdit_rope": Case(hd.make_hand_mmdit_rope, 4, reference=dict(text_tokens=hd.PROMPT, text_first=True)),

@@ -76,9 +76,12 @@ def analyze_cost(gm: fx.GraphModule) -> int:
         meta = node_meta(node)
         try:
             meta.flops = node_flops(node, fake_mode)
-        except torch._subclasses.fake_tensor.DataDependentOutputException:
-            # `.item()` / `.tolist()` of a value: no fake result, and no FLOPs to count (Cosmos reads a GLOBAL
-            # scalar this way); a token-carrying one is refused by the token analysis before this runs
+        except (torch._subclasses.fake_tensor.DataDependentOutputException,
+                torch._subclasses.fake_tensor.DynamicOutputShapeException):
+            # `.item()` / `.tolist()` of a value, or an op whose output size depends on data (`nonzero`, a boolean
+            # index; a graph with them is specialized to their sizes, passes/unbacked.py): no fake result, and no
+            # FLOPs to count (Cosmos reads a GLOBAL scalar this way); a token-carrying one is refused by the token
+            # analysis before this runs
             meta.flops = 0
         except Exception as e:  # e.g. an op without a fake (meta) implementation
             raise UnsupportedGraphError(

@@ -333,6 +333,13 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
     selected_from = {n: n.args[0] for n in g.nodes if n.op in ("call_function", "call_method")
                      and node_meta(n).token is not None and node_meta(n).token.rule == "getitem-group"}
     written = {alias_root(m) for m in map(mutated_operand, g.nodes) if m is not None}
+    # each joint concatenation's operands as the whole graph has them: an operand that is itself a joint
+    # concatenation (`cat([a, cat([b, img])])`, Framepack's history latents before the image) is replaced by its
+    # own part first, and is judged by what it was
+    operands = {n: [node_meta(t).token if isinstance(t, fx.Node) else None
+                    for t in (n.args[0] if n.args else n.kwargs["tensors"])]
+                for n in g.nodes if n.op in ("call_function", "call_method")
+                and node_meta(n).token is not None and node_meta(n).token.rule == "cat-joint"}
     for n in list(g.nodes):
         if n.op not in ("call_function", "call_method"):
             continue
@@ -343,13 +350,15 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
             continue  # keys of image queries: the whole key sequence, written into the cache operand by operand
         if info.rule == "cat-joint":
             tensors = list(n.args[0] if n.args else n.kwargs["tensors"])
-            image = next(i for i, t in enumerate(tensors) if isinstance(t, fx.Node) and _image_operand(node_meta(t).token))
+            image = next((i for i, t in enumerate(operands[n]) if t is not None and _image_operand(t)), None)
+            if image is None:
+                raise UnsupportedGraphError("internal: a concatenation of token groups without the image's", n)
             if kind == BAND:
                 keep = [tensors[image]]
             else:  # the operands on the piece's side of the image operand, and that operand's own part there
                 side = tensors[:image] if kind == HEAD else tensors[image + 1:]
                 keep = [*side, tensors[image]] if kind == HEAD else [tensors[image], *side]
-                keep = [t for t in keep if t is not tensors[image] or holds(node_meta(t).token, kind)]
+                keep = [t for t in keep if t is not tensors[image] or holds(operands[n][image], kind)]
             if len(keep) > 1:
                 # several operands on one side (U-ViT: a time token and a class token before the image): the
                 # piece concatenates them; the node's token info already measures that group

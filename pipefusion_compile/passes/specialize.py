@@ -24,10 +24,13 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from ..errors import UnsupportedGraphError
+from .fx_eval import fetch_attr, run_node
 from .meta import example_value
+from .side_effects import is_impure
+from .unbacked import UnbackedValues
 
 _CONSTANT_LEAVES = (int, float, bool, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
@@ -77,18 +80,27 @@ def _substitute(user: fx.Node, node: fx.Node, value) -> None:
     user.kwargs = fx.node.map_arg(user.kwargs, sub)
 
 
-def specialize(gm: fx.GraphModule, args: list) -> fx.GraphModule:
+def specialize(gm: fx.GraphModule, args: list, unbacked: UnbackedValues | None = None) -> fx.GraphModule:
     """The static graph of `gm` at the concrete inputs `args` (real tensors and ints, as the graph is
-    called). The result shares `gm`'s attributes and keeps its placeholders (same calling convention)."""
+    called). The result shares `gm`'s attributes and keeps its placeholders (same calling convention).
+
+    A graph with unbacked (data-dependent) sizes needs `unbacked`, what `unbacked.UnbackedGuard` computed at
+    these inputs: an op whose output depends on data (`item`, `nonzero`, a boolean index) takes its real value
+    there (a number is folded like a size, a tensor becomes a static fake of its real shape), and every
+    symbol's value is checked against the static graph's. The runtime checks those held (`_assert_scalar` of
+    folded conditions) are removed, with the nodes that only fed folded values."""
     graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
+    copies: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, copies))
     out = fx.GraphModule(gm, graph)
+    original = {new: old for old, new in copies.items()}
     placeholders = list(graph.find_nodes(op="placeholder"))
     if len(placeholders) != len(args):
         raise UnsupportedGraphError(
             f"internal: the graph has {len(placeholders)} inputs but was called with {len(args)}")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     env: dict[fx.Node, object] = {}
+    had_users = {n for n in graph.nodes if n.users}
 
     def fake(v):
         return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v
@@ -105,32 +117,71 @@ def specialize(gm: fx.GraphModule, args: list) -> fx.GraphModule:
                 elif reads_value_of_input(n):  # a float dynamo passes as a 0-d tensor (dynamic=True): its value
                     value = scalars[placeholders.index(n.args[0])]
                 elif n.op == "get_attr":
-                    value = fake(_fetch_attr(out, n.target))
+                    value = fake(fetch_attr(out, n.target))
                 else:
                     a = fx.node.map_arg(n.args, lambda x: env[x])
                     kw = fx.node.map_arg(n.kwargs, lambda x: env[x])
                     try:
-                        value = _run(out, n, a, kw)
+                        value = run_node(out, n, a, kw)
+                    except (DataDependentOutputException, DynamicOutputShapeException) as e:
+                        value = _data_dependent_value(original[n], unbacked, fake, e)
                     except Exception as e:
                         raise UnsupportedGraphError(
                             f"re-tracing the graph at the new input shapes failed: {type(e).__name__}: {e}", n
                         ) from e
+                bindings = n.meta.pop("unbacked_bindings", None)
+                if bindings:
+                    _check_bindings(n, bindings, value, unbacked)
                 env[n] = value
                 n.meta.pop("val", None)
-                n.meta.pop("unbacked_bindings", None)
                 if _is_constant(value):
                     for user in list(n.users):
                         _substitute(user, n, value)
                     n.meta["example_value"] = value
                     if n.op not in ("placeholder", "get_attr"):
                         graph.erase_node(n)
+                elif value is None and _is_held_check(n):
+                    graph.erase_node(n)
                 elif value is not None:
                     n.meta["example_value"] = value
     finally:
         torch._C._set_grad_enabled(grad)
+    for n in reversed(list(graph.nodes)):  # what only fed folded values (a mask's sum before its item())
+        if n in had_users and not n.users and n.op in ("call_function", "call_method") and not is_impure(n):
+            graph.erase_node(n)
     graph.lint()
     out.recompile()
     return out
+
+
+# dynamo's runtime checks of symbolic sizes (`u1 >= 0`): once their operands are folded they have been
+# evaluated at these values, and the program is only ever called with them
+_RUNTIME_CHECKS = (torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default,
+                   torch.ops.aten.sym_constrain_range.default, torch._check, torch._check_is_size)
+
+
+def _is_held_check(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in _RUNTIME_CHECKS and not n.all_input_nodes
+
+
+def _data_dependent_value(n: fx.Node, unbacked: UnbackedValues | None, fake, error: Exception):
+    """The value at this call of a node whose output depends on data: from the guard's evaluation."""
+    if unbacked is None or n not in unbacked.real:
+        raise UnsupportedGraphError(
+            f"internal: {n.name}'s output depends on tensor values ({type(error).__name__}) but the unbacked-size "
+            "guard did not evaluate it", n)
+    return fake(unbacked.real[n])
+
+
+def _check_bindings(n: fx.Node, bindings: dict, value, unbacked: UnbackedValues | None) -> None:
+    """Each unbacked symbol `n` introduces has, in the static graph, the value the guard computed."""
+    for sym, path in bindings.items():
+        want = None if unbacked is None else unbacked.symbols.get(str(sym))
+        got = pytree.key_get(value, tuple(path))
+        if want is None or got != want:
+            raise UnsupportedGraphError(
+                f"internal: the unbacked size {sym} of {n.name} is {got} in the specialized graph but the guard "
+                f"computed {want}", n)
 
 
 def reads_value_of_input(n: fx.Node) -> bool:
@@ -145,20 +196,3 @@ def value_inputs(gm: fx.GraphModule) -> tuple[int, ...]:
     """Positions of the graph inputs whose value (not only shape) the specialized graph depends on."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     return tuple(i for i, ph in enumerate(placeholders) if any(reads_value_of_input(u) for u in ph.users))
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _run(gm: fx.GraphModule, n: fx.Node, args, kwargs):
-    if n.op == "call_function":
-        return n.target(*args, **kwargs)
-    if n.op == "call_method":
-        return getattr(args[0], n.target)(*args[1:], **kwargs)
-    if n.op == "call_module":
-        return gm.get_submodule(n.target)(*args, **kwargs)
-    raise UnsupportedGraphError(f"internal: unexpected node kind {n.op}", n)
