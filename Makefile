@@ -50,9 +50,10 @@ sweep: venv
 	PIPEFUSION_SWEEP=$(SWEEP) PIPEFUSION_SWEEP_SEED=$(SWEEP_SEED) PIPEFUSION_SWEEP_REPORT=benchmarks/results/sweep.md \
 		$(BIN)/python -m pytest -q tests/test_sweep.py
 
-# every diffusers DiT class (tiny, random weights) through the backend: benchmarks/results/coverage.md
+# every diffusers DiT class (tiny, random weights) through the backend, 2 real ranks (gloo) included:
+# benchmarks/results/coverage.md and the README's table (about 40 minutes on 2 cores)
 coverage: venv
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/coverage.py --out benchmarks/results/coverage.md --readme README.md
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/coverage.py --ranks --out benchmarks/results/coverage.md --readme README.md
 
 bench-quality: venv-examples
 	$(BIN)/python benchmarks/bench_quality.py
