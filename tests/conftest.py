@@ -22,6 +22,7 @@ def _fresh_dynamo():
 # each kind it covers only when its parameters are ordered so (they are sorted by model, then by setting).
 SAMPLE_EVERY = {
     "test_coverage.py::test_case_builds_and_is_traced": 3,            # every class traced: make coverage runs all
+    "test_coverage.py::test_plan_command_names_the_rule_of_every_mixing_op": 4,
     "test_coverage_cases_b.py::test_case_runs_eagerly": 3,
     "test_numerics.py::test_stale_kv_equals_eager_reference": 2,      # models x {2, 4} patches
     "test_numerics.py::test_warmup_covering_all_steps_equals_plain_model": 2,

@@ -81,3 +81,32 @@ def test_runner_reports_failures_per_cell():
     assert row.error.startswith("build: ValueError: no such config") and "NOT PipefusionError" in row.error
     assert row.m4_equal_reference == "build failed"
     assert run_case(Case("Skipped", None, skip="not a denoiser")).error == "skip: not a denoiser"
+
+
+@pytest.mark.parametrize("case", MAIN, ids=[c.name for c in MAIN])
+def test_plan_command_names_the_rule_of_every_mixing_op(case):
+    """`pipefusion-compile plan` (cli.plan_graphs) on every class: a plan whose table names, for each op that
+    mixes image tokens, its stage and its rule; or a PipefusionError (the classes the table lists as refused).
+    Nothing runs: the plan is made from dynamo's fake values."""
+    from pipefusion_compile.cli import plan_graphs
+    from pipefusion_compile.errors import PipefusionError
+
+    torch.manual_seed(0)
+    model, kwargs = case.build()
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(**dict(case.dynamo_config)):
+            plans = plan_graphs(model, {**kwargs, "return_dict": False}, num_stages=2, num_patches=4,
+                                **dict(case.options))
+    except Exception as e:  # dynamo wraps the backend's errors
+        from coverage_runner import unwrap
+
+        assert isinstance(unwrap(e), PipefusionError), f"{type(unwrap(e)).__name__}: {unwrap(e)}"
+        return
+    finally:
+        torch._dynamo.reset()
+    for plan in plans:
+        text = str(plan)
+        assert plan.mixing, text
+        for op in plan.mixing:
+            assert op.node in text and op.rule.name in text, (op, text)
