@@ -18,7 +18,10 @@ from .plan import PipelinePlan, build_plan
 def plan_graphs(model: torch.nn.Module, example_kwargs: dict, **options) -> list[PipelinePlan]:
     """Trace `model(**example_kwargs)` with dynamo and plan every graph that has self-attention.
 
-    Nothing is computed: the capturing backend plans on dynamo's fake values and returns zeros.
+    The planned graphs are not computed: the capturing backend plans them on dynamo's fake values and returns
+    zeros. A graph it does not plan (no self-attention over the image tokens: the masks, embeddings and lengths
+    between graph breaks) runs for real, so the model's own data-dependent code after a break (QwenImage-2.1's
+    `mask.tolist().index(True)`) sees real values, not zeros.
     """
     opts = PipefusionOptions.from_dict(options).resolve()
     plans: list[PipelinePlan] = []
@@ -28,9 +31,10 @@ def plan_graphs(model: torch.nn.Module, example_kwargs: dict, **options) -> list
         from .errors import failures_named
 
         analysis = analyze_for_pipeline(gm, example_inputs, opts)
-        if analysis is not None:
-            with failures_named("planning the pipeline", gm):
-                plans.append(build_plan(gm, example_inputs, opts, analysis)[0])
+        if analysis is None:
+            return gm.forward
+        with failures_named("planning the pipeline", gm):
+            plans.append(build_plan(gm, example_inputs, opts, analysis)[0])
         outs = [example_value(o) if isinstance(o, fx.Node) else o for o in graph_outputs(gm)]
 
         def zeros(*args):

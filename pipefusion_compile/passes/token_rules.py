@@ -591,7 +591,8 @@ def _strided_attention(ctx: RuleContext, qkv, infos, mask) -> TokenInfo:
         if it.axis != len(shape_of(t)) - 2 or (it.epr, it.outer) != (iq.epr, iq.outer):
             raise ctx.fail("self-attention whose K/V token layout differs from its query's (folded with the dims "
                            "before the token axis differently)")
-    return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING, outer=iq.outer)
+    return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING, outer=iq.outer,
+                       mixing=MixingRule.STALE_KV)
 
 
 def _local_attention(ctx: RuleContext, qkv, infos, mask) -> TokenInfo:
