@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .meta import Kind, MixingRule, TokenInfo, example_value, node_meta
+from .meta import Kind, MixingRule, TokenInfo, cache_placeholders, example_value, node_meta
 from .pieces import group_offset
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
 
@@ -105,14 +105,7 @@ def rewrite_cross_group_attention(gm: fx.GraphModule, kind: str) -> fx.GraphModu
     The band piece keeps `%k, %v, %u`, the TAIL piece `%o` over the caches. Image queries over the stream's
     keys are the mirror image: the TAIL piece writes (per_row 0: the whole group at 0), the bands read.
     """
-    caches: dict[tuple[str, str], fx.Node] = {}
-    row_start = None
-    for ph in gm.graph.find_nodes(op="placeholder"):
-        extra = node_meta(ph).extra
-        if "cache_of" in extra:
-            caches[(extra["cache_of"].attention, extra["cache_which"])] = ph
-        if extra.get("row_start"):
-            row_start = ph
+    caches, row_start = cache_placeholders(gm)
     for n in list(gm.graph.nodes):
         if not is_cross_group(n):
             continue

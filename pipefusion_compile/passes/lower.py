@@ -42,7 +42,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.pipefusion.*)
 from ..errors import PipefusionError, UnsupportedGraphError
 from .autocast import autocast_scopes, restore_autocast
 from .cross_group import rewrite_cross_group_attention
-from .meta import META_KEY, Kind, MixingRule, NodeMeta, TokenInfo, example_value, node_meta
+from .meta import META_KEY, Kind, MixingRule, NodeMeta, TokenInfo, cache_placeholders, example_value, node_meta
 from .pieces import BAND, FULL, HEAD, Piece, extent, group_offset, holds, token_range
 from .sample_rules import rewrite_sample_splits
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
@@ -452,14 +452,7 @@ def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphMod
         %u = pipefusion.kv_cache_update(%bk, %bv, %k2, %v2, %row_start, 3, 4, 0)   # F=2, 8 = 2 x 4 per row
         %attn = sdpa(%q, %a_cache_k, %a_cache_v)
     """
-    caches: dict[tuple[str, str], fx.Node] = {}
-    row_start = None
-    for ph in gm.graph.find_nodes(op="placeholder"):
-        extra = node_meta(ph).extra
-        if "cache_of" in extra:
-            caches[(extra["cache_of"].attention, extra["cache_which"])] = ph
-        if extra.get("row_start"):
-            row_start = ph
+    caches, row_start = cache_placeholders(gm)
     for n in list(gm.graph.nodes):
         if not is_sdpa(n):
             continue

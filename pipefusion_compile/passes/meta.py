@@ -114,3 +114,17 @@ def tensor_bytes(value) -> int:
     if isinstance(value, (tuple, list)):
         return sum(tensor_bytes(v) for v in value)
     return 0
+
+
+def cache_placeholders(gm: fx.GraphModule) -> tuple[dict[tuple[str, str], fx.Node], fx.Node | None]:
+    """A stage graph's K/V cache placeholders by (attention node, "k" or "v"), and its `row_start` placeholder
+    (the extras `lower.extract_stage` writes on them), for the passes that rewrite attention over the caches."""
+    caches: dict[tuple[str, str], fx.Node] = {}
+    row_start = None
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        extra = node_meta(ph).extra
+        if "cache_of" in extra:
+            caches[(extra["cache_of"].attention, extra["cache_which"])] = ph
+        if extra.get("row_start"):
+            row_start = ph
+    return caches, row_start
