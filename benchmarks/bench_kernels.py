@@ -70,7 +70,7 @@ def cases(name: str, device):
     yield ("pack (2 tensors)", 2 * nbytes, lambda: ops.pack(crossing, "triton"), lambda: pack_reference(crossing))
     buf = pack_reference(crossing)
     shapes, ranks, codes = [s for t in crossing for s in t.shape], [3, 3], [2, 2]
-    yield ("unpack (2 tensors)", 2 * nbytes, lambda: ops.unpack(buf, shapes, ranks, codes, "triton"),
+    yield ("unpack (2 tensors)", 2 * nbytes, lambda: ops.unpack(buf, shapes, ranks, codes, kernels="triton"),
            lambda: unpack_reference(buf, [list(t.shape) for t in crossing], [DTYPE, DTYPE]))
     # the model output of one patch into the full output
     if p > 1:

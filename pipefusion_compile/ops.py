@@ -135,6 +135,16 @@ def _(cache, x, row_start, axis, per_row):
 # Pack / unpack (one message per patch and stage cut)
 
 
+def stride_order(shape, stride) -> list[int]:
+    """The dims of a tensor from the outermost in memory to the innermost (the `physical_layout` of
+    `torch.empty_permuted`); dims of size 1 keep their logical place, as their stride says nothing."""
+    ranked = [d for d in range(len(shape)) if shape[d] != 1]
+    ranked.sort(key=lambda d: -stride[d])  # stable: equal strides keep logical order
+    it = iter(ranked)
+    return [d if shape[d] == 1 else next(it) for d in range(len(shape))]
+
+
+
 @torch.library.triton_op("pipefusion::pack", mutates_args=())
 def pack(tensors: list[torch.Tensor], kernels: str = "auto") -> torch.Tensor:
     """The tensors crossing one cut for one patch, as one contiguous byte buffer (one message)."""
@@ -145,12 +155,16 @@ def pack(tensors: list[torch.Tensor], kernels: str = "auto") -> torch.Tensor:
 
 @torch.library.triton_op("pipefusion::unpack", mutates_args=())
 def unpack(buf: torch.Tensor, shapes: list[int], ranks: list[int], dtypes: list[int],
-           kernels: str = "auto") -> list[torch.Tensor]:
+           orders: list[int] | None = None, kernels: str = "auto") -> list[torch.Tensor]:
     """Inverse of `pack`, into fresh tensors: shapes are flattened (`ranks[i]` dims each), dtypes are codes
-    into `kernels.DTYPES`."""
+    into `kernels.DTYPES`, `orders` (flattened like `shapes`; default row-major) the memory order of each
+    tensor's dims, outermost first (`stride_order`): the consumer then gets the producer's layout, as it does
+    in one process, and the ops it runs (a matmul over a transposed operand) give the same bits."""
     outs, i = [], 0
     for r, code in zip(ranks, dtypes):
-        outs.append(torch.empty(shapes[i:i + r], dtype=DTYPES[code], device=buf.device))
+        shape = shapes[i:i + r]
+        order = orders[i:i + r] if orders is not None else list(range(r))
+        outs.append(torch.empty_permuted(shape, order, dtype=DTYPES[code], device=buf.device))
         i += r
     _unpack_into(buf, outs, kernels)
     return outs

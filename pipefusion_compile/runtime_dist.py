@@ -36,6 +36,7 @@ import torch.fx as fx
 from .comm import Comm, PipefusionCommError
 from .errors import PipefusionError, PlanError
 from .kernels import DTYPE_CODE
+from .ops import stride_order
 from .options import PipefusionOptions
 from .passes.kernels import select_kernels
 from .passes.lower import LoweredStage, StageInput
@@ -69,6 +70,7 @@ class _StageCall(torch.nn.Module):
         t0 = time.perf_counter()
         result = program._stage_fn(program.own, self.piece, inputs)(*inputs)
         program.comm.record("compute", t0)
+        program._check_sent_layouts(self.piece, result)
         return result
 
 
@@ -105,6 +107,7 @@ class DistributedProgram(PipelineProgram):
             record_timeline=options.timeline is not None,
         )
         self._schedules: dict[tuple, fx.GraphModule] = {}
+        self._layouts_checked: set = set()
         self.stats.update(bytes_sent=0, output_bytes=0, resident_param_bytes=0, released_param_bytes=0)
         self._check_fingerprint()
         if options.release_params:
@@ -165,6 +168,26 @@ class DistributedProgram(PipelineProgram):
         log.info("pipefusion: rank %d keeps %.1f MiB of parameters, released %.1f MiB", self.comm.rank,
                  resident / 2**20, released / 2**20)
 
+    def _check_sent_layouts(self, piece: Piece, result) -> None:
+        """Once per piece kind: the values this stage sends have the memory layout the receivers unpack them
+        into (the traced one, see `_message_layout`). A stage compiler that picked another layout would let
+        the receiver's ops run on other strides than in one process: warn, naming the value."""
+        if piece.key in self._layouts_checked:
+            return
+        self._layouts_checked.add(piece.key)
+        sent = {i.name for (p, _), inputs in self._routes(piece).items() if p == self.stage_index for i in inputs}
+        for name, value in zip(self.own.lowered.piece_graph(piece).outputs, result):
+            if name not in sent or not isinstance(value, torch.Tensor):
+                continue
+            traced = example_value(self._nodes_by_name[name])
+            want, got = stride_order(traced.shape, traced.stride()), stride_order(value.shape, value.stride())
+            if want != got:
+                log.warning(
+                    "pipefusion: stage %d sends %s with its dims in memory order %s, but it was traced with %s "
+                    "(the order the receiving rank unpacks it in): the receiver's ops run on another layout than "
+                    "in one process and may differ from simulate in the last bits", self.stage_index, name,
+                    got, want)
+
     # ------------------------------------------------------------------------------------------ schedule
     def schedule_graph(self, pipelined: bool = True, device: torch.device | str = "cpu") -> fx.GraphModule:
         """The FX graph this rank runs for one step (warmup or pipelined); receive buffers on `device`."""
@@ -181,7 +204,11 @@ class DistributedProgram(PipelineProgram):
         return [inp for inp in self.own.lowered.piece_graph(piece).inputs if inp.source in ("positional", "image")]
 
     def _message_layout(self, inputs: list[StageInput], piece: Piece):
-        shapes, ranks, dtypes, nbytes = [], [], [], 0
+        """How one message lays out `inputs` for `piece`: flattened shapes, ranks, dtype codes, the memory order
+        of each tensor's dims (as the producer's traced value has them: a receiver that made them row-major
+        would run its ops on another layout than one process does, and a matmul over a transposed operand
+        then differs in the last bits), and the byte count."""
+        shapes, ranks, dtypes, orders, nbytes = [], [], [], [], 0
         for inp in inputs:
             val = example_value(self._nodes_by_name[inp.name])
             shape = list(val.shape)
@@ -189,8 +216,9 @@ class DistributedProgram(PipelineProgram):
             shapes += shape
             ranks.append(len(shape))
             dtypes.append(DTYPE_CODE[val.dtype])
+            orders += stride_order(val.shape, val.stride())
             nbytes += torch.Size(shape).numel() * val.element_size()
-        return shapes, ranks, dtypes, nbytes
+        return shapes, ranks, dtypes, orders, nbytes
 
     def _build_schedule(self, pieces, device: torch.device) -> fx.GraphModule:
         k, last = self.stage_index, self.plan.num_stages - 1
@@ -216,9 +244,10 @@ class DistributedProgram(PipelineProgram):
             values = {}
             for p in sorted(p for (p, c) in routes[j] if c == k):
                 inputs = routes[j][(p, k)]
-                shapes, ranks, dtypes, _ = self._message_layout(inputs, piece)
+                shapes, ranks, dtypes, orders, _ = self._message_layout(inputs, piece)
                 g.call_function(torch.ops.pipefusion.wait.default, (bufs[(j, p)], channel))
-                unpacked = g.call_function(torch.ops.pipefusion.unpack.default, (bufs[(j, p)], shapes, ranks, dtypes))
+                unpacked = g.call_function(torch.ops.pipefusion.unpack.default,
+                                           (bufs[(j, p)], shapes, ranks, dtypes, orders))
                 for i, inp in enumerate(inputs):
                     values[inp.name] = g.call_function(operator.getitem, (unpacked, i))
             available = {**sliced[j], **values}

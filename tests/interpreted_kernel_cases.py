@@ -81,7 +81,7 @@ def test_pack_unpack(dtype, batch, n):
     assert got.dtype == torch.uint8 and torch.equal(got, want)
     shapes, ranks = [s for t in tensors for s in t.shape], [t.dim() for t in tensors]
     codes = [DTYPE_CODE[t.dtype] for t in tensors]
-    for out, t in zip(P.unpack(got, shapes, ranks, codes, "triton"), tensors):
+    for out, t in zip(P.unpack(got, shapes, ranks, codes, kernels="triton"), tensors):
         assert torch.equal(out, t) and out.is_contiguous()
     views = [torch.zeros(*reversed(t.shape), dtype=t.dtype).permute(*reversed(range(t.dim()))) for t in tensors]
     P.unpack_into(got, views, "triton")

@@ -73,6 +73,15 @@ def test_sample_is_pipelined_and_equal(name):
     assert (row.m1_equal_plain, row.m4_equal_reference) == ("yes", "yes"), row.error
 
 
+def test_two_ranks_equal_simulate_bit_for_bit():
+    """AceStep's stage cut carries a transposed value (its conv1d patch embedding's output, [B, S, C] with the
+    channels outermost in memory): the receiving rank must unpack it in that layout, or its matmuls run on
+    other strides than in one process and differ in the last bits (1.9e-6 before)."""
+    (case,) = [c for c in CASES if c.name == "AceStepTransformer1DModel"]
+    row = run_case(case, stages=2, patches=4, steps=2, ranks=True)
+    assert row.ranks2_equal_simulate == "yes", row.error
+
+
 def test_runner_reports_failures_per_cell():
     def broken():
         raise ValueError("no such config")

@@ -78,6 +78,21 @@ def test_select_kernels_writes_the_choice_into_every_data_movement_op():
     assert "kernels = 'torch'" in gm.code
 
 
+def test_unpack_gives_each_tensor_the_memory_order_it_is_told():
+    """A value crossing ranks keeps its producer's layout (a transposed activation stays transposed)."""
+    from pipefusion_compile.ops import stride_order
+
+    a, b = torch.randn(2, 5, 3).transpose(1, 2), torch.randn(4, 1, 6).permute(2, 1, 0)
+    orders = [*stride_order(a.shape, a.stride()), *stride_order(b.shape, b.stride())]
+    assert orders[:3] == [0, 2, 1]
+    buf = torch.ops.pipefusion.pack([a, b])
+    x, y = torch.ops.pipefusion.unpack(buf, [*a.shape, *b.shape], [3, 3], [0, 0], orders)
+    assert torch.equal(x, a) and torch.equal(y, b)
+    assert x.stride() == a.stride() and stride_order(y.shape, y.stride()) == stride_order(b.shape, b.stride())
+    x, y = torch.ops.pipefusion.unpack(buf, [*a.shape, *b.shape], [3, 3], [0, 0])  # default: row-major
+    assert x.is_contiguous() and y.is_contiguous() and torch.equal(x, a)
+
+
 def test_ops_compile_with_inductor_without_graph_breaks():
     """The ops as a stage graph has them, under `fullgraph=True` inductor on CPU, equal to eager."""
     def f(ck, cv, k, v, row_start, out, a, b):
