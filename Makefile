@@ -25,12 +25,14 @@ $(VENV)/.installed-examples: $(VENV)/.installed
 	touch $@
 
 # make test: the suite with a fixed sample of its long parametrized groups (tests/conftest.py SAMPLE_EVERY);
-# make test-full: every parameter set of them too
+# make test-full: every parameter set of them too. Both run one pytest worker per core (pytest-xdist; each
+# worker's torch gets its share of the cores, tests/conftest.py); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: venv
-	$(BIN)/python -m pytest -q -x --durations=15 -m "not full" tests
+	$(BIN)/python -m pytest -q -x --durations=15 -n $(TEST_WORKERS) -m "not full" tests
 
 test-full: venv
-	$(BIN)/python -m pytest -q -x --durations=25 tests
+	$(BIN)/python -m pytest -q -x --durations=25 -n $(TEST_WORKERS) tests
 
 # the trained digits DiT, serially and on 2 ranks (torchrun, gloo, CPU): writes out/demo.png
 demo: venv-examples

@@ -1,13 +1,18 @@
-"""Point-to-point communication between stages, as registered `pipefusion::` ops.
+"""Point-to-point communication between stages, as registered `pipefusion::` ops, over two transports.
 
-The multi-process schedule (`runtime_dist.py`) is an FX graph whose nodes call these ops, so
-`print(program.schedule_graph())` shows every irecv, wait, pack, isend and broadcast in order. The ops take
-a `channel` string naming the `Comm` that owns the process group, the pending requests, the byte counters and
-the timeline of one program; the program creates it and the table below only lets ops find it by name.
+A schedule (`schedule.py`) is an FX graph whose nodes call these ops, so `print(program.schedule_graph())`
+shows every irecv, wait, pack, isend and broadcast in order. The ops take a `channel` string naming the `Comm`
+of one stage of one program (its pending requests, byte counters and timeline); the table below only lets ops
+find it by name. Two transports implement a `Comm`:
+
+    DistComm    torch.distributed point-to-point (gloo, NCCL): one stage per rank
+    LocalComm   in one process (simulate): the stages' schedules run one after another, each send leaves its
+                packed buffer in a mailbox the stages share, each wait takes it out (nothing is skipped: routes,
+                pack and unpack run exactly as on ranks)
+
 The data-movement ops the schedules also call (`pack`, `unpack`, `write_band`, with Triton kernels) live in
-`ops.py`.
-
-Every wait has a timeout; a failure names the rank, stage, patch and step and what was being waited for.
+`ops.py`. Every wait has a timeout; a failure names the rank, stage, patch and step and what was being waited
+for.
 """
 from __future__ import annotations
 
@@ -43,10 +48,10 @@ class Event:
 
 @dataclass
 class Comm:
-    """Communication state of one program on one rank."""
+    """Communication state of one stage of one program: what both transports share (names, counters, the
+    timeline); the transport's `isend`, `irecv`, `wait_recv`, `wait_sends` and `broadcast` are its subclass's."""
 
     name: str
-    group: object
     stage: int
     stage_ranks: list[int]          # global rank of each stage
     timeout_s: float
@@ -77,6 +82,74 @@ class Comm:
 
     def new_step(self, step: int) -> None:
         self.step, self.patch, self.bytes_sent, self.output_bytes = step, -1, 0, 0
+
+    def isend(self, buf: torch.Tensor, peer: int, tag: int) -> None:
+        raise NotImplementedError
+
+    def irecv(self, buf: torch.Tensor, peer: int, tag: int) -> None:
+        raise NotImplementedError
+
+    def wait_recv(self, buf: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def wait_sends(self) -> None:
+        raise NotImplementedError
+
+    def broadcast(self, out: torch.Tensor, src_stage: int) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class LocalComm(Comm):
+    """One stage's transport in one process. `mailbox` (shared by the program's stages) holds every packed
+    message sent and not yet received, by (sender, receiver, patch). The stages' schedules of one step run in
+    stage order, so every message a stage waits for was sent before; one that was not is a schedule bug, and
+    says so instead of waiting. The model output buffers are shared too: `broadcast` has nothing to move."""
+
+    mailbox: dict = field(default_factory=dict)
+
+    def where(self, patch: int | None = None) -> str:
+        patch = self.patch if patch is None else patch
+        return f"stage {self.stage}, step {self.step}, patch {patch}"
+
+    def isend(self, buf: torch.Tensor, peer: int, tag: int) -> None:
+        t0 = time.perf_counter()
+        key = (self.stage, peer, tag)
+        if key in self.mailbox:
+            raise PipefusionCommError(f"{self.where(tag)}: patch {tag} sent to stage {peer} twice in one step")
+        self.mailbox[key] = buf
+        self.bytes_sent += buf.numel() * buf.element_size()
+        self.record("send", t0, patch=tag, peer=peer)
+
+    def irecv(self, buf: torch.Tensor, peer: int, tag: int) -> None:
+        self._pending[buf.data_ptr()] = (peer, tag)
+
+    def wait_recv(self, buf: torch.Tensor) -> None:
+        peer, tag = self._pending.pop(buf.data_ptr())
+        t0 = time.perf_counter()
+        sent = self.mailbox.pop((peer, self.stage, tag), None)
+        if sent is None:
+            raise PipefusionCommError(
+                f"{self.where(tag)}: waits for patch {tag} from stage {peer}, which has not sent it (in one process "
+                "the stages run in order, so a stage only receives from earlier ones: a schedule bug)")
+        if sent.numel() != buf.numel():
+            raise PipefusionCommError(
+                f"{self.where(tag)}: patch {tag} from stage {peer} has {sent.numel()} bytes, {buf.numel()} expected")
+        buf.copy_(sent)
+        self.record("recv", t0, patch=tag, peer=peer)
+
+    def wait_sends(self) -> None:
+        pass  # a local send is complete when it returns
+
+    def broadcast(self, out: torch.Tensor, src_stage: int) -> None:
+        self.record("broadcast", time.perf_counter(), patch=-1, peer=src_stage)
+
+
+@dataclass
+class DistComm(Comm):
+    """One rank's transport: torch.distributed point-to-point in `group`."""
+
+    group: object = None
 
     def _wait(self, work, what: str, patch: int, peer: int | None = None) -> None:
         """Wait for `work` (on `peer`, a stage index, when one peer is involved). A failure says what happened:

@@ -1,30 +1,40 @@
-"""The compiled program: step state, K/V caches and the PipeFusion schedule (single-process `simulate`).
+"""The compiled program: step state, mixing caches, and the one executor both runtimes use.
 
 One call = one diffusion step. The first `warmup_steps` calls of a generation run the whole sequence
 through the stages (one "patch" of all token rows), which fills every K/V cache with fresh values; later
 calls run the M row bands one after another through the stages, each self-attention writing its patch's
 fresh K/V into the cache before attending over it, so patches not yet computed this step are seen with
-the K/V of the previous step (stale), exactly as in PipeFusion. Per stage, the patch order is the same as
-in a multi-rank pipeline, so the numerics do not depend on how stages are placed.
+the K/V of the previous step (stale), exactly as in PipeFusion.
+
+Each stage runs its schedule graph for the step (`schedule.build_schedule`: receives, stage calls, sends,
+output writes). In one process (`simulate`, this class) every stage's schedule runs, in stage order, over an
+in-process transport (`comm.LocalComm`); on ranks (`runtime_dist.DistributedProgram`) each rank runs its own
+stage's over torch.distributed. Per stage, the patch order is the same, so the numerics do not depend on how
+stages are placed: ranks equal simulate bit for bit.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .comm import Comm, LocalComm
 from .errors import PipefusionError, UnsupportedGraphError
+from .ops import stride_order
 from .options import PipefusionOptions
 from .passes.kernels import select_kernels
 from .passes.lower import LoweredStage, PieceGraph, StageInput
 from .passes.meta import example_value, node_meta
 from .passes.pieces import EXTRA, FULL, HEAD, TAIL, Piece
 from .plan import PipelinePlan
+from .schedule import build_schedule, routes, sliced_inputs
 
 log = logging.getLogger("pipefusion_compile")
 
@@ -140,7 +150,13 @@ class PipelineProgram:
         self.plan = plan
         self.options = options
         self.timestep_index = timestep_index
-        self.stages = [_StageRuntime(s) for s in stages]
+        self.all_stages = [_StageRuntime(s) for s in stages]
+        self.stages = list(self.all_stages)  # the stages this process runs (on ranks: its own)
+        self._producer_of = {name: st.index for st in stages for name in st.outputs}
+        self._nodes_by_name = {n.name: n for n in gm.graph.nodes}
+        self._schedules: dict[tuple, fx.GraphModule] = {}
+        self._routes: dict[tuple, dict] = {}
+        self._layouts_checked: set = set()
         self._param_positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         self.instances: dict[tuple, _Instance] = {}
         self._current: _Instance | None = None
@@ -153,6 +169,16 @@ class PipelineProgram:
             _OutputSlot.of(leaf, plan.token_rows) for leaf in out.all_input_nodes
             if node_meta(leaf).token.carries_tokens
         ]
+        self.comms: dict[int, Comm] = self._make_comms(options)
+
+    def _make_comms(self, options: PipefusionOptions) -> dict[int, Comm]:
+        """Stage index -> its transport. In one process: local ones sharing one mailbox."""
+        mailbox: dict = {}
+        name = f"pipefusion-local-{id(self):x}"
+        return {s.lowered.index: LocalComm(name=f"{name}-s{s.lowered.index}", stage=s.lowered.index,
+                                           stage_ranks=list(range(self.plan.num_stages)), timeout_s=options.timeout_s,
+                                           record_timeline=options.timeline is not None, mailbox=mailbox)
+                for s in self.all_stages}
 
     # ------------------------------------------------------------------------------------------ state
     @property
@@ -206,28 +232,87 @@ class PipelineProgram:
         inst.last_timestep = t
         return inst.current()
 
+    # ------------------------------------------------------------------------------------------ schedule
+    def routes(self, piece: Piece) -> dict[tuple[int, int], list[StageInput]]:
+        """(producer, consumer) -> the values one piece of this kind carries between those stages."""
+        if piece.key not in self._routes:
+            self._routes[piece.key] = routes([s.lowered for s in self.all_stages], self._producer_of, piece)
+        return self._routes[piece.key]
+
+    def schedule_graph(self, pipelined: bool = True, device: torch.device | str = "cpu",
+                       stage: int | None = None) -> fx.GraphModule:
+        """The FX graph stage `stage` runs for one step (warmup or pipelined); receive buffers on `device`.
+        `stage` defaults to the first stage this process runs (on ranks: its own)."""
+        s = self.stages[0] if stage is None else next(s for s in self.all_stages if s.lowered.index == stage)
+        return self._schedule_for(s, self.plan.pieces(pipelined), device)
+
+    def _schedule_for(self, s: "_StageRuntime", pieces, device) -> fx.GraphModule:
+        key = (s.lowered.index, tuple(pieces), str(device))
+        if key not in self._schedules:
+            self._schedules[key] = build_schedule(self, s, pieces, torch.device(device))
+        return self._schedules[key]
+
+    def _check_sent_layouts(self, s: "_StageRuntime", piece: Piece, result) -> None:
+        """Once per stage and piece kind: the values the stage sends have the memory layout the receivers
+        unpack them into (the traced one, `schedule.message_layout`). A stage compiler that picked another
+        layout would let the receiver's ops run on other strides than the plain model's: warn, naming it."""
+        key = (s.lowered.index, piece.key)
+        if key in self._layouts_checked:
+            return
+        self._layouts_checked.add(key)
+        sent = {i.name for (p, _), inputs in self.routes(piece).items() if p == s.lowered.index for i in inputs}
+        for name, value in zip(s.lowered.piece_graph(piece).outputs, result):
+            if name not in sent or not isinstance(value, torch.Tensor):
+                continue
+            traced = example_value(self._nodes_by_name[name])
+            want, got = stride_order(traced.shape, traced.stride()), stride_order(value.shape, value.stride())
+            if want != got:
+                log.warning(
+                    "pipefusion: stage %d sends %s with its dims in memory order %s, but it was traced with %s "
+                    "(the order the receiving stage unpacks it in): the receiver's ops run on another layout than "
+                    "in the plain model and may differ from it in the last bits", s.lowered.index, name, got, want)
+
     # ------------------------------------------------------------------------------------------ run
     @torch.no_grad()
     def __call__(self, *args):
-        """One diffusion step (inference only: runs under no_grad)."""
-        inst, pieces, device, outputs = self._start_step(args)
-        globals_ = [self._globals(s, args) for s in self.stages]
-        for piece in pieces:
-            row_start = torch.tensor(piece.row0, dtype=torch.int64)
-            carry: dict[str, torch.Tensor] = {}
-            for s in self.stages:
-                pg = s.lowered.piece_graph(piece)
-                caches = self._caches(inst, s, device)
-                inputs = [row_start, *self._stage_inputs(s, pg, args, globals_[s.lowered.index], carry, piece),
-                          *caches]
-                result = self._stage_fn(s, piece, inputs)(*inputs)
-                carry.update(zip(pg.outputs, result))
-            for o in self._token_outputs:
-                write = o.writer(pg, piece)  # pg: the last stage's piece graph
-                if write is not None:
-                    op, rest = write
-                    op(outputs[o.name], carry[o.name], *rest, kernels=self.options.kernels)
-        return self._finish_step(inst, outputs, dict(zip(self.stages[-1].lowered.global_outputs, globals_[-1])))
+        """One diffusion step (inference only: runs under no_grad): each stage this process runs, its
+        schedule, in stage order."""
+        inst, pieces, device, outs = self._start_step(args)
+        for c in self.comms.values():
+            c.new_step(inst.state.step)
+        row_starts = [torch.tensor(piece.row0, dtype=torch.int64) for piece in pieces]
+        last_globals: dict = {}
+        for s in self.stages:
+            gmap = dict(zip(s.lowered.global_outputs, self._globals(s, args)))
+            hoisted = {inp.name: gmap[inp.name] for inp in s.lowered.inputs if inp.source == "global"}
+            sliced = [self._resolve(inp, args, gmap, piece)
+                      for piece in pieces for inp in sliced_inputs(s.lowered, piece)]
+            schedule = self._schedule_for(s, pieces, device)
+            try:
+                schedule(*row_starts, hoisted, *sliced, *self._caches(inst, s, device), *outs.values())
+            except PipefusionError:
+                raise
+            except Exception as e:
+                raise PipefusionError(f"{self.comms[s.lowered.index].where()}: {type(e).__name__}: {e}") from e
+            if s.lowered.index == self.plan.num_stages - 1:
+                last_globals = gmap
+        self.stats["bytes_sent"] = sum(c.bytes_sent for c in self.comms.values())
+        self.stats["output_bytes"] = sum(c.output_bytes for c in self.comms.values())
+        self._flush_timeline()
+        return self._finish_step(inst, outs, last_globals)
+
+    def _flush_timeline(self) -> None:
+        """Timeline events of this step to `options.timeline`/rank<R>.jsonl (in one process: R = the stage)."""
+        if self.options.timeline is None:
+            return
+        for c in self.comms.values():
+            if not c.timeline:
+                continue
+            os.makedirs(self.options.timeline, exist_ok=True)
+            with open(os.path.join(self.options.timeline, f"rank{c.rank}.jsonl"), "a") as f:
+                for event in c.timeline:
+                    f.write(json.dumps(asdict(event)) + "\n")
+            c.timeline.clear()
 
     def _start_step(self, args):
         """Step bookkeeping shared by both runtimes: which weights, which generation, warmup or not, the
@@ -253,15 +338,8 @@ class PipelineProgram:
         # Hoisted GLOBAL work is small and runs once per step: it stays eager.
         return s.lowered.globals_gm(*[args[i] for i in s.lowered.global_inputs])
 
-    def _stage_inputs(self, s: _StageRuntime, pg: PieceGraph, args, globals_, carry, piece: Piece) -> list:
-        gmap = dict(zip(s.lowered.global_outputs, globals_))
-        return [self._resolve(inp, args, gmap, carry, piece) for inp in pg.inputs]
-
-    def _resolve(self, inp: StageInput, args, gmap, carry, piece: Piece):
-        if inp.source == "global":
-            return gmap[inp.name]
-        if inp.source == "recv":
-            return carry[inp.name]
+    def _resolve(self, inp: StageInput, args, gmap, piece: Piece):
+        """A sliced input of `piece` (a graph input or a positional table, narrowed to the piece)."""
         full = gmap[inp.name] if inp.source == "positional" else args[self._placeholder_index[inp.name]]
         return inp.narrow(full, self.plan.token_rows, piece)
 

@@ -6,7 +6,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# each pytest-xdist worker (`make test` runs one per core) gets its share of the cores; alone, at most 2 threads
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(autouse=True)

@@ -43,7 +43,7 @@ def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         result.update(plan_bytes=program.plan.p2p_bytes_per_step(program.stage_index), param_bytes=total,
                       stage=program.stage_index, schedule=str(program.schedule_graph(pipelined=True).graph),
-                      routes={k: [i.name for i in v] for k, v in program._routes(program.plan.pieces(True)[-1]).items()})
+                      routes={k: [i.name for i in v] for k, v in program.routes(program.plan.pieces(True)[-1]).items()})
     return result
 
 
@@ -62,12 +62,12 @@ def generate_in_groups(rank, world, group_size, job, steps):
 
 def die_mid_step(rank, world, victim, step, patch, options):
     """Rank `victim` exits abruptly while computing `patch` of `step`; the others must fail, not hang."""
-    from pipefusion_compile.runtime_dist import _StageCall
+    from pipefusion_compile.schedule import StageCall as _StageCall
 
     original = _StageCall.forward
 
     def forward(self, patch_index, *rest):
-        program = self._program[0]
+        program = self._owner[0]
         if rank == victim and program.comm.step == step and patch_index == patch:
             os._exit(17)
         return original(self, patch_index, *rest)

@@ -18,14 +18,14 @@ def faulty_pipelines(rank, world, scenarios, out_dir, steps=4):
     (fault "exit") or sleeps for `fault[1]` seconds (fault ("stall", seconds)). Each rank writes how each run
     ended to `out_dir/s<scenario>_rank<rank>.json` as soon as it ends: the failing call's error type and
     message, and how long that call took (written before a victim exits, so earlier outcomes survive it)."""
-    from pipefusion_compile.runtime_dist import _StageCall
+    from pipefusion_compile.schedule import StageCall as _StageCall
 
     groups = [dist.new_group(list(range(world))) for _ in scenarios]
     original = _StageCall.forward
     current = {}
 
     def forward(self, patch_index, *rest):
-        program = self._program[0]
+        program = self._owner[0]
         if rank == current["victim"] and program.comm.step == current["step"] and patch_index == current["patch"]:
             if current["fault"] == "exit":
                 os._exit(17)
