@@ -30,9 +30,9 @@ from .errors import PipefusionError, UnsupportedGraphError
 from .ops import stride_order
 from .options import PipefusionOptions
 from .passes.kernels import select_kernels
-from .passes.lower import LoweredStage, PieceGraph, StageInput
+from .passes.lower import InputSource, LoweredStage, PieceGraph, StageInput
 from .passes.meta import example_value, node_meta
-from .passes.pieces import EXTRA, FULL, HEAD, TAIL, Piece
+from .passes.pieces import EXTRA, FULL, HEAD, TAIL, Piece, PieceKind
 from .plan import PipelinePlan
 from .schedule import build_schedule, routes, sliced_inputs
 
@@ -112,7 +112,7 @@ class _OutputSlot:
     dtype: torch.dtype
     axis: int
     per_row: int
-    group: str | None = None
+    group: PieceKind | None = None
 
     @classmethod
     def of(cls, node: fx.Node, token_rows: int) -> "_OutputSlot":
@@ -284,7 +284,7 @@ class PipelineProgram:
         last_globals: dict = {}
         for s in self.stages:
             gmap = dict(zip(s.lowered.global_outputs, self._globals(s, args)))
-            hoisted = {inp.name: gmap[inp.name] for inp in s.lowered.inputs if inp.source == "global"}
+            hoisted = {inp.name: gmap[inp.name] for inp in s.lowered.inputs if inp.source is InputSource.GLOBAL}
             sliced = [self._resolve(inp, args, gmap, piece)
                       for piece in pieces for inp in sliced_inputs(s.lowered, piece)]
             schedule = self._schedule_for(s, pieces, device)
@@ -340,7 +340,7 @@ class PipelineProgram:
 
     def _resolve(self, inp: StageInput, args, gmap, piece: Piece):
         """A sliced input of `piece` (a graph input or a positional table, narrowed to the piece)."""
-        full = gmap[inp.name] if inp.source == "positional" else args[self._placeholder_index[inp.name]]
+        full = gmap[inp.name] if inp.source is InputSource.POSITIONAL else args[self._placeholder_index[inp.name]]
         return inp.narrow(full, self.plan.token_rows, piece)
 
     @staticmethod

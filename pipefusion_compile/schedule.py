@@ -31,7 +31,7 @@ from . import comm as _comm  # noqa: F401  (registers the pipefusion:: comm ops 
 from .kernels import DTYPE_CODE
 from .ops import stride_order
 from .passes.kernels import select_kernels
-from .passes.lower import LoweredStage, StageInput
+from .passes.lower import InputSource, LoweredStage, StageInput
 from .passes.meta import example_value
 from .passes.pieces import EXTRA, Piece
 
@@ -46,14 +46,14 @@ def routes(stages: list[LoweredStage], producer_of: dict[str, int], piece: Piece
     found: dict[tuple[int, int], list[StageInput]] = {}
     for st in stages:
         for inp in st.piece_graph(piece).inputs:
-            if inp.source == "recv":
+            if inp.source is InputSource.RECV:
                 found.setdefault((producer_of[inp.name], st.index), []).append(inp)
     return found
 
 
 def sliced_inputs(stage: LoweredStage, piece: Piece) -> list[StageInput]:
     """The piece's inputs that the runtime slices from a full-size value (graph inputs, positional tables)."""
-    return [inp for inp in stage.piece_graph(piece).inputs if inp.source in ("positional", "image")]
+    return [inp for inp in stage.piece_graph(piece).inputs if inp.source in (InputSource.POSITIONAL, InputSource.IMAGE)]
 
 
 def message_layout(nodes_by_name: dict[str, fx.Node], token_rows: int, inputs: list[StageInput], piece: Piece):
@@ -92,7 +92,7 @@ class StageCall(torch.nn.Module):
         comm = program.comms[stage.lowered.index]
         comm.patch = patch
         rest_iter = iter(rest)
-        inputs = [row_start] + [hoisted[i.name] if i.source == "global" else next(rest_iter)
+        inputs = [row_start] + [hoisted[i.name] if i.source is InputSource.GLOBAL else next(rest_iter)
                                 for i in stage.lowered.piece_graph(self.piece).inputs] + list(rest_iter)
         t0 = time.perf_counter()
         result = program._stage_fn(stage, self.piece, inputs)(*inputs)
@@ -135,7 +135,8 @@ def build_schedule(program: "PipelineProgram", stage: "_StageRuntime", pieces, d
                 values[inp.name] = g.call_function(operator.getitem, (unpacked, i))
         available = {**sliced[j], **values}
         pg = stage.lowered.piece_graph(piece)
-        args = [j, row_start[j], hoisted] + [available[i.name] for i in pg.inputs if i.source != "global"] + caches
+        per_piece = [available[i.name] for i in pg.inputs if i.source is not InputSource.GLOBAL]
+        args = [j, row_start[j], hoisted] + per_piece + caches
         target = f"stage_{piece.kind}" if piece.kind in EXTRA else f"stage_{piece.kind}{piece.rows}"
         if not hasattr(root, target):
             root.add_module(target, StageCall(program, stage, piece))

@@ -242,11 +242,11 @@ def test_a_global_cast_like_a_token_value_reads_only_its_dtype():
 def test_a_positional_input_on_a_folded_axis_is_sliced_in_every_outer_slice():
     """A table folded like the tokens it meets ([outer * S, ...], outer-major) gives a band its rows of each
     of the `outer` slices: rows [1, 3) of 4 rows x 2 per row, outer 3 -> elements 2..5 of each slice of 8."""
-    from pipefusion_compile.passes.lower import StageInput
+    from pipefusion_compile.passes.lower import InputSource, StageInput
     from pipefusion_compile.passes.pieces import BAND, FULL, Piece
 
     full = torch.arange(3 * 8).reshape(3 * 8, 1)
-    inp = StageInput("table", "positional", axis=0, per_row=3 * 2, outer=3)
+    inp = StageInput("table", InputSource.POSITIONAL, axis=0, per_row=3 * 2, outer=3)
     band = inp.narrow(full, 4, Piece(BAND, 1, 2))
     assert band[:, 0].tolist() == [2, 3, 4, 5, 10, 11, 12, 13, 18, 19, 20, 21]
     assert inp.token_range(4, Piece(BAND, 1, 2)) == (2, 12)

@@ -37,7 +37,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .attention_ops import ATEN_SDPA, BADDBMM, EINSUM, MATMUL, MHA, SOFTMAX
-from .meta import example_value, node_meta
+from .meta import TokenRule, example_value, node_meta
 from .sdpa import is_sdpa
 from .side_effects import is_impure
 
@@ -64,9 +64,9 @@ class Rewritten:
 
 
 def attention_form(node: fx.Node) -> AttentionForm:
-    if node_meta(node).token is not None and node_meta(node).token.rule == "conv-halo":
+    if node_meta(node).token is not None and node_meta(node).token.rule is TokenRule.CONV_HALO:
         return AttentionForm.CONV
-    if node_meta(node).token is not None and node_meta(node).token.rule == "reduce-tokens":
+    if node_meta(node).token is not None and node_meta(node).token.rule is TokenRule.REDUCE_TOKENS:
         return AttentionForm.REDUCTION
     return node_meta(node).extra.get("attention_form", AttentionForm.SDPA)
 

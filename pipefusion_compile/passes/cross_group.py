@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .meta import Kind, MixingRule, TokenInfo, cache_placeholders, example_value, node_meta
-from .pieces import group_offset
+from .meta import Kind, MixingRule, TokenInfo, TokenRule, cache_placeholders, example_value, node_meta
+from .pieces import PieceKind, group_offset
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
 
 CROSS_GROUP = "cross-group"   # `TokenInfo.attention` of such a node
@@ -67,11 +67,11 @@ def rule_cross_group_attention(ctx, q: fx.Node, k: fx.Node, v: fx.Node, iq: Toke
         if iq.carries_tokens and iq.axis != nq - 2:
             raise ctx.fail("attention query carries tokens off the sequence axis")
         length = ctx.out_shape()[nq - 2]
-        return ctx.analysis.make_info(ctx.node, nq - 2, "attention-stream-queries", kind=Kind.MIXING,
+        return ctx.analysis.make_info(ctx.node, nq - 2, TokenRule.ATTENTION_STREAM_QUERIES, kind=Kind.MIXING,
                                       attention=CROSS_GROUP, suffix=length, mixing=MixingRule.STALE_KV_CROSS_GROUP)
     if iq.axis != nq - 2:
         raise ctx.fail("attention query carries tokens off the sequence axis")
-    return ctx.patched(iq.axis, "attention-image-queries", attention=CROSS_GROUP, kind=Kind.MIXING,
+    return ctx.patched(iq.axis, TokenRule.ATTENTION_IMAGE_QUERIES, attention=CROSS_GROUP, kind=Kind.MIXING,
                        mixing=MixingRule.STALE_KV_CROSS_GROUP)
 
 
@@ -91,7 +91,7 @@ def query_side(n: fx.Node) -> tuple[int, int]:
     return kinfo.prefix, kinfo.suffix
 
 
-def rewrite_cross_group_attention(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
+def rewrite_cross_group_attention(gm: fx.GraphModule, kind: PieceKind) -> fx.GraphModule:
     """Point every cross-group attention at its K/V cache, written where its keys are computed. Runs before
     `select_group`, which then keeps the write in the piece that holds the keys and the attention in the
     piece that holds the queries (a FULL piece keeps both, the write first).

@@ -28,6 +28,7 @@ For stage k this module builds
 """
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import operator
@@ -42,8 +43,9 @@ from .. import ops  # noqa: F401  (registers torch.ops.pipefusion.*)
 from ..errors import PipefusionError, UnsupportedGraphError
 from .autocast import autocast_scopes, restore_autocast
 from .cross_group import rewrite_cross_group_attention
-from .meta import META_KEY, Kind, MixingRule, NodeMeta, TokenInfo, cache_placeholders, example_value, node_meta
-from .pieces import BAND, FULL, HEAD, Piece, extent, group_offset, holds, token_range
+from .meta import (META_KEY, Kind, MixingRule, NodeMeta, TokenInfo, TokenRule, cache_placeholders, example_value,
+                   node_meta)
+from .pieces import BAND, FULL, HEAD, Piece, PieceKind, extent, group_offset, holds, token_range
 from .sample_rules import rewrite_sample_splits
 from .sdpa import is_sdpa, sdpa_qkv, set_sdpa_kv
 from .side_effects import alias_root, check_kept, is_impure, mutated_operand, mutation_closure
@@ -53,13 +55,28 @@ log = logging.getLogger("pipefusion_compile")
 
 
 
+class InputSource(str, enum.Enum):
+    """Where the value of a stage input comes from. A str, printed as its value ("recv")."""
+
+    RECV = "recv"               # computed by an earlier stage, received per piece
+    GLOBAL = "global"           # hoisted: computed once per step by the stage's globals graph
+    POSITIONAL = "positional"   # a positional table from the globals graph, sliced per piece
+    IMAGE = "image"             # a graph input that carries the image tokens, sliced per piece
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
+
 @dataclass(frozen=True)
 class StageInput:
     """One placeholder of a patch graph (after `row_start`) and where its value comes from."""
 
     name: str                   # node name in the dynamo graph
-    source: str                 # "recv" (earlier stage), "global", "positional" or "image" (sliced input)
-    axis: int | None = None     # token axis, for "recv"/"positional"/"image"
+    source: InputSource         # RECV (earlier stage), GLOBAL, POSITIONAL or IMAGE (sliced input)
+    axis: int | None = None     # token axis, for RECV / POSITIONAL / IMAGE
     per_row: int | None = None  # elements per token row along `axis`
     prefix: int = 0             # text elements before / after the image part along `axis` (joint sequences)
     suffix: int = 0
@@ -181,14 +198,14 @@ def extract_stage(
             raise UnsupportedGraphError("internal: a reduction over the tokens is read by a later stage (no cut "
                                         "may cross it)", a)
         if info.kind is Kind.POSITIONAL:
-            inputs.append(StageInput(a.name, "positional", info.axis, analysis.per_row(info), info.prefix,
+            inputs.append(StageInput(a.name, InputSource.POSITIONAL, info.axis, analysis.per_row(info), info.prefix,
                                      info.suffix, info.outer))
         elif info.carries_tokens:
-            source = "image" if a.op == "placeholder" else "recv"
+            source = InputSource.IMAGE if a.op == "placeholder" else InputSource.RECV
             inputs.append(StageInput(a.name, source, info.axis, analysis.per_row(info), info.prefix, info.suffix,
                                      info.outer))
         else:
-            inputs.append(StageInput(a.name, "global"))
+            inputs.append(StageInput(a.name, InputSource.GLOBAL))
     caches = []
     for n in members:
         info = node_meta(n).token
@@ -277,7 +294,7 @@ def _image_operand(info: TokenInfo) -> bool:
     return info is not None and info.carries_tokens and info.epr > 0
 
 
-def _group_extent(info: TokenInfo, kind: str) -> tuple[int, ...]:
+def _group_extent(info: TokenInfo, kind: PieceKind) -> tuple[int, ...]:
     """What of a value's token axis belongs to pieces of `kind`, to compare a selection with its input."""
     return (info.epr,) if kind == BAND else (info.prefix if kind == HEAD else info.suffix,)
 
@@ -293,7 +310,7 @@ def _global_kv_users(n: fx.Node) -> bool:
                                  for u in n.users)
 
 
-def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
+def select_group(gm: fx.GraphModule, kind: PieceKind) -> fx.GraphModule:
     """Keep, of every value, the part that pieces of `kind` (BAND: image rows, HEAD / TAIL: the tokens before /
     after the image, e.g. the text) hold.
 
@@ -331,7 +348,7 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
     # the input each group selection reads in the whole graph: a `cat-joint` input is replaced by its operand on
     # the piece's side below, and the selection is judged on what it selected from, not on that operand
     selected_from = {n: n.args[0] for n in g.nodes if n.op in ("call_function", "call_method")
-                     and node_meta(n).token is not None and node_meta(n).token.rule == "getitem-group"}
+                     and node_meta(n).token is not None and node_meta(n).token.rule is TokenRule.GETITEM_GROUP}
     written = {alias_root(m) for m in map(mutated_operand, g.nodes) if m is not None}
     # each joint concatenation's operands as the whole graph has them: an operand that is itself a joint
     # concatenation (`cat([a, cat([b, img])])`, Framepack's history latents before the image) is replaced by its
@@ -339,16 +356,16 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
     operands = {n: [node_meta(t).token if isinstance(t, fx.Node) else None
                     for t in (n.args[0] if n.args else n.kwargs["tensors"])]
                 for n in g.nodes if n.op in ("call_function", "call_method")
-                and node_meta(n).token is not None and node_meta(n).token.rule == "cat-joint"}
+                and node_meta(n).token is not None and node_meta(n).token.rule is TokenRule.CAT_JOINT}
     for n in list(g.nodes):
         if n.op not in ("call_function", "call_method"):
             continue
         info = node_meta(n).token
         if info is None or not holds(info, kind):
             continue
-        if info.rule == "cat-joint" and kind == BAND and _global_kv_users(n):
+        if info.rule is TokenRule.CAT_JOINT and kind == BAND and _global_kv_users(n):
             continue  # keys of image queries: the whole key sequence, written into the cache operand by operand
-        if info.rule == "cat-joint":
+        if info.rule is TokenRule.CAT_JOINT:
             tensors = list(n.args[0] if n.args else n.kwargs["tensors"])
             image = next((i for i, t in enumerate(operands[n]) if t is not None and _image_operand(t)), None)
             if image is None:
@@ -378,14 +395,14 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
                     by = g.call_method("clone", (by,))
                 by.meta = dict(n.meta)
             replace(n, by)
-        elif info.rule == "getitem-group":
+        elif info.rule is TokenRule.GETITEM_GROUP:
             src = n.args[0]
             src_info = node_meta(selected_from[n]).token
             if src_info.joint and src_info.epr > 0:  # selects the piece's group out of a joint value
                 if _group_extent(info, kind) != _group_extent(src_info, kind):
                     raise UnsupportedGraphError("selecting part of the text group of a joint sequence", n)
                 replace(n, src)
-        elif info.rule == "setitem-group":  # `x[:, :, text_len:] = f(...)`: a write into one token group
+        elif info.rule is TokenRule.SETITEM_GROUP:  # `x[:, :, text_len:] = f(...)`: a write into one token group
             part, pos = node_meta(n).extra["group_write"]
             if part != ("image" if kind == BAND else kind):
                 g.erase_node(n)                 # the piece does not hold that group
@@ -394,7 +411,7 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
             items = list(index) if isinstance(index, tuple) else [index]
             items[pos] = slice(None)            # the piece holds only that group: the whole axis
             n.args = (n.args[0], tuple(items) if isinstance(index, tuple) else items[0], n.args[2])
-        elif n.target is operator.getitem and node_meta(n.args[0]).token.rule == "split-groups":
+        elif n.target is operator.getitem and node_meta(n.args[0]).token.rule is TokenRule.SPLIT_GROUPS:
             split = n.args[0]
             src = split.args[0] if split.args else split.kwargs["input"]
             if _group_extent(info, kind) != _group_extent(node_meta(src).token, kind):
@@ -405,7 +422,8 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
         if n.op not in ("call_function", "call_method"):
             continue
         info = node_meta(n).token
-        spent_split = info is not None and info.rule == "split-groups" and not n.users  # its getitems were replaced
+        # a split of token groups whose getitems were all replaced
+        spent_split = info is not None and info.rule is TokenRule.SPLIT_GROUPS and not n.users
         if not holds(info, kind) or spent_split:
             if n.users:
                 raise UnsupportedGraphError(
@@ -424,7 +442,7 @@ def select_group(gm: fx.GraphModule, kind: str) -> fx.GraphModule:
 # Pass 3: stale-K/V attention
 
 
-def rewrite_stale_attention(gm: fx.GraphModule, kind: str = BAND) -> fx.GraphModule:
+def rewrite_stale_attention(gm: fx.GraphModule, kind: PieceKind = BAND) -> fx.GraphModule:
     """Every self-attention writes its fresh K/V into the caches, then attends over the whole caches.
 
     Before:                                        After:
@@ -984,7 +1002,7 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
                 if u is out_node or (u.name in position and position[u.name] >= sp.end):
                     later.add(n.name)
         stage_gm, inputs, caches, outputs = _run_pass("extract_stage", extract_stage, gm, members, later, analysis)
-        needed = [nodes_by_name[i.name] for i in inputs if i.source in ("global", "positional")]
+        needed = [nodes_by_name[i.name] for i in inputs if i.source in (InputSource.GLOBAL, InputSource.POSITIONAL)]
         if sp.index == last:
             for leaf in out_node.all_input_nodes:
                 if not node_meta(leaf).token.carries_tokens and leaf not in needed:

@@ -41,6 +41,80 @@ class MixingRule(enum.Enum):
                  "fresh, of later ones one step stale, zeros beyond the image border)")
 
 
+class TokenRule(str, enum.Enum):
+    """The token rule that gave a value its `TokenInfo` (`token_rules.py`, `sample_rules.py`, `cross_group.py`,
+    `tokens.py`). A str, printed as its value ("cat-joint"), so plans and messages read as before; building a
+    `TokenInfo` from an unknown name raises ValueError."""
+
+    NONE = ""                                         # the default of `TokenInfo.rule`
+    # graph inputs and the values around them (tokens.py)
+    IMAGE_INPUT = "image input"
+    JOINT_IMAGE_INPUT = "joint image input"
+    POSITIONAL = "positional"                         # a GLOBAL table read token by token (`TokenInfo.used_by`)
+    GLOBAL = "global"
+    FROM_REDUCTION = "from-reduction"
+    REDUCE_TOKENS = "reduce-tokens"
+    # token-wise ops
+    ELEMENTWISE = "elementwise"
+    VIEW_COMPLEX = "view-complex"
+    CAST = "cast"
+    LINEAR = "linear"
+    MATMUL = "matmul"
+    EINSUM = "einsum"
+    NORM = "norm"
+    REDUCE = "reduce"
+    PAD = "pad"
+    EMBEDDING = "embedding"
+    # shape ops
+    RESHAPE = "reshape"
+    RESHAPE_FOLD = "reshape-fold"
+    RESHAPE_UNFOLD = "reshape-unfold"
+    EXPAND = "expand"
+    PERMUTE = "permute"
+    MOVEDIM = "movedim"
+    TRANSPOSE = "transpose"
+    REPEAT = "repeat"
+    REPEAT_INTERLEAVE = "repeat-interleave"
+    FLIP = "flip"
+    NARROW = "narrow"
+    # convolutions
+    CONV_BATCH_AXIS = "conv-batch-axis"
+    CONV_PATCH_EMBED = "conv-patch-embed"
+    CONV_HALO = "conv-halo"
+    CONV_TRANSPOSE_UNPATCHIFY = "conv-transpose-unpatchify"
+    # attention
+    SELF_ATTENTION = "self-attention"
+    SELF_ATTENTION_GLOBAL_KEYS = "self-attention-global-keys"
+    CROSS_ATTENTION = "cross-attention"
+    ATTENTION_LOCAL = "attention-local"
+    ATTENTION_STREAM_QUERIES = "attention-stream-queries"
+    ATTENTION_IMAGE_QUERIES = "attention-image-queries"
+    # token groups of a joint sequence: concatenation, selection, split, in-place writes
+    CAT = "cat"
+    STACK = "stack"
+    CAT_JOINT = "cat-joint"
+    CAT_TEXT = "cat-text"
+    TEXT_GROUP = "text-group"
+    TOKEN_GROUP = "token-group"
+    GETITEM = "getitem"
+    GETITEM_GROUP = "getitem-group"
+    SETITEM = "setitem"
+    SETITEM_GROUP = "setitem-group"
+    SPLIT = "split"
+    SPLIT_GROUPS = "split-groups"
+    # per-sample blocks of a list latent (sample_rules.py)
+    CAT_SAMPLES = "cat-samples"
+    SPLIT_SAMPLES = "split-samples"
+    UNFLATTEN_SAMPLES = "unflatten-samples"
+    PAD_SEQUENCE_STACK = "pad-sequence-stack"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
+
 @dataclass(frozen=True)
 class TokenInfo:
     """Where a value carries image tokens.
@@ -53,7 +127,7 @@ class TokenInfo:
     kind: Kind
     axis: int | None = None
     epr: Fraction | None = None
-    rule: str = ""
+    rule: TokenRule = TokenRule.NONE
     attention: str | None = None       # "self" or "cross" on attention nodes
     elements: tuple["TokenInfo", ...] | None = None  # for tuple-valued nodes (chunk, split, unbind)
     prefix: int = 0   # elements along `axis` before the image part that belong to another token group (text)
@@ -63,6 +137,16 @@ class TokenInfo:
     outer: int = 1    # > 1: the axis is dims before it (e.g. batch) folded with the token dim, outer-major
                       # (`x.reshape(-1, C, H, W)` of [B, F, C, H, W]); until a reshape unfolds it, a patch
                       # is not one contiguous range of it, so only ops that ignore token positions may run
+    used_by: str | None = None   # POSITIONAL: the node that reads the table token by token (the last one met)
+
+    def __post_init__(self):
+        if not isinstance(self.rule, TokenRule):   # a rule given by name: an unknown one raises ValueError
+            object.__setattr__(self, "rule", TokenRule(self.rule))
+
+    @property
+    def rule_name(self) -> str:
+        """The rule as messages name it: a positional table also names the node that reads it."""
+        return f"{self.rule} (used by {self.used_by})" if self.used_by is not None else str(self.rule)
 
     @property
     def joint(self) -> bool:

@@ -16,17 +16,35 @@ two (prefix or suffix says which). A piece keeps, of every value, only its own p
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from .meta import Kind, TokenInfo
 
-FULL, BAND, HEAD, TAIL = "full", "band", "head", "tail"
+
+class PieceKind(str, enum.Enum):
+    """The kind of a piece. A str, printed as its value ("band"): stage names (`stage_band4`), compiled-graph
+    keys and messages read as plain words, and a member equals its value."""
+
+    FULL = "full"
+    BAND = "band"
+    HEAD = "head"
+    TAIL = "tail"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
+
+FULL, BAND, HEAD, TAIL = PieceKind.FULL, PieceKind.BAND, PieceKind.HEAD, PieceKind.TAIL
 EXTRA = (HEAD, TAIL)   # the pieces of the other token groups (text, extra tokens), once per step
 
 
 @dataclass(frozen=True)
 class Piece:
-    kind: str        # FULL, BAND, HEAD or TAIL
+    kind: PieceKind  # FULL, BAND, HEAD or TAIL
     row0: int = 0    # first token row (BAND; 0 otherwise)
     rows: int = 0    # token rows (BAND and FULL; 0 for HEAD and TAIL)
 
@@ -41,7 +59,7 @@ class Piece:
             self.kind, f"rows [{self.row0}, {self.row0 + self.rows})")
 
 
-def holds(info: TokenInfo | None, kind: str) -> bool:
+def holds(info: TokenInfo | None, kind: PieceKind) -> bool:
     """Does a token-carrying value (as described by `info`) have a part in pieces of `kind`?"""
     if info is not None and info.kind is Kind.REDUCED:   # a reduction over the image tokens
         return kind in (FULL, BAND)
@@ -69,7 +87,7 @@ def extent_of(prefix: int, suffix: int, per_row: int, token_rows: int, piece: Pi
     return prefix if piece.kind == HEAD else suffix
 
 
-def group_offset(prefix: int, suffix: int, full: int, kind: str) -> int:
+def group_offset(prefix: int, suffix: int, full: int, kind: PieceKind) -> int:
     """Where the token group that pieces of `kind` hold starts along a token axis of `full` elements (a band
     adds its own rows to this): FULL and HEAD at 0, BAND after the head group, TAIL after the image."""
     if kind in (FULL, HEAD):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .meta import Kind, TokenInfo, example_value, node_meta
+from .meta import Kind, TokenInfo, TokenRule, example_value, node_meta
 from .token_rules import (
     FOLD_SAFE_RULES, RULES, RuleContext, _norm_dim, rule_cat, rule_chunk_split, shape_of, token_operands,
 )
@@ -51,7 +51,7 @@ def rule_cat_samples(ctx: RuleContext, stack: bool = False) -> TokenInfo:
             dim = _norm_dim(ctx.arg(1, "dim", 0), len(shape_of(first)))
             blocks = _image_blocks(ctx, tensors, dim)
             if blocks is not None and len(tensors) > 1:
-                return ctx.patched(dim, "cat-samples", outer=blocks)
+                return ctx.patched(dim, TokenRule.CAT_SAMPLES, outer=blocks)
     return rule_cat(ctx, stack=stack)
 
 
@@ -78,9 +78,9 @@ def rule_split_samples(ctx: RuleContext) -> TokenInfo:
             if sizes is None or sizes != [block] * info.outer:
                 raise ctx.fail(f"splitting a token axis folded with {info.outer} sample blocks of {block} "
                                f"elements into parts of {sizes}: only one part per sample block has a rule")
-            elements = tuple(ctx.analysis.make_info(None, dim, "split-samples", shape=tuple(v.shape))
+            elements = tuple(ctx.analysis.make_info(None, dim, TokenRule.SPLIT_SAMPLES, shape=tuple(v.shape))
                              for v in example_value(ctx.node))
-            return TokenInfo(Kind.PATCHED, rule="split-samples", elements=elements, outer=info.outer, axis=dim)
+            return TokenInfo(Kind.PATCHED, rule=TokenRule.SPLIT_SAMPLES, elements=elements, outer=info.outer, axis=dim)
     return rule_chunk_split(ctx)
 
 
@@ -105,7 +105,7 @@ def rule_pad_sequence(ctx: RuleContext) -> TokenInfo:
         raise ctx.fail("pad_sequence of tensors whose tokens lie differently (axis, groups or fold)")
     dim = 0 if batch_first else 1
     out_axis = first.axis + (1 if dim <= first.axis else 0)
-    return ctx.patched(out_axis, "pad-sequence-stack", prefix=first.prefix, suffix=first.suffix)
+    return ctx.patched(out_axis, TokenRule.PAD_SEQUENCE_STACK, prefix=first.prefix, suffix=first.suffix)
 
 
 for _t in (torch.cat, torch.concat, torch.concatenate):
@@ -129,14 +129,14 @@ def rewrite_sample_splits(gm: fx.GraphModule) -> fx.GraphModule:
     """
     for n in list(gm.graph.nodes):
         info = node_meta(n).token if n.op in ("call_function", "call_method") else None
-        if info is None or info.rule != "split-samples" or info.elements is None:
+        if info is None or info.rule is not TokenRule.SPLIT_SAMPLES or info.elements is None:
             continue
         src = n.args[0] if n.args else n.kwargs.get("input", n.kwargs.get("self"))
         with gm.graph.inserting_before(n):
             unflat = gm.graph.call_method("unflatten", (src, info.axis, (info.outer, -1)))
         unflat.meta["stack_trace"] = n.meta.get("stack_trace")
         block = info.elements[0]
-        node_meta(unflat).token = TokenInfo(Kind.PATCHED, info.axis + 1, block.epr, "unflatten-samples")
+        node_meta(unflat).token = TokenInfo(Kind.PATCHED, info.axis + 1, block.epr, TokenRule.UNFLATTEN_SAMPLES)
         n.op, n.target, n.args, n.kwargs = "call_method", "unbind", (unflat, info.axis), {}
     gm.graph.lint()
     gm.recompile()

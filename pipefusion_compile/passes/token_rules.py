@@ -17,13 +17,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import UnsupportedGraphError
-from .meta import Kind, MixingRule, TokenInfo, example_value, node_meta
+from .meta import Kind, MixingRule, TokenInfo, TokenRule, example_value, node_meta
 from .sdpa import SDPA_TARGETS
 from .cross_group import cross_group_kind, rule_cross_group_attention
 
-GLOBAL = TokenInfo(Kind.GLOBAL, rule="global")
-REDUCED = TokenInfo(Kind.REDUCED, rule="from-reduction")
-REDUCE_TOKENS = TokenInfo(Kind.REDUCED, rule="reduce-tokens", mixing=MixingRule.STALE_INPUTS)
+GLOBAL = TokenInfo(Kind.GLOBAL, rule=TokenRule.GLOBAL)
+REDUCED = TokenInfo(Kind.REDUCED, rule=TokenRule.FROM_REDUCTION)
+REDUCE_TOKENS = TokenInfo(Kind.REDUCED, rule=TokenRule.REDUCE_TOKENS, mixing=MixingRule.STALE_INPUTS)
 """A reduction over the token axis: it reads full-size caches of its token-carrying operands."""
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ class RuleContext:
     def out_shape(self) -> tuple[int, ...]:
         return shape_of(self.node)
 
-    def patched(self, axis: int, rule: str, **kw) -> TokenInfo:
+    def patched(self, axis: int, rule: TokenRule, **kw) -> TokenInfo:
         """Info for the output with tokens on `axis`. Unless given, the text groups (prefix/suffix) come
         from the first token-carrying operand, scaled by how the axis extent changed (reshapes)."""
         if "prefix" not in kw:
@@ -152,7 +152,7 @@ def rule_elementwise(ctx: RuleContext) -> TokenInfo:
         if not ctx.info(a).carries_tokens and isinstance(example_value(a), torch.Tensor):
             nd = len(shape_of(a))
             ctx.positional(a, nd - (len(out) - out_axis), out_axis, like=like)
-    return ctx.patched(out_axis, "elementwise")
+    return ctx.patched(out_axis, TokenRule.ELEMENTWISE)
 
 
 def rule_view_complex(ctx: RuleContext) -> TokenInfo:
@@ -162,7 +162,7 @@ def rule_view_complex(ctx: RuleContext) -> TokenInfo:
     (a, info), = token_operands(ctx)
     if info.axis >= min(len(shape_of(a)), len(ctx.out_shape())) - (ctx.node.target is torch.view_as_complex):
         raise ctx.fail("view_as_complex over the token axis")
-    return ctx.patched(info.axis, "view-complex")
+    return ctx.patched(info.axis, TokenRule.VIEW_COMPLEX)
 
 
 def rule_cast(ctx: RuleContext) -> TokenInfo:
@@ -171,7 +171,7 @@ def rule_cast(ctx: RuleContext) -> TokenInfo:
     info = ctx.info(x)
     if not info.carries_tokens:
         return GLOBAL
-    return ctx.patched(info.axis, "cast")
+    return ctx.patched(info.axis, TokenRule.CAST)
 
 
 def reshape_axis(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, ...]) -> int | None:
@@ -216,15 +216,15 @@ def rule_reshape(ctx: RuleContext) -> TokenInfo:
         b = reshape_axis(in_shape[:info.axis] + (info.outer, in_shape[info.axis] // info.outer)
                          + in_shape[info.axis + 1:], info.axis + 1, out)
         if b is not None and math.prod(out[:b]) == before * info.outer:
-            return ctx.patched(b, "reshape-unfold", extra={"shape_arg": True}, outer=1)
+            return ctx.patched(b, TokenRule.RESHAPE_UNFOLD, extra={"shape_arg": True}, outer=1)
         b = reshape_axis(in_shape, info.axis, out)
         if b is not None and out[b] % info.outer == 0 and out[b] > info.outer:
-            return ctx.patched(b, "reshape", extra={"shape_arg": True})
+            return ctx.patched(b, TokenRule.RESHAPE, extra={"shape_arg": True})
         raise ctx.fail("reshape of a token axis folded with the dims before it, neither keeping the fold "
                        "nor unfolding it")
     b = reshape_axis(in_shape, info.axis, out)
     if b is not None:
-        return ctx.patched(b, "reshape", extra={"shape_arg": True})
+        return ctx.patched(b, TokenRule.RESHAPE, extra={"shape_arg": True})
     fold = fold_axis(in_shape, info.axis, out)
     if fold is None and not info.joint:
         fold = split_fold_axis(in_shape, info.axis, out, info.epr)
@@ -232,7 +232,7 @@ def rule_reshape(ctx: RuleContext) -> TokenInfo:
         raise ctx.fail("reshape merges the token axis with the dims before it (e.g. batch) in a way that is "
                        "not a plain fold, so a patch is no longer a contiguous range of one axis")
     b, outer = fold
-    return ctx.patched(b, "reshape-fold", extra={"shape_arg": True}, outer=outer * info.outer)
+    return ctx.patched(b, TokenRule.RESHAPE_FOLD, extra={"shape_arg": True}, outer=outer * info.outer)
 
 
 def split_fold_axis(in_shape: tuple[int, ...], axis: int, out_shape: tuple[int, ...],
@@ -267,7 +267,7 @@ def _suffix_dims(out_rest: tuple[int, ...], rest: int, in_after: tuple[int, ...]
 
 def rule_expand(ctx: RuleContext) -> TokenInfo:
     (a, info), = token_operands(ctx)
-    return ctx.patched(len(ctx.out_shape()) - len(shape_of(a)) + info.axis, "expand", extra={"shape_arg": True})
+    return ctx.patched(len(ctx.out_shape()) - len(shape_of(a)) + info.axis, TokenRule.EXPAND, extra={"shape_arg": True})
 
 
 def rule_permute(ctx: RuleContext) -> TokenInfo:
@@ -281,7 +281,7 @@ def rule_permute(ctx: RuleContext) -> TokenInfo:
         if not dims:
             dims = ctx.node.kwargs.get("dims")
         dims = [_norm_dim(d, nd) for d in dims]
-        return ctx.patched(dims.index(info.axis), "permute")
+        return ctx.patched(dims.index(info.axis), TokenRule.PERMUTE)
     if target == "t":
         d0, d1 = 0, 1
     elif target == "mT":
@@ -290,12 +290,12 @@ def rule_permute(ctx: RuleContext) -> TokenInfo:
         src, dst = _norm_dim(ctx.arg(1, "source"), nd), _norm_dim(ctx.arg(2, "destination"), nd)
         order = [d for d in range(nd) if d != src]
         order.insert(dst, src)
-        return ctx.patched(order.index(info.axis), "movedim")
+        return ctx.patched(order.index(info.axis), TokenRule.MOVEDIM)
     else:
         d0, d1 = _norm_dim(ctx.arg(1, "dim0"), nd), _norm_dim(ctx.arg(2, "dim1"), nd)
     ax = info.axis
     ax = d1 if ax == d0 else d0 if ax == d1 else ax
-    return ctx.patched(ax, "transpose")
+    return ctx.patched(ax, TokenRule.TRANSPOSE)
 
 
 def rule_einsum(ctx: RuleContext) -> TokenInfo:
@@ -323,7 +323,7 @@ def rule_einsum(ctx: RuleContext) -> TokenInfo:
         if len(tokens) != sum(1 for sub in subs if letter in sub):
             raise ctx.fail(f"einsum '{eq}' sums over the token axis '{letter}' with a global operand on it")
         return _reduce_tokens(ctx, tokens, [ctx.info(op) for op in tokens])
-    return ctx.patched(out.index(letter), "einsum")
+    return ctx.patched(out.index(letter), TokenRule.EINSUM)
 
 
 def rule_linear(ctx: RuleContext) -> TokenInfo:
@@ -333,7 +333,7 @@ def rule_linear(ctx: RuleContext) -> TokenInfo:
         raise ctx.fail("linear whose weight carries image tokens mixes tokens")
     if info.axis == len(shape_of(x)) - 1:
         raise ctx.fail("linear contracts over the token axis (mixes tokens)")
-    return ctx.patched(info.axis, "linear")
+    return ctx.patched(info.axis, TokenRule.LINEAR)
 
 
 def rule_matmul(ctx: RuleContext) -> TokenInfo:
@@ -344,10 +344,10 @@ def rule_matmul(ctx: RuleContext) -> TokenInfo:
         # contracts the token axis of both (linear attention's phi(K)^T V): a reduction over the tokens
         return _reduce_tokens(ctx, (a, b), (ia, ib))
     if ia.carries_tokens and not ib.carries_tokens and na >= 2 and ia.axis < na - 1:
-        return ctx.patched(nout - na + ia.axis, "matmul")
+        return ctx.patched(nout - na + ia.axis, TokenRule.MATMUL)
     if ib.carries_tokens and not ia.carries_tokens and nb >= 2 and ib.axis == nb - 1:
         # tokens on b's columns (linear attention applies its summary to phi(Q) [.., D, N]): kept there
-        return ctx.patched(nout - 1, "matmul")
+        return ctx.patched(nout - 1, TokenRule.MATMUL)
     raise ctx.fail("matmul over the token axis mixes tokens (only attention and reductions whose operands "
                    "both carry the tokens on the contracted axis may)")
 
@@ -371,7 +371,7 @@ def rule_norm(ctx: RuleContext) -> TokenInfo:
     n = len(normalized) if isinstance(normalized, (tuple, list)) else 1
     if not info.carries_tokens or info.axis >= len(shape_of(x)) - n:
         raise ctx.fail("normalization over the token axis mixes tokens")
-    return ctx.patched(info.axis, "norm")
+    return ctx.patched(info.axis, TokenRule.NORM)
 
 
 _TOKEN_REDUCTIONS = {"sum", "mean", "amax", "amin", "var", "std", "norm", torch.sum, torch.mean, torch.amax,
@@ -397,7 +397,7 @@ def rule_reduce(ctx: RuleContext) -> TokenInfo:
         return _reduce_tokens(ctx, (x,), (info,))
     out_nd = len(ctx.out_shape())
     shift = 0 if out_nd == nd else sum(1 for d in dims if d < info.axis)
-    return ctx.patched(info.axis - shift, "reduce")
+    return ctx.patched(info.axis - shift, TokenRule.REDUCE)
 
 
 def _conv_param(value, sd: int, default):
@@ -419,7 +419,7 @@ def rule_conv(ctx: RuleContext) -> TokenInfo:
     nd = len(shape_of(x))
     k = len(shape_of(w)) - 2
     if info.axis == 0 and nd == k + 2:  # tokens along the conv's batch axis: each sample convolved alone
-        return ctx.patched(0, "conv-batch-axis")
+        return ctx.patched(0, TokenRule.CONV_BATCH_AXIS)
     sd = info.axis - (nd - k)
     if sd < 0:
         raise ctx.fail("conv over the channels of a token-carrying tensor")
@@ -431,12 +431,12 @@ def rule_conv(ctx: RuleContext) -> TokenInfo:
     if isinstance(padding, str):
         padding = 0 if padding == "valid" else -1
     if stride == kernel and padding == 0 and dilation == 1:
-        return ctx.patched(info.axis, "conv-patch-embed")
+        return ctx.patched(info.axis, TokenRule.CONV_PATCH_EMBED)
     if stride == 1 and padding >= 0 and 2 * padding == dilation * (kernel - 1):
         if info.joint or info.outer > 1:
             raise ctx.fail("conv over token rows of a joint text+image sequence or of a token axis folded with "
                            "the dims before it: no halo rule for it")
-        return ctx.patched(info.axis, "conv-halo", kind=Kind.MIXING, mixing=MixingRule.HALO_ROWS,
+        return ctx.patched(info.axis, TokenRule.CONV_HALO, kind=Kind.MIXING, mixing=MixingRule.HALO_ROWS,
                            halo=(padding, padding))
     raise ctx.fail(
         f"conv over token rows (kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation}) mixes "
@@ -467,7 +467,7 @@ def rule_conv_transpose(ctx: RuleContext) -> TokenInfo:
         raise ctx.fail(f"transposed conv over token rows (kernel {kernel}, stride {stride}, padding {padding}, "
                        f"output padding {output_padding}, dilation {dilation}) overlaps neighbouring rows; only "
                        "an unpatchify (kernel == stride, no padding) is supported")
-    return ctx.patched(info.axis, "conv-transpose-unpatchify")
+    return ctx.patched(info.axis, TokenRule.CONV_TRANSPOSE_UNPATCHIFY)
 
 
 def rule_pad(ctx: RuleContext) -> TokenInfo:
@@ -483,7 +483,7 @@ def rule_pad(ctx: RuleContext) -> TokenInfo:
     for i in range(len(pad) // 2):
         if nd - 1 - i == info.axis and (pad[2 * i] or pad[2 * i + 1]):
             raise ctx.fail("pad along the token axis (rows no patch owns)")
-    return ctx.patched(info.axis, "pad")
+    return ctx.patched(info.axis, TokenRule.PAD)
 
 
 def rule_sdpa(ctx: RuleContext) -> TokenInfo:
@@ -511,16 +511,17 @@ def rule_sdpa(ctx: RuleContext) -> TokenInfo:
     if ik.carries_tokens != iv.carries_tokens:
         raise ctx.fail("attention with only one of K/V carrying image tokens")
     if not ik.carries_tokens:
-        return ctx.patched(iq.axis, "cross-attention", attention="cross")
+        return ctx.patched(iq.axis, TokenRule.CROSS_ATTENTION, attention="cross")
     for t, it in ((k, ik), (v, iv)):
         if it.axis != len(shape_of(t)) - 2 or it.epr != iq.epr:
             raise ctx.fail("self-attention whose K/V token layout differs from its query's")
     if (ik.prefix, ik.suffix) != (iq.prefix, iq.suffix) or (iv.prefix, iv.suffix) != (iq.prefix, iq.suffix):
         groups = _global_key_groups(ctx, (k, ik), (v, iv), iq)
         node_meta(ctx.node).extra["global_kv"] = groups
-        return ctx.patched(iq.axis, "self-attention-global-keys", attention="self", kind=Kind.MIXING,
+        return ctx.patched(iq.axis, TokenRule.SELF_ATTENTION_GLOBAL_KEYS, attention="self", kind=Kind.MIXING,
                            mixing=MixingRule.STALE_KV_GLOBAL_KEYS)
-    return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING, mixing=MixingRule.STALE_KV)
+    return ctx.patched(iq.axis, TokenRule.SELF_ATTENTION, attention="self", kind=Kind.MIXING,
+                       mixing=MixingRule.STALE_KV)
 
 
 def _cat_operands(node) -> list | None:
@@ -548,7 +549,7 @@ def _global_key_groups(ctx: RuleContext, key, value, iq: TokenInfo) -> tuple[int
     layouts = []
     for t, it in (key, value):
         operands = _cat_operands(t)
-        if operands is None or it.rule != "cat-joint":
+        if operands is None or it.rule is not TokenRule.CAT_JOINT:
             raise refuse(f"{t.name} is not a concatenation (along the token axis) next to the attention")
         if len(t.users) != 1:
             raise refuse(f"{t.name} has other users than the attention")
@@ -586,12 +587,12 @@ def _strided_attention(ctx: RuleContext, qkv, infos, mask) -> TokenInfo:
     if ik.carries_tokens != iv.carries_tokens:
         raise ctx.fail("attention with only one of K/V carrying image tokens")
     if not ik.carries_tokens:
-        return ctx.patched(iq.axis, "cross-attention", attention="cross", outer=iq.outer)
+        return ctx.patched(iq.axis, TokenRule.CROSS_ATTENTION, attention="cross", outer=iq.outer)
     for t, it in ((k, ik), (v, iv)):
         if it.axis != len(shape_of(t)) - 2 or (it.epr, it.outer) != (iq.epr, iq.outer):
             raise ctx.fail("self-attention whose K/V token layout differs from its query's (folded with the dims "
                            "before the token axis differently)")
-    return ctx.patched(iq.axis, "self-attention", attention="self", kind=Kind.MIXING, outer=iq.outer,
+    return ctx.patched(iq.axis, TokenRule.SELF_ATTENTION, attention="self", kind=Kind.MIXING, outer=iq.outer,
                        mixing=MixingRule.STALE_KV)
 
 
@@ -611,7 +612,7 @@ def _local_attention(ctx: RuleContext, qkv, infos, mask) -> TokenInfo:
                            "all three on the same one")
     if isinstance(mask, fx.Node) and ctx.info(mask).carries_tokens:
         raise ctx.fail("attention mask computed from the image tokens")
-    return ctx.patched(infos[0].axis, "attention-local", attention="local")
+    return ctx.patched(infos[0].axis, TokenRule.ATTENTION_LOCAL, attention="local")
 
 
 def _select_range(ctx: RuleContext, info: TokenInfo, extent: int, lo: int, hi: int, out_axis: int,
@@ -622,13 +623,13 @@ def _select_range(ctx: RuleContext, info: TokenInfo, extent: int, lo: int, hi: i
     img_lo, img_hi = info.prefix, extent - info.suffix
     if img_hi == img_lo:    # a value of one group only: the part keeps its side
         side = "prefix" if info.prefix else "suffix"
-        return ctx.analysis.make_info(None, out_axis, "text-group", shape=shape, **{side: hi - lo})
+        return ctx.analysis.make_info(None, out_axis, TokenRule.TEXT_GROUP, shape=shape, **{side: hi - lo})
     if hi <= img_lo:        # tokens of the head group (before the image)
-        return ctx.analysis.make_info(None, out_axis, "text-group", shape=shape, prefix=hi - lo)
+        return ctx.analysis.make_info(None, out_axis, TokenRule.TEXT_GROUP, shape=shape, prefix=hi - lo)
     if lo >= img_hi:        # tokens of the tail group (after the image)
-        return ctx.analysis.make_info(None, out_axis, "text-group", shape=shape, suffix=hi - lo)
+        return ctx.analysis.make_info(None, out_axis, TokenRule.TEXT_GROUP, shape=shape, suffix=hi - lo)
     if lo <= img_lo and hi >= img_hi:
-        return ctx.analysis.make_info(None, out_axis, "token-group", shape=shape, prefix=img_lo - lo,
+        return ctx.analysis.make_info(None, out_axis, TokenRule.TOKEN_GROUP, shape=shape, prefix=img_lo - lo,
                                       suffix=hi - img_hi)
     raise ctx.fail("slicing the token axis through the image tokens (only whole token groups, e.g. the "
                    "text and image parts of a joint sequence, can be selected)")
@@ -649,11 +650,11 @@ def _split_like(ctx: RuleContext, dim_index: int, drop_dim: bool) -> TokenInfo:
             hi = lo + int(v.shape[dim])
             elements.append(_select_range(ctx, info, extent, lo, hi, dim, tuple(v.shape)))
             lo = hi
-        return TokenInfo(Kind.PATCHED, rule="split-groups", elements=tuple(elements))
+        return TokenInfo(Kind.PATCHED, rule=TokenRule.SPLIT_GROUPS, elements=tuple(elements))
     axis = info.axis - (1 if drop_dim and dim < info.axis else 0)
-    elements = tuple(ctx.analysis.make_info(None, axis, "split", shape=tuple(v.shape), prefix=info.prefix,
+    elements = tuple(ctx.analysis.make_info(None, axis, TokenRule.SPLIT, shape=tuple(v.shape), prefix=info.prefix,
                                             suffix=info.suffix, outer=info.outer) for v in val)
-    return TokenInfo(Kind.PATCHED, rule="split", elements=elements)
+    return TokenInfo(Kind.PATCHED, rule=TokenRule.SPLIT, elements=elements)
 
 
 def rule_chunk_split(ctx: RuleContext) -> TokenInfo:
@@ -691,7 +692,7 @@ def rule_cat(ctx: RuleContext, stack: bool = False) -> TokenInfo:
             if isinstance(t, fx.Node) and len(shape_of(t)) == nd_in and shape_of(t)[axis] != out[out_axis]:
                 raise ctx.fail(f"{t.name} does not span the token axis of the other concatenated tensors")
             ctx.positional(t, axis, out_axis, like=next(ctx.info(x) for x in tensors if ctx.info(x).carries_tokens))
-    return ctx.patched(out_axis, "stack" if stack else "cat")
+    return ctx.patched(out_axis, TokenRule.STACK if stack else TokenRule.CAT)
 
 
 def _cat_groups(ctx: RuleContext, tensors, axis: int) -> TokenInfo:
@@ -732,8 +733,8 @@ def _cat_groups(ctx: RuleContext, tensors, axis: int) -> TokenInfo:
             raise ctx.fail("concatenating tokens from before and after the image tokens without the image")
         groups = {"prefix": 0, "suffix": 0}
         groups[sides.pop() if sides else "prefix"] = before + after
-        return ctx.patched(axis, "cat-text", **groups)
-    return ctx.patched(axis, "cat-joint", prefix=before, suffix=after)
+        return ctx.patched(axis, TokenRule.CAT_TEXT, **groups)
+    return ctx.patched(axis, TokenRule.CAT_JOINT, prefix=before, suffix=after)
 
 
 def rule_getitem(ctx: RuleContext) -> TokenInfo:
@@ -783,8 +784,8 @@ def rule_getitem(ctx: RuleContext) -> TokenInfo:
         raise ctx.fail("slicing a token axis folded with the dims before it (e.g. batch x frames)")
     if selected is not None:
         choice = _select_range(ctx, info, in_shape[info.axis], *selected, out_axis, ctx.out_shape())
-        return ctx.patched(out_axis, "getitem-group", prefix=choice.prefix, suffix=choice.suffix)
-    return ctx.patched(out_axis, "getitem")
+        return ctx.patched(out_axis, TokenRule.GETITEM_GROUP, prefix=choice.prefix, suffix=choice.suffix)
+    return ctx.patched(out_axis, TokenRule.GETITEM)
 
 
 def rule_setitem(ctx: RuleContext) -> TokenInfo:
@@ -827,7 +828,8 @@ def rule_setitem(ctx: RuleContext) -> TokenInfo:
                            "hold exactly that group")
         node_meta(ctx.node).extra["group_write"] = (
             "image" if part.epr != 0 else "head" if part.prefix else "tail", pos)
-        return TokenInfo(Kind.PATCHED, info.axis, info.epr, "setitem-group", prefix=info.prefix, suffix=info.suffix)
+        return TokenInfo(Kind.PATCHED, info.axis, info.epr, TokenRule.SETITEM_GROUP, prefix=info.prefix,
+                         suffix=info.suffix)
     if isinstance(value, fx.Node) and isinstance(example_value(value), torch.Tensor):
         nd = len(shape_of(value))
         axis_in_value = nd - (len(shape) - info.axis)
@@ -836,7 +838,7 @@ def rule_setitem(ctx: RuleContext) -> TokenInfo:
                            "dims before it otherwise)")
         if not vinfo.carries_tokens:
             ctx.positional(value, axis_in_value, info.axis, expected=shape[info.axis], like=info)
-    return TokenInfo(info.kind if info.kind is Kind.PATCHED else Kind.PATCHED, info.axis, info.epr, "setitem",
+    return TokenInfo(info.kind if info.kind is Kind.PATCHED else Kind.PATCHED, info.axis, info.epr, TokenRule.SETITEM,
                      prefix=info.prefix, suffix=info.suffix, outer=info.outer)
 
 
@@ -863,7 +865,7 @@ def rule_repeat(ctx: RuleContext) -> TokenInfo:
     shift = len(counts) - nd
     if counts[shift + info.axis] != 1:
         raise ctx.fail("repeat that tiles the token axis")
-    return ctx.patched(info.axis + shift, "repeat")
+    return ctx.patched(info.axis + shift, TokenRule.REPEAT)
 
 
 def rule_flip(ctx: RuleContext) -> TokenInfo:
@@ -875,7 +877,7 @@ def rule_flip(ctx: RuleContext) -> TokenInfo:
     nd = len(shape_of(a))
     if info.axis in [_norm_dim(d, nd) for d in dims]:
         raise ctx.fail("flip of the token axis (it reverses the order of the tokens)")
-    return ctx.patched(info.axis, "flip")
+    return ctx.patched(info.axis, TokenRule.FLIP)
 
 
 def rule_narrow(ctx: RuleContext) -> TokenInfo:
@@ -884,7 +886,7 @@ def rule_narrow(ctx: RuleContext) -> TokenInfo:
     (a, info), = token_operands(ctx)
     if _norm_dim(ctx.arg(1, "dim"), len(shape_of(a))) == info.axis:
         raise ctx.fail("narrow of the token axis (a fixed range of tokens, whatever the patch)")
-    return ctx.patched(info.axis, "narrow")
+    return ctx.patched(info.axis, TokenRule.NARROW)
 
 
 def rule_repeat_interleave(ctx: RuleContext) -> TokenInfo:
@@ -898,7 +900,7 @@ def rule_repeat_interleave(ctx: RuleContext) -> TokenInfo:
         raise ctx.fail("repeat_interleave without dim flattens the token axis")
     if _norm_dim(dim, len(shape_of(x))) == info.axis:
         raise ctx.fail("repeat_interleave along the token axis")
-    return ctx.patched(info.axis, "repeat-interleave")
+    return ctx.patched(info.axis, TokenRule.REPEAT_INTERLEAVE)
 
 
 def rule_embedding(ctx: RuleContext) -> TokenInfo:
@@ -906,7 +908,7 @@ def rule_embedding(ctx: RuleContext) -> TokenInfo:
     info = ctx.info(idx)
     if not info.carries_tokens:
         raise ctx.fail("embedding table carries image tokens")
-    return ctx.patched(info.axis, "embedding")
+    return ctx.patched(info.axis, TokenRule.EMBEDDING)
 
 
 def rule_shape_query(ctx: RuleContext) -> TokenInfo:

@@ -29,7 +29,7 @@ from .graph_inputs import (InputMatch, find_token_inputs, image_input_candidates
                            output_shape)
 from .joint_input import JointInput, find_joint_inputs
 from . import sample_rules  # noqa: F401  (registers the rules for the samples of a list latent)
-from .meta import META_KEY, Kind, MixingRule, TokenInfo, example_value, node_meta
+from .meta import META_KEY, Kind, MixingRule, TokenInfo, TokenRule, example_value, node_meta
 from .token_rules import FOLD_SAFE_RULES, GLOBAL, REDUCED, RuleContext, op_name, rule_for, shape_of, token_operands
 
 
@@ -72,7 +72,7 @@ class TokenAnalysis:
         """Elements along `info.axis` per token row."""
         value = info.epr * self.granule
         if value.denominator != 1:
-            raise PipefusionError(f"internal: {info.rule} value has {info.epr} elements per input row, not a "
+            raise PipefusionError(f"internal: {info.rule_name} value has {info.epr} elements per input row, not a "
                                   f"whole number per token row of {self.granule} input rows")
         return int(value)
 
@@ -96,8 +96,9 @@ class _Analyzer:
         self.positional: dict[str, fx.Node] = {}
         self.reached = 0   # index of the node the analysis is at (how far a failing attempt got)
 
-    def make_info(self, node, axis, rule, kind=Kind.PATCHED, attention=None, extra=None, shape=None,
+    def make_info(self, node, axis, rule: TokenRule, kind=Kind.PATCHED, attention=None, extra=None, shape=None,
                   prefix=0, suffix=0, outer=1, mixing=None, halo=(0, 0)):
+        rule = TokenRule(rule)   # a rule given by name: an unknown one raises ValueError
         shape = shape if shape is not None else shape_of(node)
         if axis is None or not 0 <= axis < len(shape):
             raise UnsupportedGraphError(f"token axis lost by rule {rule}", node)
@@ -117,8 +118,8 @@ class _Analyzer:
         the token values it meets (`epr` counts all `outer` slices, as theirs does)."""
         meta = node_meta(node)
         epr = Fraction(shape_of(node)[axis] - prefix - suffix, self.input_rows)
-        new = TokenInfo(Kind.POSITIONAL, axis, epr, f"positional (used by {user.name})", prefix=prefix,
-                        suffix=suffix, outer=outer)
+        new = TokenInfo(Kind.POSITIONAL, axis, epr, TokenRule.POSITIONAL, prefix=prefix, suffix=suffix, outer=outer,
+                        used_by=user.name)
         old = meta.token
         if old is not None and old.kind is Kind.POSITIONAL and (old.axis, old.epr, old.prefix, old.outer) != (
                 axis, epr, prefix, outer):
@@ -142,10 +143,10 @@ class _Analyzer:
             meta = node_meta(node)
             if node.op == "placeholder":
                 if node is self.token_input and self.joint is not None:
-                    meta.token = self.make_info(node, self.axis, "joint image input", prefix=self.joint.prefix,
+                    meta.token = self.make_info(node, self.axis, TokenRule.JOINT_IMAGE_INPUT, prefix=self.joint.prefix,
                                                 suffix=self.joint.suffix)
                 elif node in self.members:
-                    meta.token = self.make_info(node, self.axis, "image input")
+                    meta.token = self.make_info(node, self.axis, TokenRule.IMAGE_INPUT)
                 else:
                     meta.token = GLOBAL
                 continue
