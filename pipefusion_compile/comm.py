@@ -17,6 +17,7 @@ for.
 from __future__ import annotations
 
 import datetime
+from abc import ABC, abstractmethod
 import re
 import time
 import weakref
@@ -47,7 +48,7 @@ class Event:
 
 
 @dataclass
-class Comm:
+class Comm(ABC):
     """Communication state of one stage of one program: what both transports share (names, counters, the
     timeline); the transport's `isend`, `irecv`, `wait_recv`, `wait_sends` and `broadcast` are its subclass's."""
 
@@ -83,20 +84,25 @@ class Comm:
     def new_step(self, step: int) -> None:
         self.step, self.patch, self.bytes_sent, self.output_bytes = step, -1, 0, 0
 
+    @abstractmethod
     def isend(self, buf: torch.Tensor, peer: int, tag: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def irecv(self, buf: torch.Tensor, peer: int, tag: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def wait_recv(self, buf: torch.Tensor) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def wait_sends(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def broadcast(self, out: torch.Tensor, src_stage: int) -> None:
-        raise NotImplementedError
+        ...
 
 
 @dataclass

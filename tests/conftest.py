@@ -32,7 +32,7 @@ SAMPLE_EVERY = {
     "test_handwritten.py::test_stale_kv_equals_eager_reference": 2,   # hand-written DiTs x {2, 4} stages
     "test_handwritten.py::test_one_patch_equals_plain_model_every_step": 2,
     "test_handwritten.py::test_reference_on_its_own": 2,
-    "test_pipelines.py::test_input_sequence_equals_plain": 2,         # pipelines x input sequences
+    "test_pipelines.py::test_input_sequence_equals_plain": 3,         # pipelines x input sequences
     "test_pipelines.py::test_harness_plain_references": 2,
     "test_multiprocess.py::test_ranks_equal_each_other_and_simulate_bit_for_bit": 3,   # world 2 (3 and 4: full)
     "test_multiprocess_pipelines.py::test_pipeline_on_two_ranks_equals_simulate_across_shapes": 2,

@@ -11,7 +11,7 @@ MODELS = ["PixArtTransformer2DModel", "DiTTransformer2DModel", "LTXVideoTransfor
           "WanTransformer3DModel"]
 JOINT = ["SD3Transformer2DModel", "FluxTransformer2DModel",  # joint text+image attention: text is one more piece
          "CogVideoXTransformer3DModel"]
-STEPS = 10
+STEPS = 4  # warmup + 3 pipelined steps: every step compared bit for bit
 
 
 def simulate(name, fkw, options, steps=STEPS, seed=1):
