@@ -30,7 +30,7 @@ from .errors import PipefusionError, UnsupportedGraphError
 from .ops import stride_order
 from .options import PipefusionOptions
 from .passes.kernels import select_kernels
-from .passes.lower import InputSource, LoweredStage, PieceGraph, StageInput
+from .passes.stage_split import InputSource, LoweredStage, PieceGraph, StageInput
 from .passes.meta import example_value, node_meta
 from .passes.pieces import EXTRA, FULL, HEAD, TAIL, Piece, PieceKind
 from .plan import PipelinePlan

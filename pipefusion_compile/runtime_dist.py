@@ -19,7 +19,7 @@ import torch.fx as fx
 from .comm import Comm, DistComm
 from .errors import PipefusionError, PlanError
 from .options import PipefusionOptions
-from .passes.lower import LoweredStage
+from .passes.stage_split import LoweredStage
 from .plan import PipelinePlan
 from .runtime import PipelineProgram
 

@@ -31,7 +31,7 @@ from . import comm as _comm  # noqa: F401  (registers the pipefusion:: comm ops 
 from .kernels import DTYPE_CODE
 from .ops import stride_order
 from .passes.kernels import select_kernels
-from .passes.lower import InputSource, LoweredStage, StageInput
+from .passes.stage_split import InputSource, LoweredStage, StageInput
 from .passes.meta import example_value
 from .passes.pieces import EXTRA, Piece
 

@@ -11,10 +11,11 @@ prompt tokens alone) and return it concatenated with other context tokens for th
 The token analysis finds the prompt as the only input whose tokens reach a self-attention, every
 self-attention mixes those tokens alone (no joint sequence yet), and no output holds them as an image stream:
 each one that carries them holds other tokens too (`TokenInfo.joint`) or none of its own part (`epr == 0`). Patches of such a graph would be bands of the prompt, and its output
-could not be assembled band by band (`lower.check_lowerable`); there is no image stream to pipeline, so the
-graph runs unchanged (`declines.decline`, recorded) instead of failing. A graph whose self-attention is
+could not be assembled band by band (`stage_split.check_lowerable`); there is no image stream to pipeline, so
+the graph runs unchanged (`declines.decline`, recorded) instead of failing. A graph whose self-attention is
 already joint (a piece of a joint-attention DiT that a break ends mid-stream) still fails
-(`lower.check_lowerable`): there the tokens are the image stream, and running it unchanged would hide that.
+(`stage_split.check_lowerable`): there the tokens are the image stream, and running it unchanged would hide
+that.
 """
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ Some models attend from the image tokens over keys that are the image's own K/V 
 computed from the prompt alone (NucleusMoE-Image: [image | text], PRX: [text | image]); the query holds the
 image tokens only. Between the `cat` and the SDPA call there are often layout ops only (diffusers'
 `dispatch_attention_fn` takes [B, S, H, D] and permutes to [B, H, S, D]). The K/V cache rule of such an
-attention (`token_rules.rule_sdpa`, `lower.rewrite_stale_attention`) needs the concatenation to be the SDPA's
-key and value themselves, so that it can write each operand into its own slots of the cache. This pass moves
-the `cat` below the layout ops, which is exact (it only moves data):
+attention (`token_rules.rule_sdpa`, `piece_rewrites.rewrite_stale_attention`) needs the concatenation to be the
+SDPA's key and value themselves, so that it can write each operand into its own slots of the cache. This pass
+moves the `cat` below the layout ops, which is exact (it only moves data):
 
     Before:                                          After:
         %k = cat([%img_k, %txt_k], 1)   [B, 70, H, D]    %p0 = permute(%img_k, 0, 2, 1, 3)  [B, H, 64, D]

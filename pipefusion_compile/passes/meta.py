@@ -25,7 +25,7 @@ class Kind(enum.Enum):
 
 class MixingRule(enum.Enum):
     """How the pipeline handles an op that combines image tokens across patches. Every rule but LOCAL reads
-    a full-size per-layer mixing cache that each patch writes before reading it (`lower.CacheSpec`)."""
+    a full-size per-layer mixing cache that each patch writes before reading it (`stage_split.CacheSpec`)."""
 
     STALE_KV = "K/V cache: fresh for the patches done this step, one step stale for the rest"
     STALE_KV_GLOBAL_KEYS = ("K/V cache over the whole key sequence: image part fresh for the patches done this "
@@ -202,7 +202,8 @@ def tensor_bytes(value) -> int:
 
 def cache_placeholders(gm: fx.GraphModule) -> tuple[dict[tuple[str, str], fx.Node], fx.Node | None]:
     """A stage graph's K/V cache placeholders by (attention node, "k" or "v"), and its `row_start` placeholder
-    (the extras `lower.extract_stage` writes on them), for the passes that rewrite attention over the caches."""
+    (the extras `stage_split.extract_stage` writes on them), for the passes that rewrite attention over the
+    caches."""
     caches: dict[tuple[str, str], fx.Node] = {}
     row_start = None
     for ph in gm.graph.find_nodes(op="placeholder"):
