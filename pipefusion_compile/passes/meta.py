@@ -41,7 +41,17 @@ class MixingRule(enum.Enum):
                  "fresh, of later ones one step stale, zeros beyond the image border)")
 
 
-class TokenRule(str, enum.Enum):
+class ValueEnum(str, enum.Enum):
+    """A str-valued enum printed as its value (in f-strings and messages too), equal to its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
+
+class TokenRule(ValueEnum):
     """The token rule that gave a value its `TokenInfo` (`token_rules.py`, `sample_rules.py`, `cross_group.py`,
     `tokens.py`). A str, printed as its value ("cat-joint"), so plans and messages read as before; building a
     `TokenInfo` from an unknown name raises ValueError."""
@@ -107,12 +117,6 @@ class TokenRule(str, enum.Enum):
     SPLIT_SAMPLES = "split-samples"
     UNFLATTEN_SAMPLES = "unflatten-samples"
     PAD_SEQUENCE_STACK = "pad-sequence-stack"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return self.value.__format__(spec)
 
 
 @dataclass(frozen=True)

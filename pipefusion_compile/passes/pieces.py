@@ -16,13 +16,12 @@ two (prefix or suffix says which). A piece keeps, of every value, only its own p
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-from .meta import Kind, TokenInfo
+from .meta import Kind, TokenInfo, ValueEnum
 
 
-class PieceKind(str, enum.Enum):
+class PieceKind(ValueEnum):
     """The kind of a piece. A str, printed as its value ("band"): stage names (`stage_band4`), compiled-graph
     keys and messages read as plain words, and a member equals its value."""
 
@@ -30,12 +29,6 @@ class PieceKind(str, enum.Enum):
     BAND = "band"
     HEAD = "head"
     TAIL = "tail"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return self.value.__format__(spec)
 
 
 FULL, BAND, HEAD, TAIL = PieceKind.FULL, PieceKind.BAND, PieceKind.HEAD, PieceKind.TAIL

@@ -20,7 +20,6 @@ returned value keep. The passes on a stage graph that make one piece's graph are
 """
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,26 +28,20 @@ import torch
 import torch.fx as fx
 
 from ..errors import PipefusionError, UnsupportedGraphError
-from .meta import META_KEY, Kind, MixingRule, NodeMeta, example_value, node_meta
+from .meta import META_KEY, Kind, MixingRule, NodeMeta, ValueEnum, example_value, node_meta
 from .pieces import BAND, FULL, Piece, token_range
 from .sdpa import sdpa_qkv
 from .side_effects import mutation_closure
 from .tokens import TokenAnalysis
 
 
-class InputSource(str, enum.Enum):
+class InputSource(ValueEnum):
     """Where the value of a stage input comes from. A str, printed as its value ("recv")."""
 
     RECV = "recv"               # computed by an earlier stage, received per piece
     GLOBAL = "global"           # hoisted: computed once per step by the stage's globals graph
     POSITIONAL = "positional"   # a positional table from the globals graph, sliced per piece
     IMAGE = "image"             # a graph input that carries the image tokens, sliced per piece
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return self.value.__format__(spec)
 
 
 @dataclass(frozen=True)
