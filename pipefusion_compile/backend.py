@@ -21,6 +21,7 @@ what stage k runs.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import weakref
@@ -30,6 +31,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from .declines import decline
+from .lazy import LazyTensor
 from .errors import PipefusionError, TooFewLayersError, UnsupportedGraphError, failures_named, graph_break_report
 from .options import PipefusionOptions
 from .passes.buffer_writes import fold_buffer_writes
@@ -218,8 +220,59 @@ def check_example_values(gm: fx.GraphModule) -> None:
                 "graph traced another way", n)
 
 
+_BUILT: dict[str, list] = {}   # graph signature -> [(weak ref to the callable built for it, its graph)]
+
+
+def _signature(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions) -> str:
+    """What makes two dynamo graphs the same program: their code (a patch-lazy input only changes the type
+    annotation of its placeholder), the inputs' metadata, and the options."""
+    code = gm.code.replace(f"{LazyTensor.__module__}.{LazyTensor.__name__}".replace(".", "_"), "torch.Tensor")
+    meta = [(type(x).__name__ if not isinstance(x, torch.Tensor) else
+             (isinstance(x, torch.nn.Parameter), str(tuple(x.shape)), str(x.stride()), str(x.dtype), str(x.device)))
+            for x in example_inputs]
+    chosen = sorted((k, repr(v)) for k, v in options.fingerprint_items().items())
+    text = repr((code, meta, chosen, id(options.group) if options.group is not None else None))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _same_constants(a: fx.GraphModule, b: fx.GraphModule) -> bool:
+    for n in a.graph.find_nodes(op="get_attr"):
+        x, y = getattr(a, n.target, None), getattr(b, n.target, None)
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                    and x.dtype == y.dtype and torch.equal(x, y)):
+                return False
+        elif x is not y and x != y:
+            return False
+    return True
+
+
+def _built_before(gm: fx.GraphModule, signature: str):
+    """The program (or shape dispatcher) built for the same graph, if it is alive."""
+    for ref, other in _BUILT.get(signature, []):
+        fn = ref()
+        if fn is not None and _same_constants(gm, other):
+            return fn
+    return None
+
+
+def _remember(fn, gm: fx.GraphModule, signature: str):
+    try:
+        ref = weakref.ref(fn)
+    except TypeError:   # the graph's own forward (nothing to pipeline): rebuilt cheaply, nothing to share
+        return fn
+    entries = [(r, g) for r, g in _BUILT.get(signature, []) if r() is not None]
+    _BUILT[signature] = entries + [(ref, gm)]
+    return fn
+
+
 def pipefusion_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, **kwargs):
-    """`torch.compile(model, backend="pipefusion", options={...})`."""
+    """`torch.compile(model, backend="pipefusion", options={...})`.
+
+    A graph dynamo traced again only because an input is now a patch-lazy output (`lazy.LazyTensor`, whose
+    type dynamo guards on) gets the program built for it before: the same step state and caches, and no
+    second plan (on ranks: no second fingerprint exchange, which only the ranks receiving lazy outputs would
+    join)."""
     if kwargs.get("mode") not in (None, "default"):
         raise PipefusionError(f"the pipefusion backend takes no mode (got {kwargs['mode']!r}); use options")
     opts = PipefusionOptions.from_dict(options).resolve()
@@ -228,6 +281,17 @@ def pipefusion_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
             "simulate=False needs an initialized torch.distributed process group (one rank per stage, e.g. "
             "launched by torchrun); without one, leave simulate unset to run every stage in this process"
         )
+    signature = _signature(gm, example_inputs, opts)
+    if any(isinstance(x, LazyTensor) for x in example_inputs):
+        found = _built_before(gm, signature)
+        if found is not None:
+            log.info("pipefusion: dynamo traced the graph again for a patch-lazy input (its type is guarded): "
+                     "the program built for it before runs it")
+            return found
+    return _remember(_build(gm, example_inputs, opts), gm, signature)
+
+
+def _build(gm: fx.GraphModule, example_inputs: list, opts: PipefusionOptions):
     if is_symbolic(gm, example_inputs):
         # dynamo generalized the sizes (the second shape under automatic dynamic shapes): one program per
         # concrete shape, each planned as a fresh compile at that shape would be (see shapes.py)

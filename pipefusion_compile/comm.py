@@ -1,7 +1,7 @@
 """Point-to-point communication between stages, as registered `pipefusion::` ops, over two transports.
 
 A schedule (`schedule.py`) is an FX graph whose nodes call these ops, so `print(program.schedule_graph())`
-shows every irecv, wait, pack, isend and broadcast in order. The ops take a `channel` string naming the `Comm`
+shows every irecv, wait, pack and isend in order. The ops take a `channel` string naming the `Comm`
 of one stage of one program (its pending requests, byte counters and timeline); the table below only lets ops
 find it by name. Two transports implement a `Comm`:
 
@@ -36,12 +36,16 @@ class PipefusionCommError(PipefusionError):
     """A send, receive or collective failed or timed out (a peer died, or a schedule mismatch)."""
 
 
+OUTPUT_TAG = 1 << 12       # + piece index: a band of the model output, from the last stage to every other
+TAG_PARITY = 1 << 13       # added on odd calls (`Comm.tag`)
+
+
 @dataclass
 class Event:
     step: int
     patch: int
     stage: int
-    kind: str      # compute | send | recv | wait | broadcast
+    kind: str      # compute | send | recv | wait
     start: float
     end: float
     peer: int = -1
@@ -50,7 +54,7 @@ class Event:
 @dataclass
 class Comm(ABC):
     """Communication state of one stage of one program: what both transports share (names, counters, the
-    timeline); the transport's `isend`, `irecv`, `wait_recv`, `wait_sends` and `broadcast` are its subclass's."""
+    timeline); the transport's `isend`, `irecv`, `wait_recv` and `wait_sends` are its subclass's."""
 
     name: str
     stage: int
@@ -59,11 +63,13 @@ class Comm(ABC):
     record_timeline: bool = False
     step: int = 0
     patch: int = -1
-    bytes_sent: int = 0             # point-to-point activations, this step
-    output_bytes: int = 0           # output broadcast, this step (sent by the last stage)
+    calls: int = 0                  # calls of the program so far (the same count on every rank)
+    bytes_sent: int = 0             # point-to-point activations, this call
+    output_bytes: int = 0           # model output bands, this call (sent by the last stage to every other)
     timeline: list[Event] = field(default_factory=list)
     _pending: dict = field(default_factory=dict)
     _sends: list = field(default_factory=list)
+    _older_sends: list = field(default_factory=list)
 
     def __post_init__(self):
         _CHANNELS[self.name] = self
@@ -82,7 +88,23 @@ class Comm(ABC):
                                        time.perf_counter(), peer))
 
     def new_step(self, step: int) -> None:
+        """A new call: the sends of the previous one become older ones (`wait_sends` waits for those)."""
         self.step, self.patch, self.bytes_sent, self.output_bytes = step, -1, 0, 0
+        self.calls += 1
+        self._older_sends += self._sends
+        self._sends = []
+
+    def tag(self, tag: int) -> int:
+        """The wire tag of message `tag` of this call. Consecutive calls use different ones: with lazy outputs
+        a rank posts the receives of call c+1 while some of call c may still be pending."""
+        return tag + (self.calls & 1) * TAG_PARITY
+
+    def _count(self, buf: torch.Tensor, tag: int) -> None:
+        nbytes = buf.numel() * buf.element_size()
+        if tag >= OUTPUT_TAG:
+            self.output_bytes += nbytes
+        else:
+            self.bytes_sent += nbytes
 
     @abstractmethod
     def isend(self, buf: torch.Tensor, peer: int, tag: int) -> None:
@@ -100,17 +122,13 @@ class Comm(ABC):
     def wait_sends(self) -> None:
         ...
 
-    @abstractmethod
-    def broadcast(self, out: torch.Tensor, src_stage: int) -> None:
-        ...
-
 
 @dataclass
 class LocalComm(Comm):
     """One stage's transport in one process. `mailbox` (shared by the program's stages) holds every packed
     message sent and not yet received, by (sender, receiver, patch). The stages' schedules of one step run in
     stage order, so every message a stage waits for was sent before; one that was not is a schedule bug, and
-    says so instead of waiting. The model output buffers are shared too: `broadcast` has nothing to move."""
+    says so instead of waiting. The model output buffers are shared too: the last stage writes them in place."""
 
     mailbox: dict = field(default_factory=dict)
 
@@ -120,20 +138,20 @@ class LocalComm(Comm):
 
     def isend(self, buf: torch.Tensor, peer: int, tag: int) -> None:
         t0 = time.perf_counter()
-        key = (self.stage, peer, tag)
+        key = (self.stage, peer, self.tag(tag))
         if key in self.mailbox:
             raise PipefusionCommError(f"{self.where(tag)}: patch {tag} sent to stage {peer} twice in one step")
         self.mailbox[key] = buf
-        self.bytes_sent += buf.numel() * buf.element_size()
-        self.record("send", t0, patch=tag, peer=peer)
+        self._count(buf, tag)
+        self.record("send", t0, patch=tag % OUTPUT_TAG, peer=peer)
 
     def irecv(self, buf: torch.Tensor, peer: int, tag: int) -> None:
-        self._pending[buf.data_ptr()] = (peer, tag)
+        self._pending[buf.data_ptr()] = (peer, tag, self.tag(tag))
 
     def wait_recv(self, buf: torch.Tensor) -> None:
-        peer, tag = self._pending.pop(buf.data_ptr())
+        peer, tag, wire = self._pending.pop(buf.data_ptr())
         t0 = time.perf_counter()
-        sent = self.mailbox.pop((peer, self.stage, tag), None)
+        sent = self.mailbox.pop((peer, self.stage, wire), None)
         if sent is None:
             raise PipefusionCommError(
                 f"{self.where(tag)}: waits for patch {tag} from stage {peer}, which has not sent it (in one process "
@@ -142,13 +160,10 @@ class LocalComm(Comm):
             raise PipefusionCommError(
                 f"{self.where(tag)}: patch {tag} from stage {peer} has {sent.numel()} bytes, {buf.numel()} expected")
         buf.copy_(sent)
-        self.record("recv", t0, patch=tag, peer=peer)
+        self.record("recv", t0, patch=tag % OUTPUT_TAG, peer=peer)
 
     def wait_sends(self) -> None:
-        pass  # a local send is complete when it returns
-
-    def broadcast(self, out: torch.Tensor, src_stage: int) -> None:
-        self.record("broadcast", time.perf_counter(), patch=-1, peer=src_stage)
+        self._older_sends.clear()  # a local send is complete when it returns
 
 
 @dataclass
@@ -197,40 +212,40 @@ class DistComm(Comm):
 
     def isend(self, buf: torch.Tensor, peer: int, tag: int) -> None:
         t0 = time.perf_counter()
-        work = self._start(lambda: dist.isend(buf, dst=self.stage_ranks[peer], group=self.group, tag=tag),
-                           f"sending patch {tag} to stage {peer} (rank {self.stage_ranks[peer]})", tag, peer)
-        self._sends.append((work, buf, peer, tag))
-        self.bytes_sent += buf.numel() * buf.element_size()
-        self.record("send", t0, patch=tag, peer=peer)
+        what = f"sending {_message(tag)} to stage {peer} (rank {self.stage_ranks[peer]})"
+        wire = self.tag(tag)
+        work = self._start(lambda: dist.isend(buf, dst=self.stage_ranks[peer], group=self.group, tag=wire),
+                           what, tag % OUTPUT_TAG, peer)
+        self._sends.append((work, buf, peer, tag, what, self.step))
+        self._count(buf, tag)
+        self.record("send", t0, patch=tag % OUTPUT_TAG, peer=peer)
 
     def irecv(self, buf: torch.Tensor, peer: int, tag: int) -> None:
-        work = self._start(lambda: dist.irecv(buf, src=self.stage_ranks[peer], group=self.group, tag=tag),
-                           f"receiving patch {tag} from stage {peer} (rank {self.stage_ranks[peer]})", tag, peer)
-        self._pending[buf.data_ptr()] = (work, peer, tag)
+        what = f"receiving {_message(tag)} from stage {peer} (rank {self.stage_ranks[peer]})"
+        wire = self.tag(tag)
+        work = self._start(lambda: dist.irecv(buf, src=self.stage_ranks[peer], group=self.group, tag=wire),
+                           what, tag % OUTPUT_TAG, peer)
+        self._pending[buf.data_ptr()] = (work, buf, peer, tag, what, self.step)
 
     def wait_recv(self, buf: torch.Tensor) -> None:
-        work, peer, tag = self._pending.pop(buf.data_ptr())
+        work, _buf, peer, tag, what, step = self._pending.pop(buf.data_ptr())
         t0 = time.perf_counter()
-        self._wait(work, f"receiving patch {tag} from stage {peer} (rank {self.stage_ranks[peer]})", tag, peer)
-        self.record("recv", t0, patch=tag, peer=peer)
+        self._wait(work, f"{what} (of step {step})" if step != self.step else what, tag % OUTPUT_TAG, peer)
+        self.record("recv", t0, patch=tag % OUTPUT_TAG, peer=peer)
 
     def wait_sends(self) -> None:
+        """Wait for the sends of earlier calls (this call's stay in flight: its receivers may still be busy
+        with the step before, and waiting here would put that wait between this rank's steps)."""
         t0 = time.perf_counter()
-        sends, self._sends = self._sends, []
-        for work, _buf, peer, tag in sends:
-            self._wait(work, f"sending patch {tag} to stage {peer} (rank {self.stage_ranks[peer]})", tag, peer)
+        sends, self._older_sends = self._older_sends, []
+        for work, _buf, peer, tag, what, step in sends:
+            self._wait(work, f"{what} (of step {step})", tag % OUTPUT_TAG, peer)
         if sends:
             self.record("wait", t0, patch=-1)
 
-    def broadcast(self, out: torch.Tensor, src_stage: int) -> None:
-        t0 = time.perf_counter()
-        what = f"the broadcast of the model output from the last stage (rank {self.stage_ranks[src_stage]})"
-        work = self._start(lambda: dist.broadcast(out, src=self.stage_ranks[src_stage], group=self.group,
-                                                  async_op=True), what, -1)
-        self._wait(work, what, -1)
-        if self.stage == src_stage:
-            self.output_bytes += out.numel() * out.element_size() * (len(self.stage_ranks) - 1)
-        self.record("broadcast", t0, patch=-1, peer=src_stage)
+
+def _message(tag: int) -> str:
+    return f"band {tag - OUTPUT_TAG} of the model output" if tag >= OUTPUT_TAG else f"patch {tag}"
 
 
 def _transport_reason(error: Exception) -> str:
@@ -260,7 +275,8 @@ def comm(channel: str) -> Comm:
 
 @torch.library.custom_op("pipefusion::irecv", mutates_args=("buf",))
 def irecv(buf: torch.Tensor, peer: int, tag: int, channel: str) -> None:
-    """Post a receive of patch `tag` from stage `peer` into `buf` (returns at once)."""
+    """Post a receive of patch `tag` (or, from `OUTPUT_TAG` on, of a model output band) from stage `peer` into
+    `buf` (returns at once)."""
     comm(channel).irecv(buf, peer, tag)
 
 
@@ -278,11 +294,5 @@ def isend(buf: torch.Tensor, peer: int, tag: int, channel: str) -> None:
 
 @torch.library.custom_op("pipefusion::wait_sends", mutates_args=("token",))
 def wait_sends(token: torch.Tensor, channel: str) -> None:
-    """Block until every send of this step has completed. `token` only orders the op in the graph."""
+    """Block until every send of the earlier calls has completed. `token` only orders the op in the graph."""
     comm(channel).wait_sends()
-
-
-@torch.library.custom_op("pipefusion::broadcast", mutates_args=("out",))
-def broadcast(out: torch.Tensor, src_stage: int, channel: str) -> None:
-    """Every rank gets the last stage's `out` (the model output, small: a latent, not hidden states)."""
-    comm(channel).broadcast(out, src_stage)

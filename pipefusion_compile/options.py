@@ -42,6 +42,11 @@ class PipefusionOptions:
     """Process group to pipeline over (multi-process mode). Default: the default (world) group."""
     timeout_s: float = 300.0
     """Multi-process mode: how long any receive, send or collective may wait before failing."""
+    lazy_outputs: bool = True
+    """Multi-process mode: on the ranks that do not run the last stage, a call returns as soon as this rank
+    has issued its work, with model outputs whose row bands resolve as the last stage sends them (`lazy.py`):
+    the next call starts its first patch when that band is ready, so there is no pipeline fill and drain
+    between steps. False: every call waits for the whole output (the same numbers, one bubble per step)."""
     release_params: bool = True
     """Multi-process mode: free the storage of parameters this rank's stage never reads."""
     timeline: str | None = None
@@ -125,8 +130,9 @@ class PipefusionOptions:
             raise OptionsError("option kernels='triton': triton is not installed")
         if self.simulate is not None and not isinstance(self.simulate, bool):
             raise OptionsError(f"option simulate={self.simulate!r}: expected True or False")
-        if not isinstance(self.release_params, bool):
-            raise OptionsError(f"option release_params={self.release_params!r}: expected True or False")
+        for name in ("release_params", "lazy_outputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionsError(f"option {name}={getattr(self, name)!r}: expected True or False")
         if (isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float))
                 or not math.isfinite(self.timeout_s) or not 0 < self.timeout_s <= 1e9):
             raise OptionsError(f"option timeout_s={self.timeout_s!r}: expected a positive, finite number of seconds (at most 1e9)")

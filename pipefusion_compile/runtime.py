@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 
 from .comm import Comm, LocalComm
 from .errors import PipefusionError, UnsupportedGraphError
+from .lazy import Bands, LazyTensor
 from .ops import stride_order
 from .options import PipefusionOptions
 from .passes.kernels import select_kernels
@@ -140,6 +141,17 @@ class _OutputSlot:
             return torch.ops.pipefusion.write_unpatchified.default, (piece.row0, pg.unpatchified[self.name])
         return torch.ops.pipefusion.write_band.default, (self.axis, piece.row0 * self.per_row)
 
+    def region(self, pg: PieceGraph, piece: Piece) -> tuple[int, int, int] | None:
+        """(axis, start, length): the part of the full output that `writer` writes for `piece` (None: none)."""
+        if self.group is not None:
+            return (self.axis, 0, self.shape[self.axis]) if piece.kind in (FULL, self.group) else None
+        if piece.kind in EXTRA:
+            return None
+        if self.name in pg.unpatchified:   # [B, C, h*p, w*p]: token row r is image rows [r*p, r*p + p)
+            p = pg.unpatchified[self.name]
+            return 2, piece.row0 * p, piece.rows * p
+        return self.axis, piece.row0 * self.per_row, piece.rows * self.per_row
+
 
 class PipelineProgram:
     """What the backend returns to dynamo for one graph: call it with the graph's inputs."""
@@ -157,6 +169,9 @@ class PipelineProgram:
         self._schedules: dict[tuple, fx.GraphModule] = {}
         self._routes: dict[tuple, dict] = {}
         self._layouts_checked: set = set()
+        self._messages: dict[tuple, list] = {}
+        self._row_starts: dict[tuple, list] = {}
+        self._pending_outputs: list[Bands] = []
         self._param_positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         self.instances: dict[tuple, _Instance] = {}
         self._current: _Instance | None = None
@@ -239,6 +254,26 @@ class PipelineProgram:
             self._routes[piece.key] = routes([s.lowered for s in self.all_stages], self._producer_of, piece)
         return self._routes[piece.key]
 
+    def output_receivers(self) -> list[int]:
+        """The stages the last stage sends the model output bands to (in one process: none, they share it)."""
+        return []
+
+    def output_messages(self, pieces) -> list[tuple[int, list[tuple[int, int, int, int]]]]:
+        """Per piece that writes a model output, in piece order: (piece index, [(output index, axis, start,
+        length)]): the parts of the outputs one message from the last stage carries."""
+        key = tuple(pieces)
+        if key not in self._messages:
+            last = self.all_stages[-1].lowered
+            found = []
+            for j, piece in enumerate(pieces):
+                pg = last.piece_graph(piece)
+                regions = [(i, *r) for i, slot in enumerate(self._token_outputs)
+                           if (r := slot.region(pg, piece)) is not None]
+                if regions:
+                    found.append((j, regions))
+            self._messages[key] = found
+        return self._messages[key]
+
     def schedule_graph(self, pipelined: bool = True, device: torch.device | str = "cpu",
                        stage: int | None = None) -> fx.GraphModule:
         """The FX graph stage `stage` runs for one step (warmup or pipelined); receive buffers on `device`.
@@ -280,8 +315,12 @@ class PipelineProgram:
         inst, pieces, device, outs = self._start_step(args)
         for c in self.comms.values():
             c.new_step(inst.state.step)
-        row_starts = [torch.tensor(piece.row0, dtype=torch.int64) for piece in pieces]
+        key = tuple(pieces)
+        if key not in self._row_starts:   # made once: one compiled graph serves every patch of a size
+            self._row_starts[key] = [torch.tensor(piece.row0, dtype=torch.int64) for piece in pieces]
+        row_starts = self._row_starts[key]
         last_globals: dict = {}
+        out_bufs: list = []
         for s in self.stages:
             gmap = dict(zip(s.lowered.global_outputs, self._globals(s, args)))
             hoisted = {inp.name: gmap[inp.name] for inp in s.lowered.inputs if inp.source is InputSource.GLOBAL}
@@ -289,7 +328,7 @@ class PipelineProgram:
                       for piece in pieces for inp in sliced_inputs(s.lowered, piece)]
             schedule = self._schedule_for(s, pieces, device)
             try:
-                schedule(*row_starts, hoisted, *sliced, *self._caches(inst, s, device), *outs.values())
+                out_bufs = schedule(*row_starts, hoisted, *sliced, *self._caches(inst, s, device), *outs.values())
             except PipefusionError:
                 raise
             except Exception as e:
@@ -298,8 +337,50 @@ class PipelineProgram:
                 last_globals = gmap
         self.stats["bytes_sent"] = sum(c.bytes_sent for c in self.comms.values())
         self.stats["output_bytes"] = sum(c.output_bytes for c in self.comms.values())
+        for bands in self._pending_outputs:   # the previous call's output bands: long arrived, normally used
+            bands.resolve_all()
+        self._pending_outputs = []
+        if out_bufs:
+            outs = self._lazy_outputs(outs, pieces, out_bufs, inst.state)
         self._flush_timeline()
         return self._finish_step(inst, outs, last_globals)
+
+    def _lazy_outputs(self, outs: dict, pieces, out_bufs: list, state: StepState) -> dict:
+        """The model outputs of a rank that does not run the last stage, as `LazyTensor`s whose bands resolve
+        from `out_bufs` (one message per piece, `output_messages`) when first read. With option
+        `lazy_outputs=False`, or for outputs whose pieces do not write bands along one axis, the call waits
+        for them here."""
+        comm = self.comms[self.stages[0].lowered.index]
+        messages = self.output_messages(pieces)
+        slots = list(outs.values())
+        done = [False] * len(messages)
+
+        def receive(m: int) -> None:
+            if not done[m]:
+                _, regions = messages[m]
+                torch.ops.pipefusion.wait(out_bufs[m], comm.name)
+                views = [slots[i].narrow(axis, start, length) for i, axis, start, length in regions]
+                torch.ops.pipefusion.unpack_into(out_bufs[m], views, self.options.kernels)
+                done[m] = True
+
+        result = {}
+        for i, (name, out) in enumerate(outs.items()):
+            bands = [(m, axis, start, start + length) for m, (_, regions) in enumerate(messages)
+                     for o, axis, start, length in regions if o == i]
+            if not self.options.lazy_outputs or len({axis for _, axis, _, _ in bands}) != 1:
+                for m, *_ in bands:
+                    receive(m)
+                result[name] = out
+                continue
+            if out.is_floating_point():   # a band read before it arrived shows as NaN, not as plausible values
+                out.fill_(float("nan"))
+            axis = bands[0][1]
+            what = f"output {name} of step {state.step} (call stream {state.stream})"
+            lazy = Bands(out, axis, [(s, e) for _, _, s, e in bands], lambda b, ms=[m for m, *_ in bands]: receive(ms[b]),
+                         what)
+            self._pending_outputs.append(lazy)
+            result[name] = LazyTensor.of(out, lazy, axis)
+        return result
 
     def _flush_timeline(self) -> None:
         """Timeline events of this step to `options.timeline`/rank<R>.jsonl (in one process: R = the stage)."""

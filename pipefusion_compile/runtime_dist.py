@@ -62,6 +62,9 @@ class DistributedProgram(PipelineProgram):
             stage_ranks=self.stage_ranks, timeout_s=options.timeout_s,
             record_timeline=options.timeline is not None)}
 
+    def output_receivers(self) -> list[int]:
+        return list(range(self.plan.num_stages - 1))
+
     # ------------------------------------------------------------------------------------------ setup
     def fingerprint(self) -> str:
         text = "\n".join([str(self.plan), self.gm.code, repr(sorted(self.options.fingerprint_items().items()))])

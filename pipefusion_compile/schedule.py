@@ -10,12 +10,15 @@ own stage's, over `comm.DistComm`), so one process exercises the routes, pack an
     %out_0 = stage(%row_start_0, ..., %in_0[0], ..., caches)
     pipefusion.isend(pipefusion.pack([...]), 2, 0, channel)    # sent without waiting
     ...                                   # patches 1..M-1
-    pipefusion.wait_sends(...); pipefusion.broadcast(%out, last stage)
+    pipefusion.wait_sends(...)            # the sends of the previous call (this call's stay in flight)
+    return [%outbuf_0, ...]               # other ranks than the last: the model output bands, still arriving
 
 Values crossing a cut for one patch travel as one packed buffer per (producer, consumer) pair, in the memory
 layout the producer's traced value has (`message_layout`); long skips go straight from producer to consumer.
-Every rank returns the full model output (broadcast from the last stage: the latent, not hidden states), so
-the user's scheduler runs identically everywhere.
+Every rank returns the full model output (the latent, not hidden states), so the user's scheduler runs
+identically everywhere: the last stage sends each band of it to every other rank as soon as it has written
+it (tag `OUTPUT_TAG + patch`); the others post those receives first and return the buffers, from which the
+runtime makes the patch-lazy output (`lazy.py`).
 """
 from __future__ import annotations
 
@@ -28,11 +31,13 @@ import torch
 import torch.fx as fx
 
 from . import comm as _comm  # noqa: F401  (registers the pipefusion:: comm ops the schedules call)
+from .comm import OUTPUT_TAG
 from .kernels import DTYPE_CODE
 from .ops import stride_order
 from .passes.kernels import select_kernels
 from .passes.stage_split import InputSource, LoweredStage, StageInput
 from .passes.meta import example_value
+from .lazy import materialize
 from .passes.pieces import EXTRA, Piece
 
 if TYPE_CHECKING:
@@ -74,6 +79,13 @@ def message_layout(nodes_by_name: dict[str, fx.Node], token_rows: int, inputs: l
     return shapes, ranks, dtypes, orders, nbytes
 
 
+def _region_bytes(slot, axis: int, length: int) -> int:
+    """Bytes of `length` elements along `axis` of a model output."""
+    shape = list(slot.shape)
+    shape[axis] = length
+    return torch.Size(shape).numel() * torch.empty((), dtype=slot.dtype).element_size()
+
+
 class StageCall(torch.nn.Module):
     """The compiled stage for one kind of piece, as a submodule of the schedule graph.
 
@@ -94,6 +106,7 @@ class StageCall(torch.nn.Module):
         rest_iter = iter(rest)
         inputs = [row_start] + [hoisted[i.name] if i.source is InputSource.GLOBAL else next(rest_iter)
                                 for i in stage.lowered.piece_graph(self.piece).inputs] + list(rest_iter)
+        inputs = [materialize(x) for x in inputs]   # a patch-lazy input: wait for the bands this piece reads
         t0 = time.perf_counter()
         result = program._stage_fn(stage, self.piece, inputs)(*inputs)
         comm.record("compute", t0)
@@ -116,6 +129,17 @@ def build_schedule(program: "PipelineProgram", stage: "_StageRuntime", pieces, d
     found = [program.routes(piece) for piece in pieces]
     layout = lambda inputs, piece: message_layout(program._nodes_by_name, program.plan.token_rows, inputs, piece)
     bufs = {}
+    messages = program.output_messages(pieces)   # (piece, [(output, axis, start, length)]) per output band
+    receivers = program.output_receivers()
+    out_bufs = []
+    if k != last and k in receivers:             # the model output bands this stage gets from the last
+        for j, regions in messages:
+            nbytes = sum(_region_bytes(program._token_outputs[i], axis, length) for i, axis, _, length in regions)
+            buf = g.call_function(torch.empty, ((nbytes,),), {"dtype": torch.uint8, "device": device})
+            buf.name = f"outbuf_{j}"
+            g.call_function(torch.ops.pipefusion.irecv.default, (buf, last, OUTPUT_TAG + j, channel))
+            out_bufs.append(buf)
+    regions_of = dict(messages)
     for j, piece in enumerate(pieces):           # post every receive of the step ahead of time
         for p in sorted(p for (p, c) in found[j] if c == k):
             *_, nbytes = layout(found[j][(p, k)], piece)
@@ -152,11 +176,15 @@ def build_schedule(program: "PipelineProgram", stage: "_StageRuntime", pieces, d
                 if write is not None:
                     op, rest = write
                     g.call_function(op, (out, produced[slot.name], *rest))
+            if receivers and j in regions_of:   # this band of the output, to every other rank at once
+                views = [g.call_function(torch.narrow, (outs[i], axis, start, length))
+                         for i, axis, start, length in regions_of[j]]
+                packed = g.call_function(torch.ops.pipefusion.pack.default, (views,))
+                for r in receivers:
+                    g.call_function(torch.ops.pipefusion.isend.default, (packed, r, OUTPUT_TAG + j, channel))
     token = outs[0] if outs else g.call_function(torch.empty, ((0,),), {"device": device})
     g.call_function(torch.ops.pipefusion.wait_sends.default, (token, channel))
-    for out in outs:
-        g.call_function(torch.ops.pipefusion.broadcast.default, (out, last, channel))
-    g.output(None)
+    g.output(out_bufs)
     g.lint()
     return select_kernels(fx.GraphModule(root, g, class_name=f"PipeFusionSchedule_stage{k}"),
                           program.options.kernels)
