@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from .declines import decline
-from .lazy import LazyTensor
+from .lazy import LazyTensor, materialize
 from .errors import PipefusionError, TooFewLayersError, UnsupportedGraphError, failures_named, graph_break_report
 from .options import PipefusionOptions
 from .passes.buffer_writes import fold_buffer_writes
@@ -309,6 +309,18 @@ def _build(gm: fx.GraphModule, example_inputs: list, opts: PipefusionOptions):
     return compile_for_shape(gm, example_inputs, opts)
 
 
+def resolving_lazy_inputs(fn):
+    """`fn` (a graph that runs unchanged), resolving patch-lazy inputs first: dynamo calls compiled graphs with
+    torch-function dispatch of tensor subclasses off, so the graph's ops would read a lazy input's storage
+    before its bands arrived."""
+
+    def run(*args):
+        return fn(*[materialize(a) for a in args])
+
+    run.__wrapped__ = fn
+    return run
+
+
 def unbacked_guard(gm: fx.GraphModule) -> UnbackedGuard | None:
     """The per-call computation of `gm`'s data-dependent sizes, or None if it has none."""
     if not has_unbacked(gm):
@@ -322,5 +334,5 @@ def compile_for_shape(gm: fx.GraphModule, example_inputs: list, options: Pipefus
     pipeline."""
     analysis = analyze_for_pipeline(gm, example_inputs, options)
     if analysis is None:
-        return gm.forward
+        return resolving_lazy_inputs(gm.forward)
     return compile_program(gm, example_inputs, options, analysis)

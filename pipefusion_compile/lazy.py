@@ -122,6 +122,14 @@ class LazyTensor(torch.Tensor):
     def resolve_range(self, start: int, stop: int) -> None:
         self._bands.resolve_range(self._offset + start, self._offset + stop)
 
+    def narrow_band(self, dim: int, start: int, length: int) -> "LazyTensor":
+        """`narrow`, as a lazy view, whether or not torch-function dispatch is on (the runtime calls it
+        inside a dynamo-compiled frame, where it is off)."""
+        with torch._C.DisableTorchFunctionSubclass():
+            view = self.as_subclass(torch.Tensor).narrow(dim, start, length)
+        offset = self._offset + (start if dim % view.dim() == self._axis else 0)
+        return LazyTensor.of(view, self._bands, self._axis, offset)
+
     def materialize(self) -> torch.Tensor:
         """Wait for every band of this view; returns it as a plain tensor (same storage)."""
         lo, hi = self._extent()

@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 
 from .comm import Comm, LocalComm
 from .errors import PipefusionError, UnsupportedGraphError
-from .lazy import Bands, LazyTensor
+from .lazy import Bands, LazyTensor, materialize
 from .ops import stride_order
 from .options import PipefusionOptions
 from .passes.kernels import select_kernels
@@ -312,6 +312,7 @@ class PipelineProgram:
     def __call__(self, *args):
         """One diffusion step (inference only: runs under no_grad): each stage this process runs, its
         schedule, in stage order."""
+        args = self._lazy_arguments(args)
         inst, pieces, device, outs = self._start_step(args)
         for c in self.comms.values():
             c.new_step(inst.state.step)
@@ -380,6 +381,7 @@ class PipelineProgram:
                          what)
             self._pending_outputs.append(lazy)
             result[name] = LazyTensor.of(out, lazy, axis)
+            self.stats["lazy_outputs"] = self.stats.get("lazy_outputs", 0) + 1
         return result
 
     def _flush_timeline(self) -> None:
@@ -419,10 +421,26 @@ class PipelineProgram:
         # Hoisted GLOBAL work is small and runs once per step: it stays eager.
         return s.lowered.globals_gm(*[args[i] for i in s.lowered.global_inputs])
 
+    def _lazy_arguments(self, args) -> tuple:
+        """The call's arguments, with every patch-lazy one resolved except the image input where this process's
+        stages only read it patch by patch (`_resolve`). Done here, explicitly: dynamo calls the program with
+        torch-function dispatch of tensor subclasses switched off (it traced the graph with it), so a lazy
+        tensor's ops would silently read its unresolved storage."""
+        if not any(isinstance(a, LazyTensor) for a in args):
+            return args
+        token = self._placeholder_index[self.plan.token_input]
+        whole = {i for s in self.stages for i in s.lowered.global_inputs}
+        return tuple(a if i == token and i not in whole else materialize(a) for i, a in enumerate(args))
+
     def _resolve(self, inp: StageInput, args, gmap, piece: Piece):
-        """A sliced input of `piece` (a graph input or a positional table, narrowed to the piece)."""
+        """A sliced input of `piece` (a graph input or a positional table, narrowed to the piece). A patch-lazy
+        image input gives a lazy view of the piece's rows: the stage call resolves it (`schedule.StageCall`),
+        so patch j waits only for the bands it reads."""
         full = gmap[inp.name] if inp.source is InputSource.POSITIONAL else args[self._placeholder_index[inp.name]]
-        return inp.narrow(full, self.plan.token_rows, piece)
+        if isinstance(full, LazyTensor) and full.pending and inp.outer == 1 and piece.kind is not FULL:
+            start, length = inp.token_range(self.plan.token_rows, piece)
+            return full.narrow_band(inp.axis, start, length)
+        return inp.narrow(materialize(full), self.plan.token_rows, piece)
 
     @staticmethod
     def _caches(inst: _Stream, s: _StageRuntime, device: torch.device) -> list[torch.Tensor]:

@@ -26,6 +26,7 @@ import time
 import torch
 import torch.fx as fx
 
+from .lazy import LazyTensor, materialize
 from .options import PipefusionOptions
 from .passes.graph_inputs import is_user_input
 from .passes.specialize import shape_key, specialize, value_inputs
@@ -52,6 +53,9 @@ class ShapeDispatcher:
         self.stats = {"shapes": 0, "specialize_s": 0.0}
 
     def __call__(self, *args):
+        read = set(self._value_inputs) | set(self.guard.inputs if self.guard is not None else ())
+        if any(isinstance(args[i], LazyTensor) for i in read):   # values read here: resolve patch-lazy ones
+            args = tuple(materialize(a) if i in read else a for i, a in enumerate(args))
         unbacked = self.guard.values(args) if self.guard is not None else None
         key = (shape_key(args), tuple(args[i].item() for i in self._value_inputs),
                unbacked.key if unbacked is not None else ())

@@ -109,3 +109,45 @@ def builtin_shapes(rank, world, model_name, sizes, options, steps=3):
         finals.append(sample_loop(call_model(compiled), kwargs, steps=steps)[0])
     found = pipefusion_compile.programs(compiled)
     return {"finals": finals, "cuts": sorted({tuple(s.start for s in p.plan.stages) for p in found})}
+
+
+LAZY_MODES = ("lazy", "per_step", "forced")
+
+
+def pipeline_lazy_modes(rank, world, name, options, variants, steps=5):
+    """An unchanged diffusers pipeline (tests/tiny_pipelines.py) run three ways in this process: with patch-lazy
+    outputs ("lazy", the default), with `lazy_outputs=False` ("per_step": every call waits for its whole
+    output), and lazy with a loop that forces the output each step (its scheduler first reads the model
+    output's sum, as a progress callback computing a statistic would). Returns the final latents of each
+    variant per mode, and per mode how many lazy outputs the calls returned and which ops materialized."""
+    import tiny_pipelines
+    from pipefusion_compile import lazy
+
+    found = {}
+    for mode in LAZY_MODES:
+        torch._dynamo.reset()
+        tiny = getattr(tiny_pipelines, name)()
+        opts = {"stage_backend": "eager", **tiny.options, **options, "lazy_outputs": mode != "per_step"}
+        tiny.pipe.transformer = torch.compile(tiny.pipe.transformer, backend="pipefusion", options=opts)
+        if mode == "forced":
+            step = tiny.pipe.scheduler.step
+
+            def forcing_step(model_output, *args, _step=step, **kwargs):
+                float(model_output.sum())
+                return _step(model_output, *args, **kwargs)
+
+            tiny.pipe.scheduler.step = forcing_step
+        outputs, materialized = [], []
+        for v in variants:
+            tiny.calls[v] = dict(tiny.calls[v], num_inference_steps=steps)
+            before = dict(lazy.MATERIALIZED)
+            out = tiny(v)
+            materialized.append({k: n - before.get(k, 0) for k, n in lazy.MATERIALIZED.items() if n != before.get(k, 0)})
+            outputs.append(lazy.materialize(out).clone())
+        programs = pipefusion_compile.programs(tiny.pipe.transformer)
+        found[mode] = {"outputs": outputs, "materialized": materialized,
+                       "lazy_outputs": sum(p.stats.get("lazy_outputs", 0) for p in programs),
+                       "pipelined_calls": sum(p.stats["pipelined_calls"] for p in programs),
+                       "calls": sum(p.stats["pipelined_calls"] + p.stats["warmup_calls"] for p in programs),
+                       "programs": len(programs)}
+    return found

@@ -77,7 +77,7 @@ def test_graph_without_attention_runs_unchanged():
     x = torch.randn(1, 4, 8, 8)
     compiled, programs = compile_pf(conv_net, num_stages=2)
     torch.testing.assert_close(compiled(x), conv_net(x))
-    assert programs[0].__self__.__class__.__name__ == "GraphModule"  # gm.forward, not a pipeline
+    assert programs[0].__wrapped__.__self__.__class__.__name__ == "GraphModule"  # gm.forward, not a pipeline
 
 
 def test_unsupported_op_next_to_attention_names_op_and_line():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipefusion_compile import lazy
+from pipefusion_compile import reset as pipefusion_reset
 from pipefusion_compile.lazy import Bands, LazyTensor
 
 
@@ -192,3 +193,37 @@ def test_scheduler_steps_on_lazy_outputs_equal_plain_ones_bit_for_bit(name):
     assert torch.equal(results[0], results[1])
     if name != "UniPCMultistep (Wan)":   # UniPC's corrector combines past outputs with an einsum: it waits
         assert forced[1] == {}, f"{name}: {forced[1]} waited for whole outputs"
+
+
+def test_compiled_graphs_resolve_lazy_inputs_themselves():
+    """Dynamo runs a compiled graph with torch-function dispatch of tensor subclasses off, so neither a graph
+    the backend runs unchanged nor a pipelined program may leave a lazy input to torch ops: both resolve it."""
+    from helpers import compile_pf
+    from pipefusion_compile.models import BUILTIN
+
+    w = torch.randn(4, 4, 3, 3)
+
+    def conv_net(x):
+        return torch.nn.functional.conv2d(x, w, padding=1)
+
+    x = torch.randn(1, 4, 8, 8)
+    compiled, _ = compile_pf(conv_net, num_stages=1)
+    compiled(x)
+    assert torch.equal(compiled(make_lazy(x, 2, bands_of(8, [4]))), conv_net(x))
+
+    model, kwargs = BUILTIN["DiTTransformer2DModel"]()
+    compiled, programs = compile_pf(model, num_stages=2, num_patches=2, stage_backend="eager")
+    name = next(k for k in ("hidden_states", "x") if k in kwargs)
+    x0 = kwargs[name]
+    x1 = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    t0, t1 = torch.tensor([900]), torch.tensor([800])
+    with torch.no_grad():   # warmup, then a pipelined call: with a plain input, and again with a lazy one
+        compiled(**{**kwargs, "timestep": t0}, return_dict=False)
+        want = compiled(**{**kwargs, name: x1, "timestep": t1}, return_dict=False)[0]
+        pipefusion_reset(compiled)
+        compiled(**{**kwargs, "timestep": t0}, return_dict=False)
+        got = compiled(**{**kwargs, name: make_lazy(x1, 2, bands_of(x1.shape[2], [x1.shape[2] // 2])),
+                          "timestep": t1}, return_dict=False)[0]
+    assert programs[-1] is programs[0]   # dynamo's retrace for the lazy input got the same program
+    assert programs[0].stats["pipelined_calls"] == 2
+    assert not torch.isnan(got).any() and torch.equal(got, want)

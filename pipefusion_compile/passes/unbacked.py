@@ -133,6 +133,8 @@ class UnbackedGuard:
                     f"input twice; {_USER_FIX}", n)
         self.slice: list[fx.Node] = [n for n in gm.graph.nodes if n in inside]
         self._placeholders = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+        self.inputs = sorted(self._placeholders[n] for n in self.slice if n.op == "placeholder")
+        """Positions of the graph inputs the symbols are computed from."""
 
     def values(self, args) -> UnbackedValues:
         """The symbols' values at these real inputs (evaluating the slice only)."""
