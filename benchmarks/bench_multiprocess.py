@@ -1,17 +1,31 @@
-"""Multi-process PipeFusion on CPU: N ranks x 1 thread vs 1 process x 1 thread, same model and steps.
+"""Multi-process PipeFusion on CPU: 2 ranks x 1 thread vs 1 process x 1 thread, same model, loop and steps.
 
-    python benchmarks/bench_multiprocess.py [--runs 5] [--steps 8] [--patches 2 4 8]
+    python benchmarks/bench_multiprocess.py [--runs 3] [--steps 20] [--models dit pixart flux]
 
-Model: DiTTransformer2DModel, 12 layers, hidden 384 (6 x 64), 64x64 latent = 1024 tokens, fp32, random
-weights, eager stages. Each process is pinned to its own core (os.sched_setaffinity). One generation =
-`--steps` DDIM steps including the warmup step; its wall time is what is compared. Also reported: bytes each
-rank sends per step vs the PipeFusion minimum and the published per-step volumes of Ulysses and
-DistriFusion for the same model, and resident parameter bytes per rank for N = 2, 4.
-Writes benchmarks/results/multiprocess.md and (with --timeline) a Gantt PNG of one generation.
+Models (real diffusers classes, random weights, fp32, eager stages), each 1024 image tokens at hidden 384:
+  dit     DiTTransformer2DModel, 12 layers, 6 x 64 heads, 64x64 latent; DDIM
+  pixart  PixArtTransformer2DModel, 12 layers, 6 x 64 heads, 64x64 latent, cross-attention to 16 text tokens;
+          DPM-Solver++ (multistep)
+  flux    FluxTransformer2DModel, 4 double + 8 single blocks, 6 x 64 heads, 32x32 packed latent, 16 text tokens;
+          flow-match Euler
+One generation = `--steps` scheduler steps (the first is the warmup step), from the first call to the final
+latents resolved; its wall time on the slowest rank is what is compared. "Steady step" = median time of one
+step after the second. Each process is pinned to its own core (os.sched_setaffinity) and runs one thread; the
+serial baseline runs first, then each configuration, so nothing else runs beside them.
+
+Configurations on 2 ranks: pipefusion M=4 and M=8 with patch-lazy outputs (the default), pipefusion M=4 with
+`lazy_outputs=False` (every step waits for its whole output: the pipeline fills and drains each step), and for
+flux diffusers' own Ulysses context parallelism (`enable_parallelism(ContextParallelConfig(ulysses_degree=2))`).
+diffusers builds its device mesh on `torch.accelerator.device_count()`, which is 0 on a machine without an
+accelerator; `one_device_per_rank` makes it 1 while `enable_parallelism` runs (one CPU "device" per rank, which
+is what each rank has). diffusers itself is not changed.
+
+Writes benchmarks/results/multiprocess.md and Gantt charts of one DiT generation (lazy and per-step).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import socket
@@ -26,30 +40,50 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-CONFIG = dict(sample_size=64, num_layers=12, heads=6, head_dim=64)
+HIDDEN = dict(heads=6, head_dim=64)
 
 
-def build():
-    from pipefusion_compile.models import dit
+def build(name: str):
+    """(model, inputs(latents, t) -> kwargs, latent shape, scheduler, model output -> what the scheduler steps)."""
+    import diffusers
+    from pipefusion_compile import models
 
-    return dit(**CONFIG)
+    if name == "dit":
+        model, kw = models.dit(sample_size=64, num_layers=12, **HIDDEN)
+        inputs = lambda x, t: dict(hidden_states=x, timestep=t.expand(1), class_labels=kw["class_labels"])
+        return model, inputs, kw["hidden_states"].shape, diffusers.DDIMScheduler(), lambda o: o.chunk(2, dim=1)[0]
+    if name == "pixart":
+        model, kw = models.pixart(sample_size=64, num_layers=12, prompt_tokens=16, **HIDDEN)
+        inputs = lambda x, t: dict(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=kw["encoder_hidden_states"],
+                                   added_cond_kwargs=kw["added_cond_kwargs"])
+        return (model, inputs, kw["hidden_states"].shape, diffusers.DPMSolverMultistepScheduler(),
+                lambda o: o.chunk(2, dim=1)[0])
+    if name == "flux":
+        model, kw = models.flux(height=32, width=32, num_layers=4, num_single_layers=8, prompt_tokens=16, **HIDDEN)
+        rest = {k: v for k, v in kw.items() if k not in ("hidden_states", "timestep")}
+        inputs = lambda x, t: dict(hidden_states=x, timestep=(t / 1000).expand(1), **rest)
+        return (model, inputs, kw["hidden_states"].shape, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                lambda o: o)
+    raise ValueError(name)
 
 
-def generation(model_fn, kwargs, steps, seed=0):
-    from diffusers import DDIMScheduler
+def generation(model, name, built, steps, seed=0):
+    """One generation; returns (total seconds, per-step seconds). A step's time runs from its call to the next
+    call (the last one's to the final latents resolved), so a call that returns early is not counted short."""
+    from pipefusion_compile.lazy import materialize
 
-    sched = DDIMScheduler(num_train_timesteps=1000)
+    _, inputs, shape, sched, eps_of = built
     sched.set_timesteps(steps)
-    latents = torch.randn(kwargs["hidden_states"].shape, generator=torch.Generator().manual_seed(seed))
-    step_times = []
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    marks = [time.perf_counter()]
     with torch.no_grad():
         for t in sched.timesteps:
-            t0 = time.perf_counter()
-            out = model_fn(latents, timestep=t.expand(1), class_labels=kwargs["class_labels"],
-                           return_dict=False)[0]
-            latents = sched.step(out.chunk(2, dim=1)[0], t, latents).prev_sample
-            step_times.append(time.perf_counter() - t0)
-    return sum(step_times), step_times
+            out = model(**inputs(latents, t), return_dict=False)[0]
+            latents = sched.step(eps_of(out), t, latents).prev_sample
+            marks.append(time.perf_counter())
+        latents = materialize(latents)
+    marks[-1] = time.perf_counter()
+    return marks[-1] - marks[0], [b - a for a, b in zip(marks, marks[1:])], latents
 
 
 def pin(core: int) -> None:
@@ -60,135 +94,154 @@ def pin(core: int) -> None:
     torch.set_num_threads(1)
 
 
-def serial(runs, steps):
+def serial(name, runs, steps):
     pin(0)
-    model, kwargs = build()
-    generation(model, kwargs, 2)  # warm the allocator
-    return [generation(model, kwargs, steps) for _ in range(runs)]
+    built = build(name)
+    generation(built[0], name, built, 2)  # warm the allocator
+    return [generation(built[0], name, built, steps)[:2] for _ in range(runs)]
 
 
-def rank_main(rank, world, port, patches_list, runs, steps, timeline_dir, out_path):
+@contextlib.contextmanager
+def one_device_per_rank():
+    """diffusers' `enable_parallelism` places rank r on device `r % torch.accelerator.device_count()`; without an
+    accelerator that count is 0. Each rank has one CPU: make the count 1 while it runs."""
+    real = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = real
+
+
+def rank_main(rank, world, port, name, configs, runs, steps, timeline_dir, out_path):
     pin(rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
+                            timeout=datetime.timedelta(seconds=900))
     import pipefusion_compile
 
     results = {}
-    for m in patches_list:
+    for config in configs:
         torch._dynamo.reset()
-        model, kwargs = build()
-        options = {"num_patches": m, "stage_backend": "eager"}
-        if timeline_dir and m == patches_list[-1] and runs == 0:
-            options["timeline"] = timeline_dir
-        compiled = torch.compile(model, backend="pipefusion", options=options)
-        generation(compiled, kwargs, 2)  # compile + first use of every stage graph
-        times = [generation(compiled, kwargs, steps) for _ in range(runs)]
-        (program,) = pipefusion_compile.programs(compiled)
-        results[m] = {"times": times, "stats": dict(program.stats),
-                      "plan_bytes": program.plan.p2p_bytes_per_step(program.stage_index),
-                      "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-                      "plan": str(program.plan)}
-    if timeline_dir and runs == 0:
-        os.remove(os.path.join(timeline_dir, f"rank{rank}.jsonl"))  # keep one clean generation only
-        generation(compiled, kwargs, steps)
+        built = build(name)
+        model = built[0]
+        if config == "ulysses":
+            from diffusers import ContextParallelConfig
+
+            with one_device_per_rank():
+                model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+            run = model
+        else:
+            m, lazy = config
+            options = {"num_patches": m, "stage_backend": "eager", "lazy_outputs": lazy}
+            if timeline_dir:
+                options["timeline"] = os.path.join(timeline_dir, f"m{m}_{'lazy' if lazy else 'per_step'}")
+            run = torch.compile(model, backend="pipefusion", options=options)
+        generation(run, name, built, 3)  # compile, first use of every stage graph, the lazy-input retrace
+        if timeline_dir:
+            for f in glob_rank_files(timeline_dir):
+                os.remove(f)
+        times = [generation(run, name, built, steps)[:2] for _ in range(runs)]
+        entry = {"times": times}
+        if config != "ulysses":
+            (program,) = pipefusion_compile.programs(run)
+            entry.update(stats=dict(program.stats), plan_bytes=program.plan.p2p_bytes_per_step(program.stage_index),
+                         param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
+        results[str(config)] = entry
     dist.barrier()
     torch.save(results, f"{out_path}.rank{rank}")
     dist.destroy_process_group()
 
 
-def launch(world, patches_list, runs, steps, timeline_dir=None):
+def glob_rank_files(directory):
+    import glob
+
+    return glob.glob(os.path.join(directory, "*", "rank*.jsonl"))
+
+
+def launch(world, name, configs, runs, steps, timeline_dir=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res")
-        mp.start_processes(rank_main, args=(world, port, patches_list, runs, steps, timeline_dir, out),
+        mp.start_processes(rank_main, args=(world, port, name, configs, runs, steps, timeline_dir, out),
                            nprocs=world, start_method="spawn")
         return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world)]
 
 
+def spread(values) -> str:
+    values = sorted(values)
+    return f"{values[0]:.2f} / {statistics.median(values):.2f} / {values[-1]:.2f}"
+
+
+def label(config) -> str:
+    if config == "ulysses":
+        return "diffusers Ulysses (ulysses_degree=2)"
+    m, lazy = config
+    return f"pipefusion M={m}, " + ("lazy outputs (default)" if lazy else "per-step (`lazy_outputs=False`)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--patches", type=int, nargs="*", default=[2, 4, 8])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--models", nargs="*", default=["dit", "pixart", "flux"])
     parser.add_argument("--out", default="benchmarks/results/multiprocess.md")
-    parser.add_argument("--timeline-png", default="benchmarks/results/timeline_n2_m8.png")
+    parser.add_argument("--timeline-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
 
-    serial_runs = serial(args.runs, args.steps)
-    serial_times = [total for total, _ in serial_runs]
-    serial_step = [statistics.median(steps[1:]) for _, steps in serial_runs]
-    ranks = launch(2, args.patches, args.runs, args.steps)
-    memory = {n: launch(n, [n], 1, 2) for n in (2, 4)}
-
+    bound = args.steps / (1 + (args.steps - 1) / 2)
     lines = [
         f"# Multi-process PipeFusion on CPU ({datetime.date.today()}, torch {torch.__version__}, {os.cpu_count()} cores)",
         "",
-        f"DiTTransformer2DModel, 12 layers, hidden 384, 1024 tokens, fp32, random weights; {args.steps} DDIM "
-        f"steps per generation (warmup 1 included); {args.runs} runs; every process pinned to one core, 1 thread.",
+        f"2 ranks x 1 thread (gloo, 127.0.0.1) vs 1 process x 1 thread, every process pinned to its own core; "
+        f"{args.steps} steps per generation (the first is the warmup step), {args.runs} generations each, ratios "
+        f"pair by pair (serial run i / parallel run i), min / median / max. Bound for a generation with one serial "
+        f"warmup step: {bound:.2f}x; for a pipelined step: 2x. `python benchmarks/bench_multiprocess.py` "
+        f"(`make bench`).",
         "",
-        f"Serial (1 process x 1 thread): median {statistics.median(serial_times):.2f} s per generation "
-        f"(min {min(serial_times):.2f}, max {max(serial_times):.2f}).",
-        "",
-        "| N=2 ranks x 1 thread | generation s (median) | generation speedup min / median / max | "
-        "pipelined-step speedup min / median / max | per-step bound 2M/(M+1) | bytes sent per step (rank 0) "
-        "| = plan |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for m in args.patches:
-        times = [max(r[m]["times"][i][0] for r in ranks) for i in range(args.runs)]
-        steps = [statistics.median(max(r[m]["times"][i][1][k] for r in ranks) for k in range(1, args.steps))
-                 for i in range(args.runs)]
-        ratios = sorted(s / t for s, t in zip(serial_times, times))
-        step_ratios = sorted(s / t for s, t in zip(serial_step, steps))
-        r0 = ranks[0][m]
-        bound = 2 * m / (m + 1)
-        lines.append(
-            f"| M={m} | {statistics.median(times):.2f} | {ratios[0]:.2f} / {statistics.median(ratios):.2f} / "
-            f"{ratios[-1]:.2f} | {step_ratios[0]:.2f} / {statistics.median(step_ratios):.2f} / "
-            f"{step_ratios[-1]:.2f} | {bound:.2f} | {r0['stats']['bytes_sent'] / 2**20:.2f} MiB | "
-            f"{r0['stats']['bytes_sent'] == r0['plan_bytes']} |"
-        )
-    tokens, hidden, layers, elem = 1024, 384, 12, 4
-    ph = tokens * hidden * elem
-    lines += [
-        "",
-        "Communication per step, bytes (fp32; p = 1024 tokens, hs = 384, L = 12, N = 2):",
-        "",
-        "| scheme | formula (published) | bytes per step per device |",
-        "|---|---|---|",
-        f"| PipeFusion minimum (one activation per stage boundary) | O(p*hs) | {ph / 2**20:.2f} MiB |",
-        f"| this runtime, measured (rank 0 sends; rank 1 broadcasts the 1024x8 output) | | "
-        f"{ranks[0][args.patches[0]]['stats']['bytes_sent'] / 2**20:.2f} MiB + output "
-        f"{ranks[1][args.patches[0]]['stats']['output_bytes'] / 2**20:.3f} MiB |",
-        f"| PipeFusion (paper, send + receive) | 2 O(p*hs) | {2 * ph / 2**20:.2f} MiB |",
-        f"| Ulysses sequence parallel | (4/N) O(p*hs) L | {4 / 2 * ph * layers / 2**20:.2f} MiB |",
-        f"| DistriFusion / ring | 2 O(p*hs) L | {2 * ph * layers / 2**20:.2f} MiB |",
-        "",
-        "Resident parameter bytes per rank (release_params=True):",
-        "",
-        "| N | whole model | per rank (resident) | ideal P/N |",
-        "|---|---|---|---|",
-    ]
-    for n, res in memory.items():
-        total = res[0][n]["param_bytes"]
-        per = ", ".join(f"{r[n]['stats']['resident_param_bytes'] / 2**20:.2f}" for r in res)
-        lines.append(f"| {n} | {total / 2**20:.2f} MiB | {per} MiB | {total / n / 2**20:.2f} MiB |")
+    for name in args.models:
+        configs = [(4, True), (8, True), (4, False)] + (["ulysses"] if name == "flux" else [])
+        serial_runs = serial(name, args.runs, args.steps)
+        serial_gen = [total for total, _ in serial_runs]
+        serial_step = [statistics.median(s[2:]) for _, s in serial_runs]
+        ranks = launch(2, name, configs, args.runs, args.steps)
+        lines += [
+            f"## {name}",
+            "",
+            f"Serial: median {statistics.median(serial_gen):.2f} s per generation, {statistics.median(serial_step):.3f} "
+            f"s per steady step.",
+            "",
+            "| 2 ranks | generation s (median) | generation speedup | steady-step speedup | bytes sent per step (rank 0) |",
+            "|---|---|---|---|---|",
+        ]
+        for config in configs:
+            key = str(config)
+            gens = [max(r[key]["times"][i][0] for r in ranks) for i in range(args.runs)]
+            steps = [statistics.median(max(r[key]["times"][i][1][k] for r in ranks) for k in range(2, args.steps))
+                     for i in range(args.runs)]
+            sent = ranks[0][key].get("stats", {}).get("bytes_sent")
+            lines.append(
+                f"| {label(config)} | {statistics.median(gens):.2f} | {spread(s / g for s, g in zip(serial_gen, gens))} | "
+                f"{spread(s / g for s, g in zip(serial_step, steps))} | "
+                f"{'' if sent is None else f'{sent / 2**20:.2f} MiB'} |")
+        lines.append("")
+        print("\n".join(lines), flush=True)
     text = "\n".join(lines)
-    print(text)
-    print("\n" + ranks[0][args.patches[0]]["plan"])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text + "\n")
-    if args.timeline_png:
-        with tempfile.TemporaryDirectory() as d:
-            launch(2, [args.patches[-1]], 0, 4, timeline_dir=d)
-            from pipefusion_compile.timeline import merge
+    if args.timeline_dir:
+        from pipefusion_compile.timeline import merge
 
-            merge(d, None, args.timeline_png, steps=(1, 4),
-                  title=f"PipeFusion, 2 ranks x 1 CPU thread, M={args.patches[-1]}, 3 pipelined steps")
-        print(f"timeline: {args.timeline_png}")
+        with tempfile.TemporaryDirectory() as d:
+            launch(2, "dit", [(4, True), (4, False)], 1, 6, timeline_dir=d)
+            for tag, what in (("lazy", "patch-lazy outputs"), ("per_step", "lazy_outputs=False")):
+                png = os.path.join(args.timeline_dir, f"timeline_n2_m4_{tag}.png")
+                merge(os.path.join(d, f"m4_{tag}"), None, png, steps=(2, 5),
+                      title=f"DiT, 2 ranks x 1 CPU thread, M=4, steps 2-4, {what}")
+                print(f"timeline: {png}")
     return 0
 
 

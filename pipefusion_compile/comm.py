@@ -171,13 +171,22 @@ class DistComm(Comm):
     """One rank's transport: torch.distributed point-to-point in `group`."""
 
     group: object = None
+    stream_side: bool = False       # NCCL: waits order the current CUDA stream, the host does not block
 
     def _wait(self, work, what: str, patch: int, peer: int | None = None) -> None:
         """Wait for `work` (on `peer`, a stage index, when one peer is involved). A failure says what happened:
-        a timeout, or a failure after how long with the transport's reason and its likely cause."""
+        a timeout, or a failure after how long with the transport's reason and its likely cause.
+
+        On NCCL the wait is stream-side (`work.wait()` without a timeout makes the current stream wait for the
+        transfer; a timeout argument would block the host until it completes), and the time limit is the one
+        the process group's watchdog enforces (`init_process_group(timeout=...)`); on gloo the host waits at
+        most `timeout_s`."""
         t0 = time.monotonic()
         try:
-            work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+            if self.stream_side:
+                work.wait()
+            else:
+                work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
         except Exception as e:  # gloo/NCCL raise RuntimeError with the transport's reason
             raise PipefusionCommError(
                 self._describe_failure(what, patch, peer, time.monotonic() - t0, e)) from e

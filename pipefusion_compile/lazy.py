@@ -33,7 +33,6 @@ import weakref
 from typing import Callable
 
 import torch
-import torch.utils._pytree as pytree
 
 log = logging.getLogger("pipefusion_compile")
 
@@ -142,7 +141,7 @@ class LazyTensor(torch.Tensor):
         if torch.compiler.is_compiling():   # traced: an ordinary tensor
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        lazies = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, LazyTensor) and a.pending]
+        lazies = [a for a in _leaves(args, kwargs) if isinstance(a, LazyTensor) and a.pending]
         if not lazies or func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
@@ -152,6 +151,17 @@ class LazyTensor(torch.Tensor):
             if result is not NotImplemented:
                 return result
         return _materialized_call(func, args, kwargs, lazies)
+
+
+def _leaves(args, kwargs) -> list:
+    """The arguments, one level of lists flattened (what torch ops take: tensors, numbers, lists of tensors)."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            found.extend(a)
+        else:
+            found.append(a)
+    return found
 
 
 def materialize(x):
@@ -187,21 +197,53 @@ def _materialized_call(func, args, kwargs, lazies):
 # The ops that run band by band. Each rule returns its result or NotImplemented (then the op materializes).
 
 
-def _meta(x):
-    if isinstance(x, torch.Tensor):
-        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
-    return x
+def _probe(func, args, kwargs, lazy: "LazyTensor"):
+    """What `func` returns, from a run on empty slices: every operand that has the band axis (counted from the
+    end, as broadcasting aligns dims) narrowed to 0 elements along it. Returns (output dtype and shape with
+    the band axis at full size, output band axis, the first full-size operand) or None if the op returned
+    no tensor; ("self", ...) when the op returned its input itself (a no-op cast)."""
+    from_end = lazy.dim() - lazy._axis
+    full = lazy.shape[lazy._axis]
+    first = None
+
+    def cut(x):
+        nonlocal first
+        if not isinstance(x, torch.Tensor):
+            return x
+        x = x.as_subclass(torch.Tensor) if isinstance(x, LazyTensor) else x
+        if x.dim() >= from_end and x.shape[x.dim() - from_end] == full:
+            first = x if first is None else first
+            return x.narrow(x.dim() - from_end, 0, 0)
+        return x
+
+    with torch._C.DisableTorchFunctionSubclass():
+        cut_args = [[cut(t) for t in a] if isinstance(a, (list, tuple)) else cut(a) for a in args]
+        cut_kwargs = {k: cut(v) for k, v in kwargs.items()}
+        out = func(*cut_args, **cut_kwargs)
+    if not isinstance(out, torch.Tensor):
+        return None
+    if cut_args and out is cut_args[0]:
+        return "self", None, None, None
+    axis = out.dim() - from_end
+    if axis < 0 or out.shape[axis] != 0:
+        return None
+    shape = list(out.shape)
+    shape[axis] = full
+    return out.dtype, shape, axis, first
 
 
-def _out_axis(x: LazyTensor, out_ndim: int) -> int:
-    return x._axis + out_ndim - x.dim()
+def _empty_like_layout(shape, dtype, device, like: torch.Tensor | None) -> torch.Tensor:
+    """A full-size output laid out as an element-wise op lays out its result: in the memory order of its
+    full-size operand (the order of its dims by stride), row-major when it has none."""
+    if like is None or like.dim() != len(shape):
+        return torch.empty(shape, dtype=dtype, device=device)
+    from .ops import stride_order
+
+    return torch.empty_permuted(shape, stride_order(like.shape, like.stride()), dtype=dtype, device=device)
 
 
-def _computed(func, args, kwargs, out_meta: torch.Tensor, axis: int, ranges, band_args) -> LazyTensor:
-    """A new lazy tensor shaped like `out_meta` whose band j is `func` of `band_args(j)`, resolved on demand."""
-    lazies = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, LazyTensor)]
-    device = lazies[0].device
-    base = torch.empty_strided(out_meta.shape, out_meta.stride(), dtype=out_meta.dtype, device=device)
+def _computed(func, lazy: "LazyTensor", base: torch.Tensor, axis: int, ranges, band_args) -> LazyTensor:
+    """A new lazy tensor over `base` whose band j is `func` of `band_args(j)`, resolved on demand."""
     if base.is_floating_point() or base.is_complex():
         base.fill_(float("nan"))
 
@@ -211,7 +253,7 @@ def _computed(func, args, kwargs, out_meta: torch.Tensor, axis: int, ranges, ban
         with torch._C.DisableTorchFunctionSubclass():
             base.narrow(axis, s, e - s).copy_(func(*a, **kw))
 
-    what = f"{_name(func)} of {lazies[0]._bands.what}"
+    what = f"{_name(func)} of {lazy._bands.what}"
     return LazyTensor.of(base, Bands(base, axis, ranges, fill, what), axis)
 
 
@@ -257,30 +299,27 @@ def _elementwise(func, args, kwargs):
     """Out-of-place element-wise ops and dtype casts (same device)."""
     if kwargs.get("alpha", 1) != 1 or kwargs.get("rounding_mode") is not None or "device" in kwargs:
         return NotImplemented
-    if any(isinstance(a, (torch.device, str)) for a in args):      # .to(device) / .to("cuda")
+    if any(isinstance(a, (torch.device, str, list, tuple)) for a in (*args, *kwargs.values())):   # .to(device)
         return NotImplemented
-    with torch._C.DisableTorchFunctionSubclass():
-        metas = pytree.tree_map(_meta, (args, kwargs))
-        out = func(*metas[0], **metas[1])
-    if not isinstance(out, torch.Tensor):
+    lazy = next(a for a in (*args, *kwargs.values()) if isinstance(a, LazyTensor) and a.pending)
+    probe = _probe(func, args, kwargs, lazy)
+    if probe is None:
         return NotImplemented
-    if args and out is metas[0][0]:         # a no-op cast returns its input itself
+    dtype, shape, axis, like = probe
+    if dtype == "self":                      # a no-op cast returns its input itself
         return args[0]
-    lazy = next(a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, LazyTensor) and a.pending)
-    axis = _out_axis(lazy, out.dim())
-    if axis < 0 or out.shape[axis] != lazy.shape[lazy._axis]:
-        return NotImplemented
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    plans, ranges = _operands_for(out.dim(), axis, out.shape[axis], leaves)
+    names = list(kwargs)
+    plans, ranges = _operands_for(len(shape), axis, shape[axis], [*args, *kwargs.values()])
     if plans is None:
         return NotImplemented
-    from_end = out.dim() - axis
+    from_end = len(shape) - axis
 
     def band_args(j, s, e):
         cut = [_band_of(kind, x, from_end, s, e) for kind, x in plans]
-        return pytree.tree_unflatten(cut, spec)
+        return cut[:len(args)], dict(zip(names, cut[len(args):]))
 
-    return _computed(func, args, kwargs, out, axis, ranges, band_args)
+    base = _empty_like_layout(shape, dtype, lazy.device, like)
+    return _computed(func, lazy, base, axis, ranges, band_args)
 
 
 def _cat(func, args, kwargs):
@@ -289,28 +328,29 @@ def _cat(func, args, kwargs):
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int):
         return NotImplemented
-    with torch._C.DisableTorchFunctionSubclass():
-        out = func([_meta(t) for t in tensors], dim)
     lazy = next(t for t in tensors if isinstance(t, LazyTensor) and t.pending)
-    axis = _out_axis(lazy, out.dim())
-    if any(t.dim() != out.dim() for t in tensors) or dim % out.dim() == axis:
+    if any(not isinstance(t, torch.Tensor) or t.dim() != lazy.dim() for t in tensors) or dim % lazy.dim() == lazy._axis:
         return NotImplemented
-    plans, ranges = _operands_for(out.dim(), axis, out.shape[axis], list(tensors))
+    probe = _probe(func, (list(tensors), dim), {}, lazy)
+    if probe is None or probe[0] == "self":
+        return NotImplemented
+    dtype, shape, axis, _ = probe
+    plans, ranges = _operands_for(len(shape), axis, shape[axis], list(tensors))
     if plans is None:
         return NotImplemented
-    from_end = out.dim() - axis
+    from_end = len(shape) - axis
 
     def band_args(j, s, e):
         return ([_band_of(kind, x, from_end, s, e) for kind, x in plans], dim), {}
 
-    return _computed(func, args, kwargs, out, axis, ranges, band_args)
+    return _computed(func, lazy, torch.empty(shape, dtype=dtype, device=lazy.device), axis, ranges, band_args)
 
 
 def _view(func, args, kwargs):
     """Views on other dims (`chunk`, `split`, `narrow`, slicing): lazy views of the same bands; `narrow` of
     the band axis itself gives a lazy view of part of it."""
     x = args[0]
-    if not isinstance(x, LazyTensor) or any(isinstance(a, LazyTensor) for a in pytree.tree_leaves((args[1:], kwargs))):
+    if not isinstance(x, LazyTensor) or any(isinstance(a, LazyTensor) for a in _leaves(args[1:], kwargs)):
         return NotImplemented
     plain = x.as_subclass(torch.Tensor)
     name = getattr(func, "__name__", "")

@@ -145,7 +145,7 @@ def flux(height: int = 8, width: int = 8, num_layers: int = 2, num_single_layers
     model = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=16,
-        guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+        guidance_embeds=False, axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
     ).eval()
     img_ids = torch.zeros(height, width, 3)
     img_ids[..., 1] = torch.arange(height)[:, None]

@@ -11,6 +11,8 @@ Passes emit `torch.ops.pipefusion.*` and never import triton.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .kernels import (
@@ -31,6 +33,27 @@ from .kernels.pack import DTYPES, kernel_handles
 from .kernels.patch_output import band_kernel_handles
 from .kernels.strided_copy import _copy_kernel, _multi_copy_kernel
 from .kernels.triton_support import is_interpreted, is_traced, use_triton
+
+
+_HOST_VALUES: dict[int, tuple] = {}   # id(row offset tensor) -> (weak ref to it, its value)
+
+
+def row_offset(value: int, device: torch.device | str) -> torch.Tensor:
+    """A patch's first token row as a 0-d int64 tensor on `device`, made once by the runtime. Kernels read it
+    on the device (no copy per patch); the ops that need it on the host read the value recorded here
+    (`host_int`), so neither side syncs the device per patch."""
+    t = torch.tensor(value, dtype=torch.int64, device=device)
+    key = id(t)
+    _HOST_VALUES[key] = (weakref.ref(t, lambda _, key=key: _HOST_VALUES.pop(key, None)), int(value))
+    return t
+
+
+def host_int(t: torch.Tensor) -> int:
+    """The value of a 0-d int tensor on the host: recorded by `row_offset` (no device read), else read."""
+    found = _HOST_VALUES.get(id(t))
+    if found is not None and found[0]() is t:
+        return found[1]
+    return int(t)
 
 
 def _kernel_runs(mode: str, kernel, *tensors: torch.Tensor) -> bool:
@@ -60,10 +83,10 @@ def kv_cache_update(
     `offset` is where the patch's token group starts in a joint sequence (e.g. after the text tokens in
     Flux); 0 for image-only sequences and for a text piece placed first.
 
-    `row_start` is a 0-d int64 CPU tensor (not an int) so that one compiled stage graph serves every
-    patch of the same size: inductor would otherwise bake the patch offset into the code. The Triton kernel
-    reads it on the device (both caches in one launch); the reference reads it on the host, inside the
-    opaque `kv_cache_update_host`.
+    `row_start` is a 0-d int64 tensor (not an int) so that one compiled stage graph serves every patch of the
+    same size: inductor would otherwise bake the patch offset into the code. The runtime makes it once, on
+    the device (`row_offset`): the Triton kernel reads it there (both caches in one launch); the reference
+    reads its recorded host value (`host_int`), inside the opaque `kv_cache_update_host`.
     """
     if use_triton(kernels, _multi_copy_kernel, cache_k, cache_v, k, v) and not is_interpreted(_multi_copy_kernel):
         kv_cache_update_triton(cache_k, cache_v, k, v, row_start, axis, per_row, offset)
@@ -88,7 +111,7 @@ def kv_cache_update_host(
     if use_triton(kernels, _multi_copy_kernel, cache_k, cache_v, k, v):
         kv_cache_update_triton(cache_k, cache_v, k, v, row_start, axis, per_row, offset)
     else:
-        kv_cache_update_reference(cache_k, cache_v, k, v, offset + int(row_start) * per_row, axis)
+        kv_cache_update_reference(cache_k, cache_v, k, v, offset + host_int(row_start) * per_row, axis)
 
 
 @kv_cache_update_host.register_fake
@@ -106,9 +129,9 @@ def halo_rows(cache: torch.Tensor, x: torch.Tensor, row_start: torch.Tensor, axi
     """Write one patch's rows `x` of a conv input into the full-size `cache` at `row_start * per_row` along
     `axis`, and return the cache's rows from `before` elements ahead of the patch to `after` past it (zeros
     beyond the image border, as the conv's zero padding): the conv, run without padding along `axis`, then
-    gives exactly the patch's output rows. `row_start` is a 0-d int64 CPU tensor (as for `kv_cache_update`),
-    read on the host: the op is opaque to compilers."""
-    return halo_rows_reference(cache, x, int(row_start) * per_row, axis, before, after)
+    gives exactly the patch's output rows. `row_start` is a 0-d int64 tensor (as for `kv_cache_update`),
+    read on the host (`host_int`): the op is opaque to compilers."""
+    return halo_rows_reference(cache, x, host_int(row_start) * per_row, axis, before, after)
 
 
 @halo_rows.register_fake
@@ -123,7 +146,7 @@ def cache_rows(cache: torch.Tensor, x: torch.Tensor, row_start: torch.Tensor, ax
     """Write one patch's rows `x` of a reduction's operand into its full-size `cache` at `row_start * per_row`
     along `axis` (the reduction then runs over the whole cache). `row_start` is read on the host, as in
     `halo_rows`."""
-    cache_rows_reference(cache, x, int(row_start) * per_row, axis)
+    cache_rows_reference(cache, x, host_int(row_start) * per_row, axis)
 
 
 @cache_rows.register_fake

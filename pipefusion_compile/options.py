@@ -41,7 +41,8 @@ class PipefusionOptions:
     group: Any = None
     """Process group to pipeline over (multi-process mode). Default: the default (world) group."""
     timeout_s: float = 300.0
-    """Multi-process mode: how long any receive, send or collective may wait before failing."""
+    """Multi-process mode: how long any receive, send or collective may wait before failing (gloo; on NCCL
+    waits are stream-side and the process group's own watchdog timeout applies)."""
     lazy_outputs: bool = True
     """Multi-process mode: on the ranks that do not run the last stage, a call returns as soon as this rank
     has issued its work, with model outputs whose row bands resolve as the last stage sends them (`lazy.py`):

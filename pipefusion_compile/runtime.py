@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 from .comm import Comm, LocalComm
 from .errors import PipefusionError, UnsupportedGraphError
 from .lazy import Bands, LazyTensor, materialize
-from .ops import stride_order
+from .ops import row_offset, stride_order
 from .options import PipefusionOptions
 from .passes.kernels import select_kernels
 from .passes.stage_split import InputSource, LoweredStage, PieceGraph, StageInput
@@ -316,9 +316,9 @@ class PipelineProgram:
         inst, pieces, device, outs = self._start_step(args)
         for c in self.comms.values():
             c.new_step(inst.state.step)
-        key = tuple(pieces)
-        if key not in self._row_starts:   # made once: one compiled graph serves every patch of a size
-            self._row_starts[key] = [torch.tensor(piece.row0, dtype=torch.int64) for piece in pieces]
+        key = (tuple(pieces), str(device))
+        if key not in self._row_starts:   # made once, on the device: no copy, no sync per patch (`ops.row_offset`)
+            self._row_starts[key] = [row_offset(piece.row0, device) for piece in pieces]
         row_starts = self._row_starts[key]
         last_globals: dict = {}
         out_bufs: list = []

@@ -60,7 +60,7 @@ class DistributedProgram(PipelineProgram):
         return {self.stage_index: DistComm(
             name=f"pipefusion-{uuid.uuid4().hex[:12]}", group=self.group, stage=self.stage_index,
             stage_ranks=self.stage_ranks, timeout_s=options.timeout_s,
-            record_timeline=options.timeline is not None)}
+            record_timeline=options.timeline is not None, stream_side=dist.get_backend(self.group) == "nccl")}
 
     def output_receivers(self) -> list[int]:
         return list(range(self.plan.num_stages - 1))

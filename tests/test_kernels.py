@@ -138,3 +138,17 @@ def test_cuda_trace_sees_the_triton_kernel():
     kwargs = wrapper[0].kwargs["kwargs"]
     assert kwargs["dst0"] is placeholders[0] and kwargs["dst1"] is placeholders[1]
     assert kwargs["N_JOBS"] == 2 and kwargs["HAS_SHIFT"]
+
+
+def test_row_offsets_made_by_the_runtime_are_read_on_the_host_without_touching_the_device():
+    """The runtime makes each patch's row offset once, on the device; ops that need it on the host read the
+    recorded value. A tensor on the meta device has no data: reading it would fail, the recorded value works."""
+    from pipefusion_compile.ops import host_int, row_offset
+
+    t = row_offset(3, "meta")
+    assert t.device.type == "meta" and t.dtype == torch.int64 and t.dim() == 0
+    assert host_int(t) == 3
+    assert host_int(torch.tensor(5)) == 5          # any other 0-d tensor: read
+    cache = torch.zeros(1, 8, 2)
+    torch.ops.pipefusion.cache_rows(cache, torch.ones(1, 2, 2), row_offset(2, "cpu"), 1, 1)
+    assert cache[0, 2:4].eq(1).all() and cache[0, :2].eq(0).all() and cache[0, 4:].eq(0).all()

@@ -166,14 +166,44 @@ def test_timeline_records_merge_into_a_trace_and_a_gantt_chart(tmp_path):
     # 3 pipelined steps x 4 patches on each of the 3 stages
     assert len(compute) == 3 * 4 * 3
     assert {(e["tid"], e["args"]["patch"]) for e in compute} == {(r, p) for r in range(3) for p in range(4)}
-    assert {e["tid"] for e in events if e.get("cat") == "recv"} == {1, 2}
-    assert {e["tid"] for e in events if e.get("cat") == "send"} == {0, 1}
+    # stages receive patches from earlier ones, and every rank but the last the output bands from the last
+    assert {e["tid"] for e in events if e.get("cat") == "recv"} == {0, 1, 2}
+    assert {e["tid"] for e in events if e.get("cat") == "send"} == {0, 1, 2}
     # a patch is computed by stage 1 only after stage 0 computed it
     first = {(e["tid"], e["args"]["step"], e["args"]["patch"]): e for e in compute}
     for step in (1, 2, 3):
         for p in range(4):
             assert first[(1, step, p)]["ts"] >= first[(0, step, p)]["ts"] + first[(0, step, p)]["dur"] - 1
     assert png.stat().st_size > 10_000
+
+
+def _events(directory):
+    from pipefusion_compile.timeline import load_events
+
+    return load_events(str(directory))
+
+
+def test_no_fill_or_drain_between_pipelined_steps(tmp_path):
+    """With patch-lazy outputs stage 0 starts step t+1 while the last stage still computes step t's last patch,
+    and never waits for the last stage's output; with `lazy_outputs=False` every step waits for the whole
+    output first (the pipeline drains and fills each step). Measured on the recorded events, both ways."""
+    steps, m = 6, 4
+    overlaps, waited = {}, {}
+    for lazy in (True, False):
+        tdir = tmp_path / f"timeline_{lazy}"
+        # patches long enough (about 7 ms on one CPU thread) that the per-step work between two calls is shorter
+        jobs = [("DiTTransformer2DModel", {"num_layers": 8, "heads": 4, "head_dim": 32, "sample_size": 32},
+                 {"num_patches": m, "timeline": str(tdir), "lazy_outputs": lazy})]
+        run_ranks(generate, 2, jobs, steps, tmp_path=tmp_path / f"ranks_{lazy}")
+        events = _events(tdir)
+        compute = {(e["rank"], e["step"], e["patch"]): e for e in events if e["kind"] == "compute"}
+        assert {k for k in compute if k[1] > 0} == {(r, t, p) for r in (0, 1) for t in range(1, steps) for p in range(m)}
+        overlaps[lazy] = [compute[(0, t + 1, 0)]["start"] < compute[(1, t, m - 1)]["end"] for t in range(1, steps - 1)]
+        # rank 0 waiting for output bands (from rank 1) during the pipelined steps
+        waited[lazy] = sum(e["end"] - e["start"] for e in events
+                           if e["rank"] == 0 and e["kind"] == "recv" and e["peer"] == 1 and e["step"] >= 1)
+    assert sum(overlaps[True]) >= 3 and not any(overlaps[False]), overlaps
+    assert waited[True] < 0.25 * waited[False], waited
 
 
 def test_long_skips_go_straight_to_their_stage_packed_with_the_residual(tmp_path):

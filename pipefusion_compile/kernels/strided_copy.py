@@ -208,7 +208,7 @@ def _multi_copy_launch(jobs, shift) -> None:
     else:
         row_start, offset, per_row = shift
         device = jobs[0][1].device
-        if row_start.device != device:               # row_start lives on the host; the kernel reads it
+        if row_start.device != device:               # a caller's host row_start (the runtime's is on the device)
             row_start = row_start.to(device)
         shift_args = (row_start, offset, per_row)
     launch(_multi_copy_kernel, (max(tiles), n_jobs), *shift_args, *args, N_JOBS=n_jobs,
