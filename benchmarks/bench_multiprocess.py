@@ -137,9 +137,10 @@ def rank_main(rank, world, port, name, configs, runs, steps, timeline_dir, out_p
                 options["timeline"] = os.path.join(timeline_dir, f"m{m}_{'lazy' if lazy else 'per_step'}")
             run = torch.compile(model, backend="pipefusion", options=options)
         generation(run, name, built, 3)  # compile, first use of every stage graph, the lazy-input retrace
-        if timeline_dir:
-            for f in glob_rank_files(timeline_dir):
-                os.remove(f)
+        if timeline_dir:   # keep the measured generations only (each rank its own file)
+            mine = os.path.join(options["timeline"], f"rank{rank}.jsonl")
+            if os.path.exists(mine):
+                os.remove(mine)
         times = [generation(run, name, built, steps)[:2] for _ in range(runs)]
         entry = {"times": times}
         if config != "ulysses":
@@ -150,12 +151,6 @@ def rank_main(rank, world, port, name, configs, runs, steps, timeline_dir, out_p
     dist.barrier()
     torch.save(results, f"{out_path}.rank{rank}")
     dist.destroy_process_group()
-
-
-def glob_rank_files(directory):
-    import glob
-
-    return glob.glob(os.path.join(directory, "*", "rank*.jsonl"))
 
 
 def launch(world, name, configs, runs, steps, timeline_dir=None):
