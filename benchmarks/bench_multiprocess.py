@@ -10,8 +10,9 @@ Models (real diffusers classes, random weights, fp32, eager stages), each 1024 i
           flow-match Euler
 One generation = `--steps` scheduler steps (the first is the warmup step), from the first call to the final
 latents resolved; its wall time on the slowest rank is what is compared. "Steady step" = median time of one
-step after the second. Each process is pinned to its own core (os.sched_setaffinity) and runs one thread; the
-serial baseline runs first, then each configuration, so nothing else runs beside them.
+step after the second. Each process is pinned to its own core (os.sched_setaffinity) and runs one thread. The
+serial baseline is the plain model in rank 0's process while rank 1 waits; runs alternate (serial, then each
+configuration, repeated), and ratios pair the serial run with the configuration runs right after it.
 
 Configurations on 2 ranks: pipefusion M=4 and M=8 with patch-lazy outputs (the default), pipefusion M=4 with
 `lazy_outputs=False` (every step waits for its whole output: the pipeline fills and drains each step), and for
@@ -94,13 +95,6 @@ def pin(core: int) -> None:
     torch.set_num_threads(1)
 
 
-def serial(name, runs, steps):
-    pin(0)
-    built = build(name)
-    generation(built[0], name, built, 2)  # warm the allocator
-    return [generation(built[0], name, built, steps)[:2] for _ in range(runs)]
-
-
 @contextlib.contextmanager
 def one_device_per_rank():
     """diffusers' `enable_parallelism` places rank r on device `r % torch.accelerator.device_count()`; without an
@@ -114,14 +108,18 @@ def one_device_per_rank():
 
 
 def rank_main(rank, world, port, name, configs, runs, steps, timeline_dir, out_path):
+    """Builds every configuration first (each its own model instance), then runs them in turns: for run i,
+    the serial generation on rank 0 (rank 1 idle, so one core is busy, as in a plain single-process run), then
+    one generation of each configuration. Ratios pair adjacent runs, so a drift of the machine's speed (other
+    tenants, clock) does not favour a configuration."""
     pin(rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=900))
     import pipefusion_compile
 
-    results = {}
+    torch._dynamo.config.cache_size_limit = 64    # one entry per configuration (and its lazy-input retrace)
+    runners = {}
     for config in configs:
-        torch._dynamo.reset()
         built = build(name)
         model = built[0]
         if config == "ulysses":
@@ -141,13 +139,23 @@ def rank_main(rank, world, port, name, configs, runs, steps, timeline_dir, out_p
             mine = os.path.join(options["timeline"], f"rank{rank}.jsonl")
             if os.path.exists(mine):
                 os.remove(mine)
-        times = [generation(run, name, built, steps)[:2] for _ in range(runs)]
-        entry = {"times": times}
-        if config != "ulysses":
+        runners[str(config)] = (run, built)
+    plain = build(name) if rank == 0 else None
+    if plain is not None:
+        generation(plain[0], name, plain, 2)
+    results = {key: {"times": []} for key in [*runners, "serial"]}
+    for _ in range(runs):
+        dist.barrier()
+        if plain is not None:
+            results["serial"]["times"].append(generation(plain[0], name, plain, steps)[:2])
+        dist.barrier()
+        for key, (run, built) in runners.items():
+            results[key]["times"].append(generation(run, name, built, steps)[:2])
+    for key, (run, built) in runners.items():
+        if key != "ulysses":
             (program,) = pipefusion_compile.programs(run)
-            entry.update(stats=dict(program.stats), plan_bytes=program.plan.p2p_bytes_per_step(program.stage_index),
-                         param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
-        results[str(config)] = entry
+            results[key].update(stats=dict(program.stats),
+                                plan_bytes=program.plan.p2p_bytes_per_step(program.stage_index))
     dist.barrier()
     torch.save(results, f"{out_path}.rank{rank}")
     dist.destroy_process_group()
@@ -178,7 +186,7 @@ def label(config) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--models", nargs="*", default=["dit", "pixart", "flux"])
     parser.add_argument("--out", default="benchmarks/results/multiprocess.md")
@@ -190,18 +198,18 @@ def main(argv=None):
         f"# Multi-process PipeFusion on CPU ({datetime.date.today()}, torch {torch.__version__}, {os.cpu_count()} cores)",
         "",
         f"2 ranks x 1 thread (gloo, 127.0.0.1) vs 1 process x 1 thread, every process pinned to its own core; "
-        f"{args.steps} steps per generation (the first is the warmup step), {args.runs} generations each, ratios "
-        f"pair by pair (serial run i / parallel run i), min / median / max. Bound for a generation with one serial "
+        f"{args.steps} steps per generation (the first is the warmup step), {args.runs} generations each, run in "
+        f"turns (serial, then each configuration) with ratios pair by pair (serial run i / run i), min / median / max. Bound for a generation with one serial "
         f"warmup step: {bound:.2f}x; for a pipelined step: 2x. `python benchmarks/bench_multiprocess.py` "
         f"(`make bench`).",
         "",
     ]
     for name in args.models:
         configs = [(4, True), (8, True), (4, False)] + (["ulysses"] if name == "flux" else [])
-        serial_runs = serial(name, args.runs, args.steps)
+        ranks = launch(2, name, configs, args.runs, args.steps)
+        serial_runs = ranks[0]["serial"]["times"]
         serial_gen = [total for total, _ in serial_runs]
         serial_step = [statistics.median(s[2:]) for _, s in serial_runs]
-        ranks = launch(2, name, configs, args.runs, args.steps)
         lines += [
             f"## {name}",
             "",

@@ -2,7 +2,7 @@
 
 Each rank of a multi-process run with option `timeline=DIR` (or env `PIPEFUSION_TIMELINE=DIR`) appends its
 events to `DIR/rank<R>.jsonl`: one JSON object per event with step, patch, stage, kind (compute, send, recv,
-wait, broadcast), start and end in seconds of the machine's monotonic clock (`time.perf_counter`), which
+wait), start and end in seconds of the machine's monotonic clock (`time.perf_counter`), which
 all processes of one machine share. (Across machines the clocks are not aligned; merge per node.)
 
     pipefusion-compile timeline DIR --trace trace.json --png gantt.png
