@@ -136,6 +136,8 @@ def rank_main(rank, world, port, name, configs, runs, steps, timeline_dir, out_p
             run = torch.compile(model, backend="pipefusion", options=options)
         generation(run, name, built, 3)  # compile, first use of every stage graph, the lazy-input retrace
         if timeline_dir:   # keep the measured generations only (each rank its own file)
+            for program in pipefusion_compile.programs(run):
+                program._flush_timeline()   # the waits for the last output, recorded after the last call
             mine = os.path.join(options["timeline"], f"rank{rank}.jsonl")
             if os.path.exists(mine):
                 os.remove(mine)
