@@ -431,10 +431,12 @@ def test_peer_death_is_reported_at_once_and_a_stall_as_a_timeout(tmp_path):
     assert woke["type"] == "PipefusionCommError" and "closed the connection" in woke["message"], woke
 
     died = outcome(1, 1)
-    assert died["type"] == "PipefusionCommError" and died["step"] == 2, died
+    # with patch-lazy outputs rank 0 runs up to a step ahead of rank 1: rank 1 may still be in step 1, waiting
+    # for a patch rank 0 sent before it died (the send was still in flight)
+    assert died["type"] == "PipefusionCommError" and died["step"] in (1, 2), died
     msg = died["message"]
     # patch 1, or patch 0 when rank 0 exits before its send of patch 0 has gone through
-    assert re.search(r"rank 1 \(stage 1\), step 2, patch (\d): receiving patch \1 from stage 0 \(rank 0\) "
+    assert re.search(r"rank 1 \(stage 1\), step (1|2), patch (\d): receiving patch \2 from stage 0 \(rank 0\) "
                      r"failed after \d+\.\ds", msg), msg
     assert "rank 0 (stage 0) closed the connection: it probably exited or crashed" in msg
     assert "timed out" not in msg
