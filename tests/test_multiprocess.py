@@ -1,4 +1,5 @@
 """Real multi-process pipelines (gloo over 127.0.0.1) against simulate mode, and failure behaviour."""
+import re
 import time
 
 import pytest
@@ -133,7 +134,10 @@ def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
     for res in (results[0], results[2]):
         assert "error" in res, res
         msg = res["error"]
-        assert "PipefusionCommError" in msg and f"rank {res['rank']} (stage {res['rank']}), step 3" in msg
+        # rank 1 died in step 3; with patch-lazy outputs rank 0 may already be in step 4 (waiting there for a
+        # band of step 3's output)
+        assert "PipefusionCommError" in msg
+        assert re.search(rf"rank {res['rank']} \(stage {res['rank']}\), step [34]", msg), msg
     assert elapsed < 100
 
 
@@ -184,26 +188,32 @@ def _events(directory):
 
 
 def test_no_fill_or_drain_between_pipelined_steps(tmp_path):
-    """With patch-lazy outputs stage 0 starts step t+1 while the last stage still computes step t's last patch,
-    and never waits for the last stage's output; with `lazy_outputs=False` every step waits for the whole
-    output first (the pipeline drains and fills each step). Measured on the recorded events, both ways."""
+    """With patch-lazy outputs rank 0 starts step t+1 before it has the last band of step t's output (it takes
+    band j just before its patch j of step t+1: no drain and fill between steps); with `lazy_outputs=False` it
+    has every band of step t before it starts step t+1. Checked on the order of the recorded events, which
+    does not depend on timing (the Gantt charts in the README show the timing)."""
     steps, m = 6, 4
-    overlaps, waited = {}, {}
     for lazy in (True, False):
         tdir = tmp_path / f"timeline_{lazy}"
-        # patches long enough (about 7 ms on one CPU thread) that the per-step work between two calls is shorter
-        jobs = [("DiTTransformer2DModel", {"num_layers": 8, "heads": 4, "head_dim": 32, "sample_size": 32},
-                 {"num_patches": m, "timeline": str(tdir), "lazy_outputs": lazy})]
+        jobs = [("DiTTransformer2DModel", {"num_layers": 4}, {"num_patches": m, "timeline": str(tdir),
+                                                              "lazy_outputs": lazy})]
         run_ranks(generate, 2, jobs, steps, tmp_path=tmp_path / f"ranks_{lazy}")
         events = _events(tdir)
         compute = {(e["rank"], e["step"], e["patch"]): e for e in events if e["kind"] == "compute"}
         assert {k for k in compute if k[1] > 0} == {(r, t, p) for r in (0, 1) for t in range(1, steps) for p in range(m)}
-        overlaps[lazy] = [compute[(0, t + 1, 0)]["start"] < compute[(1, t, m - 1)]["end"] for t in range(1, steps - 1)]
-        # rank 0 waiting for output bands (from rank 1) during the pipelined steps
-        waited[lazy] = sum(e["end"] - e["start"] for e in events
-                           if e["rank"] == 0 and e["kind"] == "recv" and e["peer"] == 1 and e["step"] >= 1)
-    assert sum(overlaps[True]) >= 3 and not any(overlaps[False]), overlaps
-    assert waited[True] < 0.25 * waited[False], waited
+        # rank 0's waits for output bands from rank 1, by (step recorded in, band)
+        bands = {(e["step"], e["patch"]): e for e in events if e["rank"] == 0 and e["kind"] == "recv" and e["peer"] == 1}
+        for t in range(1, steps - 1):
+            first = compute[(0, t + 1, 0)]
+            if lazy:   # band j of step t's output is taken during step t+1, right before patch j
+                for j in range(m):
+                    got = bands[(t + 1, j)]
+                    assert got["start"] >= (compute[(0, t + 1, j - 1)]["end"] if j else 0)
+                    assert got["end"] <= compute[(0, t + 1, j)]["start"]
+                assert bands[(t + 1, m - 1)]["start"] > first["end"]
+            else:      # every band of step t arrives within call t, after its last patch, before step t+1 starts
+                assert all(compute[(0, t, m - 1)]["end"] <= bands[(t, j)]["start"] and bands[(t, j)]["end"] <= first["start"]
+                           for j in range(m))
 
 
 def test_long_skips_go_straight_to_their_stage_packed_with_the_residual(tmp_path):
