@@ -88,8 +88,7 @@ def generation(model, name, built, steps, seed=0):
 
 
 def pin(core: int) -> None:
-    # Not sched_getaffinity(0): a child inherits its parent's pinning, and the parent ran the serial baseline
-    # pinned to core 0.
+    # Set, not inherited: each rank gets its own core whatever the launching process was pinned to.
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {core % os.cpu_count()})
     torch.set_num_threads(1)

@@ -44,13 +44,11 @@ class Bands:
     """Row bands of one full-size buffer along `axis`, each filled once by `fill(j)`.
 
     `ranges` are disjoint (start, stop) ranges of `axis` in band order; together they cover it. `fill(j)`
-    writes band j into `base` (receives it, or computes it from other bands); after the last band, `fill` is
-    dropped, and with it whatever it kept alive.
+    writes band j into the buffer (receives it, or computes it from other bands); after the last band, `fill`
+    is dropped, and with it whatever it kept alive.
     """
 
-    def __init__(self, base: torch.Tensor, axis: int, ranges: list[tuple[int, int]], fill: Callable[[int], None],
-                 what: str):
-        self.base = base
+    def __init__(self, axis: int, ranges: list[tuple[int, int]], fill: Callable[[int], None], what: str):
         self.axis = axis
         self.ranges = list(ranges)
         self.done = [False] * len(self.ranges)
@@ -254,7 +252,7 @@ def _computed(func, lazy: "LazyTensor", base: torch.Tensor, axis: int, ranges, b
             base.narrow(axis, s, e - s).copy_(func(*a, **kw))
 
     what = f"{_name(func)} of {lazy._bands.what}"
-    return LazyTensor.of(base, Bands(base, axis, ranges, fill, what), axis)
+    return LazyTensor.of(base, Bands(axis, ranges, fill, what), axis)
 
 
 def _operands_for(out_ndim: int, axis: int, full: int, leaves):

@@ -130,19 +130,18 @@ class _OutputSlot:
     def writer(self, pg: PieceGraph, piece: Piece) -> tuple | None:
         """(op, trailing args): the op that writes the part of this output `piece` computed (as the last
         stage's piece graph `pg` returns it) into the full output, called as `op(out, value, *args)`; None
-        when the piece computes no part of it."""
-        if self.group is not None:
-            if piece.kind not in (FULL, self.group):
-                return None
-            return torch.ops.pipefusion.write_band.default, (self.axis, 0)
-        if piece.kind in EXTRA:
+        when the piece computes no part of it. Writes exactly `region(pg, piece)`."""
+        found = self.region(pg, piece)
+        if found is None:
             return None
-        if self.name in pg.unpatchified:  # token layout: the unpatchify is fused into the write
+        if self.group is None and self.name in pg.unpatchified:  # token layout: the unpatchify is fused in
             return torch.ops.pipefusion.write_unpatchified.default, (piece.row0, pg.unpatchified[self.name])
-        return torch.ops.pipefusion.write_band.default, (self.axis, piece.row0 * self.per_row)
+        axis, start, _ = found
+        return torch.ops.pipefusion.write_band.default, (axis, start)
 
     def region(self, pg: PieceGraph, piece: Piece) -> tuple[int, int, int] | None:
-        """(axis, start, length): the part of the full output that `writer` writes for `piece` (None: none)."""
+        """(axis, start, length): the part of the full output `piece` computes (None: none); `writer` writes it and
+        the last stage sends it to the other ranks."""
         if self.group is not None:
             return (self.axis, 0, self.shape[self.axis]) if piece.kind in (FULL, self.group) else None
         if piece.kind in EXTRA:
@@ -377,7 +376,7 @@ class PipelineProgram:
                 out.fill_(float("nan"))
             axis = bands[0][1]
             what = f"output {name} of step {state.step} (call stream {state.stream})"
-            lazy = Bands(out, axis, [(s, e) for _, _, s, e in bands], lambda b, ms=[m for m, *_ in bands]: receive(ms[b]),
+            lazy = Bands(axis, [(s, e) for _, _, s, e in bands], lambda b, ms=[m for m, *_ in bands]: receive(ms[b]),
                          what)
             self._pending_outputs.append(lazy)
             result[name] = LazyTensor.of(out, lazy, axis)

@@ -83,7 +83,7 @@ def _region_bytes(slot, axis: int, length: int) -> int:
     """Bytes of `length` elements along `axis` of a model output."""
     shape = list(slot.shape)
     shape[axis] = length
-    return torch.Size(shape).numel() * torch.empty((), dtype=slot.dtype).element_size()
+    return torch.Size(shape).numel() * slot.dtype.itemsize
 
 
 class StageCall(torch.nn.Module):

@@ -50,12 +50,12 @@ class ShapeDispatcher:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self._user_inputs = [i for i, ph in enumerate(placeholders) if is_user_input(ph)]
         self._value_inputs = value_inputs(gm)
+        self._read_inputs = set(self._value_inputs) | set(guard.inputs if guard is not None else ())
         self.stats = {"shapes": 0, "specialize_s": 0.0}
 
     def __call__(self, *args):
-        read = set(self._value_inputs) | set(self.guard.inputs if self.guard is not None else ())
-        if any(isinstance(args[i], LazyTensor) for i in read):   # values read here: resolve patch-lazy ones
-            args = tuple(materialize(a) if i in read else a for i, a in enumerate(args))
+        if any(isinstance(args[i], LazyTensor) for i in self._read_inputs):   # read here: resolve lazy ones
+            args = tuple(materialize(a) if i in self._read_inputs else a for i, a in enumerate(args))
         unbacked = self.guard.values(args) if self.guard is not None else None
         key = (shape_key(args), tuple(args[i].item() for i in self._value_inputs),
                unbacked.key if unbacked is not None else ())

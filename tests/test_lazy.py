@@ -23,7 +23,7 @@ def make_lazy(full: torch.Tensor, axis: int, ranges, filled: list | None = None)
         if filled is not None:
             filled.append(j)
 
-    return LazyTensor.of(base, Bands(base, axis, ranges, fill, "a test output"), axis)
+    return LazyTensor.of(base, Bands(axis, ranges, fill, "a test output"), axis)
 
 
 def bands_of(size: int, cuts) -> list[tuple[int, int]]:
