@@ -14,9 +14,9 @@ step after the second. Each process is pinned to its own core (os.sched_setaffin
 serial baseline is the plain model in rank 0's process while rank 1 waits; runs alternate (serial, then each
 configuration, repeated), and ratios pair the serial run with the configuration runs right after it.
 
-Configurations on 2 ranks: pipefusion M=4 and M=8 with patch-lazy outputs (the default), pipefusion M=4 with
-`lazy_outputs=False` (every step waits for its whole output: the pipeline fills and drains each step), and for
-flux diffusers' own Ulysses context parallelism (`enable_parallelism(ContextParallelConfig(ulysses_degree=2))`).
+Configurations on 2 ranks: pipefusion with patch-lazy outputs (the default) at M=2 (the default M = N stages),
+M=4 and M=8; pipefusion with `lazy_outputs=False` (every step waits for its whole output: the pipeline fills and
+drains each step) at M=2 and M=4; and for flux diffusers' own Ulysses context parallelism (`enable_parallelism(ContextParallelConfig(ulysses_degree=2))`).
 diffusers builds its device mesh on `torch.accelerator.device_count()`, which is 0 on a machine without an
 accelerator; `one_device_per_rank` makes it 1 while `enable_parallelism` runs (one CPU "device" per rank, which
 is what each rank has). diffusers itself is not changed.
@@ -42,6 +42,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 HIDDEN = dict(heads=6, head_dim=64)
+# (num_patches, lazy_outputs); M=2 = N is the default. With lazy outputs there is no bubble between steps for
+# more patches to shrink, so M > N only makes each patch smaller (and its kernels less efficient).
+CONFIGS = [(2, True), (4, True), (8, True), (2, False), (4, False)]
 
 
 def build(name: str):
@@ -162,6 +165,34 @@ def rank_main(rank, world, port, name, configs, runs, steps, timeline_dir, out_p
     dist.destroy_process_group()
 
 
+def patch_cost(name: str, steps: int = 10, patches=(2, 4, 8)) -> list[str]:
+    """What patching alone costs: one process, one thread, simulate mode (both stages in turn, same executor as
+    the ranks) against the plain model, median steady step. Runs in a child process pinned to core 0."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        times = pool.apply(_patch_cost_worker, (name, steps, patches))
+    plain = times.pop("plain")
+    return ["One process (simulate mode: both stages in turn, the executor the ranks run), median steady step: "
+            f"plain model {plain * 1e3:.0f} ms; "
+            + "; ".join(f"M={m} {t * 1e3:.0f} ms ({t / plain:.2f}x)" for m, t in times.items())
+            + ". The difference is the cost of running the stage in M smaller patches (the same kernels on fewer "
+              "rows each), which the ranks pay too.", ""]
+
+
+def _patch_cost_worker(name, steps, patches):
+    pin(0)
+    torch._dynamo.config.cache_size_limit = 64
+    out = {}
+    for m in ("plain", *patches):
+        built = build(name)
+        run = built[0] if m == "plain" else torch.compile(
+            built[0], backend="pipefusion",
+            options={"num_patches": m, "num_stages": 2, "simulate": True, "stage_backend": "eager"})
+        generation(run, name, built, 3)
+        out[m] = statistics.median(generation(run, name, built, steps)[1][2:])
+    return out
+
+
 def launch(world, name, configs, runs, steps, timeline_dir=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -182,7 +213,8 @@ def label(config) -> str:
     if config == "ulysses":
         return "diffusers Ulysses (ulysses_degree=2)"
     m, lazy = config
-    return f"pipefusion M={m}, " + ("lazy outputs (default)" if lazy else "per-step (`lazy_outputs=False`)")
+    return (f"pipefusion M={m}{' (default)' if m == 2 and lazy else ''}, "
+            + ("lazy outputs" if lazy else "per-step (`lazy_outputs=False`)"))
 
 
 def main(argv=None):
@@ -206,7 +238,7 @@ def main(argv=None):
         "",
     ]
     for name in args.models:
-        configs = [(4, True), (8, True), (4, False)] + (["ulysses"] if name == "flux" else [])
+        configs = list(CONFIGS) + (["ulysses"] if name == "flux" else [])
         ranks = launch(2, name, configs, args.runs, args.steps)
         serial_runs = ranks[0]["serial"]["times"]
         serial_gen = [total for total, _ in serial_runs]
@@ -217,6 +249,7 @@ def main(argv=None):
             f"Serial: median {statistics.median(serial_gen):.2f} s per generation, {statistics.median(serial_step):.3f} "
             f"s per steady step.",
             "",
+            *patch_cost(name),
             "| 2 ranks | generation s (median) | generation speedup | steady-step speedup | bytes sent per step (rank 0) |",
             "|---|---|---|---|---|",
         ]

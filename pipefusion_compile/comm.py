@@ -51,6 +51,52 @@ class Event:
     peer: int = -1
 
 
+class Clock:
+    """Time stamps for the timeline. On the host (CPU, or no device given): `time.perf_counter()` seconds.
+
+    On a CUDA device a host stamp would say when the host queued the work, not when the device ran it (the
+    per-patch path does not synchronize), so a mark is an event recorded on the current stream, and `seconds`
+    reads it back once the device has passed it: the host time of an anchor event (recorded once on an idle
+    device, right after a synchronize, so it completed at a known host time) plus the device-measured time from
+    the anchor to the mark. Reading back never blocks unless asked to (`wait=True`, for the final flush).
+
+        clock = Clock(torch.device("cuda:0"))
+        t0 = clock.mark(); stage(...); t1 = clock.mark()
+        clock.seconds(t1, wait=False)   # None until the device has run the stage; then host seconds
+    """
+
+    def __init__(self, device: torch.device | None = None, event=None, synchronize=None):
+        self.device = device
+        self.on_device = device is not None and device.type == "cuda"
+        self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self._synchronize = synchronize or (lambda: torch.cuda.synchronize(device))
+        self._anchor = None   # (event, host seconds at which it completed)
+
+    def mark(self):
+        if not self.on_device:
+            return time.perf_counter()
+        if self._anchor is None:
+            self._synchronize()
+            anchor = self._event()
+            anchor.record()
+            anchor.synchronize()
+            self._anchor = (anchor, time.perf_counter())
+        event = self._event()
+        event.record()
+        return event
+
+    def seconds(self, mark, wait: bool) -> float | None:
+        """Host seconds of `mark`; None if it is a device event the device has not reached and `wait` is off."""
+        if isinstance(mark, float):
+            return mark
+        if not mark.query():
+            if not wait:
+                return None
+            mark.synchronize()
+        anchor, host = self._anchor
+        return host + anchor.elapsed_time(mark) / 1e3
+
+
 @dataclass
 class Comm(ABC):
     """Communication state of one stage of one program: what both transports share (names, counters, the
@@ -66,7 +112,9 @@ class Comm(ABC):
     calls: int = 0                  # calls of the program so far (the same count on every rank)
     bytes_sent: int = 0             # point-to-point activations, this call
     output_bytes: int = 0           # model output bands, this call (sent by the last stage to every other)
-    timeline: list[Event] = field(default_factory=list)
+    clock: Clock = field(default_factory=Clock)
+    _marks: list = field(default_factory=list)   # recorded events whose stamps may still be device events
+    _taken: list = field(default_factory=list)   # events read back, not yet taken
     _pending: dict = field(default_factory=dict)
     _sends: list = field(default_factory=list)
     _older_sends: list = field(default_factory=list)
@@ -82,13 +130,35 @@ class Comm(ABC):
         patch = self.patch if patch is None else patch
         return f"rank {self.rank} (stage {self.stage}), step {self.step}, patch {patch}"
 
-    def record(self, kind: str, start: float, patch: int | None = None, peer: int = -1) -> None:
-        if self.record_timeline:
-            self.timeline.append(Event(self.step, self.patch if patch is None else patch, self.stage, kind, start,
-                                       time.perf_counter(), peer))
+    def mark(self):
+        """The start stamp of an event to `record` (a host time, or a CUDA event: `Clock`)."""
+        return self.clock.mark() if self.record_timeline else 0.0
 
-    def new_step(self, step: int) -> None:
-        """A new call: the sends of the previous one become older ones (`wait_sends` waits for those)."""
+    def record(self, kind: str, start, patch: int | None = None, peer: int = -1) -> None:
+        if self.record_timeline:
+            self._marks.append((Event(self.step, self.patch if patch is None else patch, self.stage, kind, 0.0, 0.0,
+                                      peer), start, self.clock.mark()))
+
+    def take_timeline(self, wait: bool = True) -> list[Event]:
+        """The recorded events whose times are known, in order, with host-clock start and end; with `wait` off,
+        the ones from the first the device has not reached on stay for a later call."""
+        done, self._taken = self._taken, []
+        while self._marks:
+            event, start, end = self._marks[0]
+            t1 = self.clock.seconds(end, wait)
+            if t1 is None:
+                break
+            event.start, event.end = self.clock.seconds(start, True), t1   # the start precedes the end
+            done.append(event)
+            self._marks.pop(0)
+        return done
+
+    def new_step(self, step: int, device: torch.device | None = None) -> None:
+        """A new call (on `device`): the sends of the previous one become older ones (`wait_sends` waits for
+        those)."""
+        if device is not None and self.record_timeline and device != self.clock.device:
+            self._taken = self.take_timeline(wait=True)   # read the old clock's stamps before it goes
+            self.clock = Clock(device)
         self.step, self.patch, self.bytes_sent, self.output_bytes = step, -1, 0, 0
         self.calls += 1
         self._older_sends += self._sends
@@ -137,7 +207,7 @@ class LocalComm(Comm):
         return f"stage {self.stage}, step {self.step}, patch {patch}"
 
     def isend(self, buf: torch.Tensor, peer: int, tag: int) -> None:
-        t0 = time.perf_counter()
+        t0 = self.mark()
         key = (self.stage, peer, self.tag(tag))
         if key in self.mailbox:
             raise PipefusionCommError(f"{self.where(tag)}: patch {tag} sent to stage {peer} twice in one step")
@@ -150,7 +220,7 @@ class LocalComm(Comm):
 
     def wait_recv(self, buf: torch.Tensor) -> None:
         peer, tag, wire = self._pending.pop(buf.data_ptr())
-        t0 = time.perf_counter()
+        t0 = self.mark()
         sent = self.mailbox.pop((peer, self.stage, wire), None)
         if sent is None:
             raise PipefusionCommError(
@@ -220,7 +290,7 @@ class DistComm(Comm):
             raise PipefusionCommError(self._describe_failure(what, patch, peer, 0.0, e)) from e
 
     def isend(self, buf: torch.Tensor, peer: int, tag: int) -> None:
-        t0 = time.perf_counter()
+        t0 = self.mark()
         what = f"sending {_message(tag)} to stage {peer} (rank {self.stage_ranks[peer]})"
         wire = self.tag(tag)
         work = self._start(lambda: dist.isend(buf, dst=self.stage_ranks[peer], group=self.group, tag=wire),
@@ -238,14 +308,14 @@ class DistComm(Comm):
 
     def wait_recv(self, buf: torch.Tensor) -> None:
         work, _buf, peer, tag, what, step = self._pending.pop(buf.data_ptr())
-        t0 = time.perf_counter()
+        t0 = self.mark()
         self._wait(work, f"{what} (of step {step})" if step != self.step else what, tag % OUTPUT_TAG, peer)
         self.record("recv", t0, patch=tag % OUTPUT_TAG, peer=peer)
 
     def wait_sends(self) -> None:
         """Wait for the sends of earlier calls (this call's stay in flight: its receivers may still be busy
         with the step before, and waiting here would put that wait between this rank's steps)."""
-        t0 = time.perf_counter()
+        t0 = self.mark()
         sends, self._older_sends = self._older_sends, []
         for work, _buf, peer, tag, what, step in sends:
             self._wait(work, f"{what} (of step {step})", tag % OUTPUT_TAG, peer)

@@ -314,7 +314,7 @@ class PipelineProgram:
         args = self._lazy_arguments(args)
         inst, pieces, device, outs = self._start_step(args)
         for c in self.comms.values():
-            c.new_step(inst.state.step)
+            c.new_step(inst.state.step, device)
         key = (tuple(pieces), str(device))
         if key not in self._row_starts:   # made once, on the device: no copy, no sync per patch (`ops.row_offset`)
             self._row_starts[key] = [row_offset(piece.row0, device) for piece in pieces]
@@ -342,7 +342,7 @@ class PipelineProgram:
         self._pending_outputs = []
         if out_bufs:
             outs = self._lazy_outputs(outs, pieces, out_bufs, inst.state)
-        self._flush_timeline()
+        self._flush_timeline(wait=False)
         return self._finish_step(inst, outs, last_globals)
 
     def _lazy_outputs(self, outs: dict, pieces, out_bufs: list, state: StepState) -> dict:
@@ -383,18 +383,20 @@ class PipelineProgram:
             self.stats["lazy_outputs"] = self.stats.get("lazy_outputs", 0) + 1
         return result
 
-    def _flush_timeline(self) -> None:
-        """Timeline events of this step to `options.timeline`/rank<R>.jsonl (in one process: R = the stage)."""
+    def _flush_timeline(self, wait: bool = True) -> None:
+        """Timeline events recorded so far to `options.timeline`/rank<R>.jsonl (in one process: R = the stage).
+        Each call flushes without `wait` (on a CUDA device, events the device has not run yet stay for the next
+        flush: the host never waits for the device here); after the last call, flush with it."""
         if self.options.timeline is None:
             return
         for c in self.comms.values():
-            if not c.timeline:
+            events = c.take_timeline(wait)
+            if not events:
                 continue
             os.makedirs(self.options.timeline, exist_ok=True)
             with open(os.path.join(self.options.timeline, f"rank{c.rank}.jsonl"), "a") as f:
-                for event in c.timeline:
+                for event in events:
                     f.write(json.dumps(asdict(event)) + "\n")
-            c.timeline.clear()
 
     def _start_step(self, args):
         """Step bookkeeping shared by both runtimes: which weights, which generation, warmup or not, the

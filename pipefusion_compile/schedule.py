@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -107,7 +106,7 @@ class StageCall(torch.nn.Module):
         inputs = [row_start] + [hoisted[i.name] if i.source is InputSource.GLOBAL else next(rest_iter)
                                 for i in stage.lowered.piece_graph(self.piece).inputs] + list(rest_iter)
         inputs = [materialize(x) for x in inputs]   # a patch-lazy input: wait for the bands this piece reads
-        t0 = time.perf_counter()
+        t0 = comm.mark()
         result = program._stage_fn(stage, self.piece, inputs)(*inputs)
         comm.record("compute", t0)
         program._check_sent_layouts(stage, self.piece, result)

@@ -3,7 +3,9 @@
 Each rank of a multi-process run with option `timeline=DIR` (or env `PIPEFUSION_TIMELINE=DIR`) appends its
 events to `DIR/rank<R>.jsonl`: one JSON object per event with step, patch, stage, kind (compute, send, recv,
 wait), start and end in seconds of the machine's monotonic clock (`time.perf_counter`), which
-all processes of one machine share. (Across machines the clocks are not aligned; merge per node.)
+all processes of one machine share. (Across machines the clocks are not aligned; merge per node.) On a CUDA
+device the stamps are CUDA events on the current stream, so an event spans the time the device ran it (not when
+the host queued it), read back into that clock without blocking the host (`comm.Clock`).
 
     pipefusion-compile timeline DIR --trace trace.json --png gantt.png
 """
