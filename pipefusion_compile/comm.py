@@ -114,7 +114,6 @@ class Comm(ABC):
     output_bytes: int = 0           # model output bands, this call (sent by the last stage to every other)
     clock: Clock = field(default_factory=Clock)
     _marks: list = field(default_factory=list)   # recorded events whose stamps may still be device events
-    _taken: list = field(default_factory=list)   # events read back, not yet taken
     _pending: dict = field(default_factory=dict)
     _sends: list = field(default_factory=list)
     _older_sends: list = field(default_factory=list)
@@ -142,7 +141,7 @@ class Comm(ABC):
     def take_timeline(self, wait: bool = True) -> list[Event]:
         """The recorded events whose times are known, in order, with host-clock start and end; with `wait` off,
         the ones from the first the device has not reached on stay for a later call."""
-        done, self._taken = self._taken, []
+        done = []
         while self._marks:
             event, start, end = self._marks[0]
             t1 = self.clock.seconds(end, wait)
@@ -157,7 +156,8 @@ class Comm(ABC):
         """A new call (on `device`): the sends of the previous one become older ones (`wait_sends` waits for
         those)."""
         if device is not None and self.record_timeline and device != self.clock.device:
-            self._taken = self.take_timeline(wait=True)   # read the old clock's stamps before it goes
+            # the old clock's stamps become host seconds before it goes (`Clock.seconds` passes those through)
+            self._marks = [(e, self.clock.seconds(s, True), self.clock.seconds(t, True)) for e, s, t in self._marks]
             self.clock = Clock(device)
         self.step, self.patch, self.bytes_sent, self.output_bytes = step, -1, 0, 0
         self.calls += 1

@@ -96,20 +96,23 @@ def test_comm_keeps_unfinished_events_for_a_later_flush_in_order():
 
 def test_a_device_change_reads_the_old_clock_first():
     comm = LocalComm(name="clock-test-2", stage=0, stage_ranks=[0], timeout_s=1.0, record_timeline=True)
-    comm.new_step(0, torch.device("cpu"))
+    old = FakeDevice()
+    comm.clock = fake_clock(old)
     t0 = comm.mark()
-    comm.record("compute", t0)
-    dev = FakeDevice()
-    # the next call runs on another device: the host stamps recorded so far are kept, then the new clock runs
-    comm.new_step(1, torch.device("meta"))
-    assert not comm.clock.on_device and comm.clock.device == torch.device("meta")
-    comm.clock = fake_clock(dev)
+    old.enqueue(7.0)
+    comm.record("compute", t0)             # still running on the old device
+    # the next call runs on another device: the old clock's stamps are read (waiting for them) before it goes
+    comm.new_step(1, torch.device("cuda", 1))
+    assert comm.clock.device == torch.device("cuda", 1)
+    new = FakeDevice()
+    comm.clock = fake_clock(new)
     t1 = comm.mark()
-    dev.enqueue(4.0)
+    new.enqueue(4.0)
     comm.record("compute", t1)
     events = comm.take_timeline(wait=False)
-    assert [e.step for e in events] == [0]          # the device event has not run: it stays
-    dev.synchronize()
+    assert [e.step for e in events] == [0]          # the new device's event has not run: it stays
+    assert events[0].end - events[0].start == pytest.approx(0.007)
+    new.synchronize()
     assert [e.step for e in comm.take_timeline(wait=False)] == [1]
 
 
