@@ -332,6 +332,11 @@ def unbacked_guard(gm: fx.GraphModule) -> UnbackedGuard | None:
 def compile_for_shape(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions):
     """The callable for a graph with static sizes: a program, or the graph itself when there is nothing to
     pipeline."""
+    if options.cfg_parallel > 1:
+        from .hybrid import compile_cfg_parallel
+
+        program = compile_cfg_parallel(gm, example_inputs, options, compile_for_shape)
+        return program if program is not None else resolving_lazy_inputs(gm.forward)
     analysis = analyze_for_pipeline(gm, example_inputs, options)
     if analysis is None:
         return resolving_lazy_inputs(gm.forward)

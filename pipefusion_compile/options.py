@@ -20,7 +20,16 @@ class PipefusionOptions:
     """What the user asked for. `None` fields are filled from the environment by `resolve()`."""
 
     num_stages: int | None = None
-    """N: pipeline stages. Default: world size of the default process group, else 1."""
+    """N: pipeline stages. Default: the world size of the process group / cfg_parallel, else 1."""
+    cfg_parallel: int = 1
+    """CFG-parallel degree: the batch (e.g. cond + uncond) is split into this many equal parts, each run by its
+    own pipeline of num_stages ranks (or, in one process, one after the other); every rank returns the whole
+    output. The world size must be cfg_parallel x num_stages. The batch axis of every input is found by
+    dataflow (`passes/batch.py`)."""
+    mesh: Any = None
+    """A `torch.distributed.device_mesh.DeviceMesh` with dims named "cfg" and/or "pp" (e.g.
+    `init_device_mesh("cpu", (2, 2), mesh_dim_names=("cfg", "pp"))`) to run over instead of the one built from
+    the world; its sizes give cfg_parallel and num_stages."""
     num_patches: int | None = None
     """M: image patches (row bands) per step. Default: N."""
     warmup_steps: int = 1
@@ -97,6 +106,9 @@ class PipefusionOptions:
                 raise OptionsError(f"option {name}={value!r}: expected an int >= {minimum}")
 
         positive_int("num_stages", self.num_stages, 1)
+        positive_int("cfg_parallel", self.cfg_parallel, 1)
+        if self.mesh is not None:
+            self._validate_mesh()
         positive_int("num_patches", self.num_patches, 1)
         positive_int("warmup_steps", self.warmup_steps, 0)
         if self.token_axis is not None:
@@ -144,25 +156,67 @@ class PipefusionOptions:
         if self.timeline is not None and not isinstance(self.timeline, str):
             raise OptionsError(f"option timeline={self.timeline!r}: expected a directory path")
 
+    _MESH_DIMS = ("cfg", "pp")
+
+    def _validate_mesh(self) -> None:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        if not isinstance(self.mesh, DeviceMesh):
+            raise OptionsError(f"option mesh={self.mesh!r}: expected a torch.distributed.device_mesh.DeviceMesh")
+        names = self.mesh.mesh_dim_names
+        if not names or any(n not in self._MESH_DIMS for n in names):
+            raise OptionsError(f"option mesh: its dims are named {names}; expected names among {list(self._MESH_DIMS)}"
+                               " (e.g. mesh_dim_names=('cfg', 'pp'))")
+        if self.group is not None:
+            raise OptionsError("options mesh and group: give one of them (the mesh's 'pp' dim is the pipeline group)")
+        sizes = dict(zip(names, self.mesh.mesh.shape))
+        cfg, pp = sizes.get("cfg", 1), sizes.get("pp", 1)
+        if self.cfg_parallel != 1 and self.cfg_parallel != cfg:
+            raise OptionsError(f"option cfg_parallel={self.cfg_parallel} but the mesh's 'cfg' dim has size {cfg}")
+        if self.num_stages is not None and self.num_stages != pp:
+            raise OptionsError(f"option num_stages={self.num_stages} but the mesh's 'pp' dim has size {pp}")
+
+    def mesh_degrees(self) -> dict[str, int]:
+        """The mesh's size per dim name (1 for a dim it does not have)."""
+        sizes = dict(zip(self.mesh.mesh_dim_names, self.mesh.mesh.shape))
+        return {name: int(sizes.get(name, 1)) for name in self._MESH_DIMS}
+
     def resolve(self) -> "PipefusionOptions":
         """Fill the defaults that depend on the process group and on each other."""
         pg = dist.is_available() and dist.is_initialized()
         simulate = (not pg) if self.simulate is None else self.simulate
         num_stages = self.num_stages
+        cfg = self.cfg_parallel
+        if self.mesh is not None:
+            degrees = self.mesh_degrees()
+            cfg, num_stages = degrees["cfg"], degrees["pp"]
         if num_stages is None:
             if not isinstance(self.partition, str):
                 num_stages = len(self.partition)
+            elif pg and not simulate:
+                world = dist.get_world_size(self.group)
+                if world % cfg:
+                    raise OptionsError(
+                        f"option cfg_parallel={cfg} does not divide the world size {world}: the world must be "
+                        f"cfg_parallel x num_stages ranks")
+                num_stages = world // cfg
             else:
                 num_stages = dist.get_world_size(self.group) if pg else 1
+        if pg and not simulate and self.mesh is None and cfg > 1:
+            world = dist.get_world_size(self.group)
+            if cfg * num_stages != world:
+                raise OptionsError(
+                    f"options cfg_parallel={cfg} x num_stages={num_stages} = {cfg * num_stages} ranks, but the "
+                    f"process group has {world}: the degrees' product must be the world size")
         num_patches = self.num_patches if self.num_patches is not None else num_stages
         strict = self.strict if self.strict is not None else num_stages > 1
         timeline = self.timeline if self.timeline is not None else (os.environ.get("PIPEFUSION_TIMELINE") or None)
         return dataclasses.replace(
             self, num_stages=num_stages, num_patches=num_patches, simulate=simulate, timeline=timeline,
-            strict=strict,
+            strict=strict, cfg_parallel=cfg,
         )
 
     def fingerprint_items(self) -> dict:
         """The options every rank must agree on."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("group", "timeline", "timeout_s")}
+                if f.name not in ("group", "mesh", "timeline", "timeout_s")}

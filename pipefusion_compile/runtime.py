@@ -205,6 +205,17 @@ class PipelineProgram:
         ids = {id(p) for p in params}
         return any(r() is not None and id(r()) in ids for inst in self.instances.values() for r in inst.params)
 
+    def sibling(self, example_inputs: list) -> "PipelineProgram":
+        """Another program of the same plan and stage graphs (their compiled callables shared) with its own step
+        state, caches and transport: a CFG-parallel part run in this process (`hybrid.py`)."""
+        other = type(self)(self.gm, self.plan, [s.lowered for s in self.all_stages], self.options, example_inputs,
+                           self.timestep_index)
+        for mine, theirs in zip(self.all_stages, other.all_stages):
+            theirs.compiled = mine.compiled
+        other.stats.update({k: v for k, v in self.stats.items() if k in ("plan_s", "lower_s")})
+        register(other)
+        return other
+
     def unregister(self) -> None:
         """Remove this program from `programs()` (its first call failed: it is dropped)."""
         _PROGRAMS.discard(self)

@@ -37,8 +37,13 @@ def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
         opts["group"] = group
     compiled = torch.compile(model, backend="pipefusion", options=opts)
     final, per_step = sample_loop(call_model(compiled), kwargs, steps=steps, seed=seed)
-    (program,) = pipefusion_compile.programs(compiled)
-    result = {"final": final, "steps": per_step, "stats": dict(program.stats)}
+    found = pipefusion_compile.programs(compiled)
+    # cfg_parallel in one process: one program per part of the batch (on ranks: this rank's part's)
+    parts = opts.get("cfg_parallel", 1) if opts.get("simulate") or not torch.distributed.is_initialized() else 1
+    assert len(found) == parts, (len(found), parts)
+    program = found[0]
+    result = {"final": final, "steps": per_step, "stats": dict(program.stats),
+              "part_stats": [dict(p.stats) for p in found]}
     if hasattr(program, "stage_index"):
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         result.update(plan_bytes=program.plan.p2p_bytes_per_step(program.stage_index), param_bytes=total,

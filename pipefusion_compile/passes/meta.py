@@ -167,11 +167,23 @@ class TokenInfo:
         return self.carries_tokens or self.kind is Kind.REDUCED
 
 
+@dataclass(frozen=True)
+class BatchInfo:
+    """Where a value carries the batch (`passes/batch.py`): `axis` holds B * `per` elements, samples outermost;
+    `axis` None: the same for every sample. Tuple-valued nodes have one per element in `elements`."""
+
+    axis: int | None = None
+    per: int = 1
+    rule: "ValueEnum | str" = "none"
+    elements: tuple["BatchInfo", ...] | None = None
+
+
 @dataclass
 class NodeMeta:
     """Everything pipefusion knows about one node. Analyses fill their own field."""
 
     token: TokenInfo | None = None
+    batch: BatchInfo | None = None
     flops: int = 0
     out_bytes: int = 0
     extra: dict = field(default_factory=dict)
