@@ -1,4 +1,6 @@
-"""CFG-parallel: the batch split over the "cfg" dim of a device mesh, a PipeFusion pipeline in each part.
+"""CFG-parallel over the "cfg" dim of a device mesh, a PipeFusion pipeline in each part, in two forms.
+
+Batch form (`CfgParallelProgram`: the batch holds cond + uncond, PixArt, SD3, DiT, HunyuanDiT):
 
     world of 4 ranks, cfg_parallel=2, num_stages=2 (mesh ("cfg", "pp") = [[0, 1], [2, 3]]):
 
@@ -6,6 +8,12 @@
                                                                   part 1: x[1:2] on ranks 2, 3 (stages 0, 1)
         each rank: its part's output (the pipeline's last stage broadcasts it within the part), then an
         all-gather over the "cfg" dim (ranks 0 + 2, 1 + 3) joins the parts along each output's batch axis.
+
+Two-call form (`StreamParallelProgram`: a batch of 1, CFG as two calls per step with the same timestep, Wan
+and Flux true CFG): call stream k of a step (0: cond, 1: uncond) runs on part k % cfg. The owner part runs its
+pipeline; its last stage sends the output to every rank of the other parts, which return at once with a
+patch-lazy output (`lazy.py`) that resolves when it arrives. So the uncond call starts on part 1 while part 0
+still computes the cond call: the two streams of a step run at the same time.
 
 In one process (simulate) the parts run one after the other, each its own program (own step state, caches)
 sharing the compiled stage graphs; every part equals what the ranks of that part compute, bit for bit.
@@ -20,8 +28,8 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .errors import UnsupportedGraphError, failures_named
-from .lazy import materialize
+from .errors import OptionsError, UnsupportedGraphError, failures_named
+from .lazy import Bands, LazyTensor, materialize
 from .options import PipefusionOptions
 from .passes.batch import BatchSplit, split_batch
 from .passes.sdpa import is_sdpa
@@ -35,6 +43,8 @@ def build_mesh(options: PipefusionOptions):
     """The ("cfg", "pp") device mesh of the world (built once per shape of it; every rank builds it, in the same
     order, as they compile the same graphs), or the one passed in."""
     if options.mesh is not None:
+        if "pp" not in options.mesh.mesh_dim_names:
+            raise OptionsError("option mesh: with a 'cfg' dim, name the pipeline dim 'pp' too (size 1 for none)")
         return options.mesh
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -110,10 +120,132 @@ class CfgParallelProgram:
         return [pytree.tree_unflatten(p, spec) for p in per_part]
 
 
+class StreamParallelProgram:
+    """The two-call form: what the backend returns for a graph with a batch smaller than cfg_parallel."""
+
+    def __init__(self, programs: list, options: PipefusionOptions, timestep_index: int, mesh=None):
+        self.programs = programs      # simulate: one per part; ranks: this rank's part's
+        self.options = options
+        self.parts = options.cfg_parallel
+        self.timestep_index = timestep_index
+        self.mesh = mesh
+        self.part = None if mesh is None else _coordinate(mesh, "cfg")
+        self.stats = {"cfg_bytes_sent": 0, "calls_per_part": [0] * self.parts}
+        self._last: torch.Tensor | None = None
+        self._stream = 0
+        self._streams_in_step = 1
+        self._step = 0
+        self._calls = 0
+        self._sends: list = []
+        self._pending: list[Bands] = []
+        for p in programs:
+            p.cfg_part = self.part
+
+    @property
+    def plan(self):
+        return self.programs[0].plan
+
+    def _next_stream(self, args) -> int:
+        """Call stream of this call (the k-th call of a step with the same timestep), as the runtime counts it."""
+        t = args[self.timestep_index].detach().to("cpu", torch.float64)
+        last = self._last
+        if last is not None and t.shape == last.shape and torch.equal(t, last):
+            self._stream += 1
+            self._streams_in_step = max(self._streams_in_step, self._stream + 1)
+        else:
+            if last is not None and t.shape == last.shape and not bool((t > last).any()):
+                self._step += 1
+                if self._step == 1 and self._streams_in_step < self.parts:
+                    raise OptionsError(
+                        f"option cfg_parallel={self.parts} on a batch of {t.numel() or 1}: the model is called once "
+                        "per step, so there is neither a batch to split nor a second call (CFG as two calls per "
+                        "step) to run on the other part; use cfg_parallel=1, or a batch holding cond + uncond")
+            else:
+                self._step = 0
+                self._streams_in_step = 1
+            self._stream = 0
+        self._last = t
+        return self._stream
+
+    @torch.no_grad()
+    def __call__(self, *args):
+        owner = self._next_stream(args) % self.parts
+        self.stats["calls_per_part"][owner] += 1
+        self._calls += 1
+        for bands in self._pending:   # the previous step's receives: long arrived, normally already read
+            bands.resolve_all()
+        self._pending = []
+        if self.part is None:
+            return self.programs[owner](*args)
+        program = self.programs[0]
+        ranks = self.mesh.mesh.tolist()
+        tag = self._calls % (1 << 20)
+        if owner == self.part:
+            out = program(*args)
+            if program.stage_index == program.plan.num_stages - 1:
+                self._send(out, [r for c, row in enumerate(ranks) if c != owner for r in row], tag)
+            return out
+        return self._receive(args, ranks[owner][-1], tag)
+
+    def _send(self, out, peers: list[int], tag: int) -> None:
+        program = self.programs[0]
+        for work, what in self._sends:
+            program.comm._wait(work, what, -1)
+        self._sends = []
+        for leaf in pytree.tree_leaves(out):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            x = leaf.contiguous()
+            for peer in peers:
+                what = f"sending call {self._calls}'s output to rank {peer} of another CFG part"
+                work = program.comm._start(lambda x=x, peer=peer: dist.isend(x, peer, tag=tag), what, -1, peer)
+                self._sends.append((work, what))
+                self.stats["cfg_bytes_sent"] += x.numel() * x.element_size()
+        program.stats["cfg_bytes_sent"] = self.stats["cfg_bytes_sent"]
+
+    def _receive(self, args, owner_rank: int, tag: int):
+        """This call's output, computed by another part: received from its last stage, as patch-lazy tensors."""
+        program = self.programs[0]
+        device = args[program._placeholder_index[program.plan.token_input]].device
+        result = {}
+        for node in program.gm.graph.find_nodes(op="output")[0].all_input_nodes:
+            value = node.meta.get("example_value")
+            if not isinstance(value, torch.Tensor):
+                raise UnsupportedGraphError("cfg_parallel (two calls per step): a model output that is not a tensor",
+                                            node)
+            buf = torch.empty(value.shape, dtype=value.dtype, device=device)
+            if buf.is_floating_point():   # a read before it arrived shows as NaN, not as plausible values
+                buf.fill_(float("nan"))
+            what = f"receiving call {self._calls}'s output from rank {owner_rank} of another CFG part"
+            work = program.comm._start(lambda buf=buf: dist.irecv(buf, owner_rank, tag=tag), what, -1, owner_rank)
+
+            def fill(_j, work=work, what=what):
+                program.comm._wait(work, what, -1, owner_rank)
+
+            if self.options.lazy_outputs and buf.dim():
+                bands = Bands(0, [(0, buf.shape[0])], fill, f"output {node.name} of call {self._calls}")
+                self._pending.append(bands)
+                result[node.name] = LazyTensor.of(buf, bands, 0)
+            else:
+                fill(0)
+                result[node.name] = buf
+        return pytree.tree_map(lambda a: result.get(a.name) if isinstance(a, fx.Node) else a, program._out_spec)
+
+
+def _coordinate(mesh, dim: str) -> int:
+    return int(mesh.get_coordinate()[mesh.mesh_dim_names.index(dim)]) if dim in mesh.mesh_dim_names else 0
+
+
 def compile_cfg_parallel(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions, compile_part):
-    """The callable for a static graph under cfg_parallel > 1. `compile_part(gm, inputs, options)` builds
-    one part's program (`backend.compile_for_shape` with cfg_parallel 1)."""
+    """The callable for a static graph under cfg_parallel > 1 (None: run the graph unchanged).
+    `compile_part(gm, inputs, options)` builds one part's program (`backend.compile_for_shape` with
+    cfg_parallel 1). A batch that splits into cfg_parallel parts takes the batch form, a smaller one the
+    two-call form."""
     parts = options.cfg_parallel
+    outs = [o.meta.get("example_value") for o in gm.graph.find_nodes(op="output")[0].all_input_nodes]
+    batch = next((int(v.shape[0]) for v in outs if isinstance(v, torch.Tensor) and v.dim()), None)
+    if batch is not None and batch < parts:
+        return _compile_two_calls(gm, example_inputs, options, compile_part)
     try:
         with failures_named("splitting the batch for cfg_parallel", gm):
             part_gm, part_inputs, split = split_batch(gm, example_inputs, parts)
@@ -131,7 +263,7 @@ def compile_cfg_parallel(gm: fx.GraphModule, example_inputs: list, options: Pipe
         programs = [first] + [first.sibling(part_inputs) for _ in range(parts - 1)]
         return CfgParallelProgram(split, programs, options)
     mesh = build_mesh(options)
-    part = int(mesh.get_coordinate()[mesh.mesh_dim_names.index("cfg")]) if "cfg" in mesh.mesh_dim_names else 0
+    part = _coordinate(mesh, "cfg")
     pp_group = mesh.get_group("pp") if "pp" in mesh.mesh_dim_names else None
     cfg_group = mesh.get_group("cfg")
     inner = dataclasses.replace(inner, group=pp_group)
@@ -139,3 +271,24 @@ def compile_cfg_parallel(gm: fx.GraphModule, example_inputs: list, options: Pipe
     if not hasattr(program, "comm"):
         return None
     return CfgParallelProgram(split, [program], options, part, cfg_group)
+
+
+def _compile_two_calls(gm, example_inputs, options, compile_part):
+    inner = dataclasses.replace(options, cfg_parallel=1, mesh=None)
+    mesh = None
+    if not options.simulate:
+        mesh = build_mesh(options)
+        inner = dataclasses.replace(inner, group=mesh.get_group("pp"))
+    program = compile_part(gm, example_inputs, inner)
+    if not hasattr(program, "sibling"):   # declined (recorded, and an error under strict): runs unchanged
+        return None
+    if program.timestep_index is None:
+        raise OptionsError(f"option cfg_parallel={options.cfg_parallel} on a batch of 1 runs each call of a step "
+                           "(CFG as two calls) on its own part, which needs a timestep input to tell the calls of "
+                           "one step apart; this graph has none")
+    if mesh is None:
+        programs = [program] + [program.sibling(example_inputs) for _ in range(options.cfg_parallel - 1)]
+        return StreamParallelProgram(programs, options, program.timestep_index)
+    log.info("pipefusion: cfg_parallel=%d on a batch of 1: the calls of a step run on the parts in turn",
+             options.cfg_parallel)
+    return StreamParallelProgram([program], options, program.timestep_index, mesh)

@@ -211,9 +211,12 @@ class PipefusionOptions:
         num_patches = self.num_patches if self.num_patches is not None else num_stages
         strict = self.strict if self.strict is not None else num_stages > 1
         timeline = self.timeline if self.timeline is not None else (os.environ.get("PIPEFUSION_TIMELINE") or None)
+        mesh, group = self.mesh, self.group
+        if mesh is not None and cfg == 1:   # a pipeline only: over the mesh's "pp" dim, as over a group
+            mesh, group = None, (mesh.get_group("pp") if "pp" in mesh.mesh_dim_names else None)
         return dataclasses.replace(
             self, num_stages=num_stages, num_patches=num_patches, simulate=simulate, timeline=timeline,
-            strict=strict, cfg_parallel=cfg,
+            strict=strict, cfg_parallel=cfg, mesh=mesh, group=group,
         )
 
     def fingerprint_items(self) -> dict:

@@ -205,3 +205,46 @@ def test_unchanged_pipeline_on_four_ranks_cfg2_x_pp2(name, tmp_path):
             assert torch.equal(a, b), (name, variant, res["rank"])
     for a, b in zip(want["outputs"], plain["outputs"]):   # the same plan without the split: last bits only
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- two calls per step
+def test_two_call_form_in_one_process_runs_each_stream_on_its_part():
+    """Wan with CFG as two calls per step, batch 1: stream k of a step runs on part k; the result is the same
+    program with its two call streams (each its own caches), bit for bit."""
+    import tiny_pipelines
+
+    def run(options):
+        torch._dynamo.reset()
+        tiny = tiny_pipelines.wan()
+        tiny.pipe.transformer = torch.compile(tiny.pipe.transformer, backend="pipefusion",
+                                              options={"stage_backend": "eager", **options})
+        return tiny("first"), pipefusion_compile.programs(tiny.pipe.transformer)
+
+    got, parts = run({"num_stages": 2, "num_patches": 2, "cfg_parallel": 2})
+    want, (one,) = run({"num_stages": 2, "num_patches": 2})
+    assert torch.equal(got, want)
+    assert len(parts) == 2 and all(p.stats["streams"] == 1 for p in parts) and one.stats["streams"] == 2
+    assert [p.stats["pipelined_calls"] + p.stats["warmup_calls"] for p in parts] == [3, 3]
+
+
+def test_cfg_on_a_batch_of_one_with_one_call_per_step_is_refused():
+    import tiny_pipelines
+
+    torch._dynamo.reset()
+    tiny = tiny_pipelines.wan()
+    tiny.pipe.transformer = torch.compile(tiny.pipe.transformer, backend="pipefusion",
+                                          options={"stage_backend": "eager", "cfg_parallel": 2})
+    with pytest.raises(OptionsError, match="cfg_parallel=2 on a batch of 1: the model is called once per step"):
+        tiny("guidance_off")
+
+
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_two_call_form_on_four_ranks_equals_simulate(name, tmp_path):
+    variants = ["first"]
+    options = {"cfg_parallel": 2, "num_patches": 2}
+    results = run_ranks(pipeline_sequence, 4, name, options, variants, tmp_path=tmp_path, timeout=600)
+    want = _simulate(pipeline_sequence, 0, 1, name, {**options, "num_stages": 2, "simulate": True}, variants)
+    for res in results:
+        got = res["value"]
+        assert got["distributed"] and got["stages"] == [2]
+        assert torch.equal(got["outputs"][0], want["outputs"][0]), (name, res["rank"])
