@@ -132,7 +132,7 @@ def rank_main(rank, world, port, name, configs, runs, steps, timeline_dir, out_p
             run = model
         else:
             m, lazy = config
-            options = {"num_patches": m, "stage_backend": "eager", "lazy_outputs": lazy}
+            options = {"num_stages": world, "num_patches": m, "stage_backend": "eager", "lazy_outputs": lazy}
             if timeline_dir:
                 options["timeline"] = os.path.join(timeline_dir, f"m{m}_{'lazy' if lazy else 'per_step'}")
             run = torch.compile(model, backend="pipefusion", options=options)

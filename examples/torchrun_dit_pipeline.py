@@ -43,7 +43,7 @@ def tiny_pipeline():
         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
         norm_num_groups=8, sample_size=32,
     )
-    return DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    return DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=DDIMScheduler(num_train_timesteps=1000))
 
 
 def main():
@@ -88,7 +88,8 @@ def main():
     dist.barrier()
 
     pipe.transformer = torch.compile(pipe.transformer, backend="pipefusion", options={
-        "num_patches": args.patches, "stage_backend": "eager" if device.type == "cpu" else "inductor",
+        # a pipeline over every rank (left out, parallel='auto' may split the CFG batch over the ranks instead)
+        "num_stages": dist.get_world_size(), "num_patches": args.patches, "stage_backend": "eager" if device.type == "cpu" else "inductor",
         "timeout_s": args.timeout})
     generate()  # compiles the stage graphs
     images, piped_s = generate()

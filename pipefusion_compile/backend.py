@@ -332,6 +332,11 @@ def unbacked_guard(gm: fx.GraphModule) -> UnbackedGuard | None:
 def compile_for_shape(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions):
     """The callable for a graph with static sizes: a program, or the graph itself when there is nothing to
     pipeline."""
+    if options.parallel == "auto":
+        from .degrees import choose_parallel
+
+        with failures_named("choosing the parallel degrees (parallel='auto')", gm):
+            options = choose_parallel(gm, example_inputs, options)
     if options.cfg_parallel > 1:
         from .hybrid import compile_cfg_parallel
 

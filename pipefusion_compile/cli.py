@@ -67,6 +67,46 @@ def plan_model(spec: str, **options) -> list[PipelinePlan]:
     return plan_graphs(model, kwargs, **{**BUILTIN_OPTIONS.get(spec, {}), **given})
 
 
+def degree_choices(model: torch.nn.Module, example_kwargs: dict, world: int, machine: dict | None = None,
+                   calls_per_step: int = 1, **options) -> list:
+    """`parallel='auto'`'s table for a world of `world` ranks, per graph with self-attention, without running
+    the model (this process's GEMM rate is measured; the link is assumed unless `machine` gives it)."""
+    from .degrees import MachineConstants, _attention_width, calibrate, enumerate_candidates
+
+    opts = PipefusionOptions.from_dict({**options, "num_stages": 2}).resolve()
+    choices = []
+
+    def capture(gm: fx.GraphModule, example_inputs):
+        from .passes.sdpa import is_sdpa
+
+        outs = [example_value(o) if isinstance(o, fx.Node) else o for o in graph_outputs(gm)]
+        if any(is_sdpa(n) for n in gm.graph.nodes):
+            device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+            width, rows = _attention_width(gm)
+            constants = calibrate(device, width, max(rows // world, 1))
+            if machine:
+                constants = MachineConstants.from_dict(machine, constants)
+            choices.append(enumerate_candidates(gm, example_inputs, opts, world, constants, calls_per_step,
+                                                options.get("num_patches")))
+            return lambda *args: tuple(torch.zeros(o.shape, dtype=o.dtype) if isinstance(o, torch.Tensor) else o
+                                       for o in outs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=capture)(**example_kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        from .errors import PipefusionError
+
+        if isinstance(e.inner_exception, PipefusionError):
+            raise e.inner_exception from None
+        raise
+    finally:
+        torch._dynamo.reset()
+    return choices
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipefusion-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-input", default=None,
                    help="forward argument (or graph input) that is the image input (default: found by matching "
                         "the inputs against the output)")
+    p.add_argument("--world", type=int, default=None,
+                   help="instead of one plan: parallel='auto''s table of every cfg x pp factorization of this many "
+                        "ranks, with predicted step times (this machine's GEMM rate; link from --bandwidth)")
+    p.add_argument("--batch", type=int, default=None, help="batch of the example input (e.g. 2: cond + uncond)")
+    p.add_argument("--calls-per-step", type=int, default=1, help="2 for CFG as two calls per step")
+    p.add_argument("--bandwidth", type=float, default=None, help="link GB/s between two ranks (with --world)")
+    p.add_argument("--latency-us", type=float, default=None, help="link latency in microseconds (with --world)")
+    p.add_argument("--gflops", type=float, default=None, help="GFLOP/s of one rank instead of measuring it")
     p.add_argument("-v", "--verbose", action="store_true", help="log the passes at DEBUG")
     t = sub.add_parser("timeline", help="merge the ranks' timeline records (option timeline=DIR) into a "
                                         "Chrome/Perfetto trace and a Gantt PNG")
@@ -102,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                    image_input=args.image_input)
     from .errors import PipefusionError
 
+    if args.world is not None:
+        return _degrees(args, options)
     try:
         plans = plan_model(args.model, **options)
     except (PipefusionError, ValueError, ImportError, AttributeError) as e:
@@ -113,6 +163,30 @@ def main(argv: list[str] | None = None) -> int:
         if len(plans) > 1:
             print(f"--- graph {i} ---")
         print(plan)
+    return 0
+
+
+def _degrees(args, options: dict) -> int:
+    from .errors import PipefusionError
+    from .models import BUILTIN_OPTIONS, load_model
+
+    machine = {k: v for k, v in (("link_bytes_per_s", args.bandwidth and args.bandwidth * 1e9),
+                                 ("link_latency_s", args.latency_us and args.latency_us * 1e-6),
+                                 ("flops_per_s", args.gflops and args.gflops * 1e9)) if v}
+    try:
+        model, kwargs = load_model(args.model, **({"batch": args.batch} if args.batch else {}))
+        given = {k: v for k, v in options.items() if v is not None and k != "num_stages"}
+        choices = degree_choices(model, kwargs, args.world, machine, args.calls_per_step,
+                                 **{**BUILTIN_OPTIONS.get(args.model, {}), **given})
+    except (PipefusionError, ValueError, ImportError, AttributeError, TypeError) as e:
+        print(f"pipefusion-compile: error: {e}", file=sys.stderr)
+        return 2
+    if not choices:
+        print("no graph with self-attention over image tokens: nothing to pipeline")
+    for i, choice in enumerate(choices):
+        if len(choices) > 1:
+            print(f"--- graph {i} ---")
+        print(choice)
     return 0
 
 

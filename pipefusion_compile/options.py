@@ -21,8 +21,8 @@ class PipefusionOptions:
 
     num_stages: int | None = None
     """N: pipeline stages. Default: the world size of the process group / cfg_parallel, else 1."""
-    cfg_parallel: int = 1
-    """CFG-parallel degree: the batch (e.g. cond + uncond) is split into this many equal parts, each run by its
+    cfg_parallel: int | None = None
+    """CFG-parallel degree (default 1, or what parallel='auto' chooses): the batch (e.g. cond + uncond) is split into this many equal parts, each run by its
     own pipeline of num_stages ranks (or, in one process, one after the other); every rank returns the whole
     output. The world size must be cfg_parallel x num_stages. The batch axis of every input is found by
     dataflow (`passes/batch.py`)."""
@@ -31,7 +31,18 @@ class PipefusionOptions:
     `init_device_mesh("cpu", (2, 2), mesh_dim_names=("cfg", "pp"))`) to run over instead of the one built from
     the world; its sizes give cfg_parallel and num_stages."""
     num_patches: int | None = None
-    """M: image patches (row bands) per step. Default: N."""
+    """M: image patches (row bands) per step. Default: N (parallel='auto': the candidate chosen)."""
+    parallel: str | None = None
+    """"auto": choose cfg_parallel x num_stages (= the world size) and M from the cost model (`degrees.py`:
+    every factorization predicted from its plan and this machine's measured constants, the fastest that fits
+    memory). "manual": use num_stages / cfg_parallel / num_patches as given. Default: "auto" on a process group
+    when none of num_stages, cfg_parallel, mesh, a partition list is given; else "manual"."""
+    machine: Mapping[str, float] | None = None
+    """parallel='auto': machine constants to use instead of measuring them (any of flops_per_s,
+    link_bytes_per_s, link_latency_s, piece_overhead_s, call_overhead_s, memory_bytes)."""
+    calls_per_step: int = 1
+    """parallel='auto': how often the pipeline calls the model per step (2: CFG as two calls, Wan / Flux true
+    CFG), which only the cost model needs to know before the first step."""
     warmup_steps: int = 1
     """Calls per generation that run the full sequence with fresh K/V before the patch pipeline starts."""
     partition: Partition = "flops"
@@ -107,6 +118,11 @@ class PipefusionOptions:
 
         positive_int("num_stages", self.num_stages, 1)
         positive_int("cfg_parallel", self.cfg_parallel, 1)
+        positive_int("calls_per_step", self.calls_per_step, 1)
+        if self.parallel not in (None, "auto", "manual"):
+            raise OptionsError(f"option parallel={self.parallel!r}: expected 'auto' or 'manual'")
+        if self.machine is not None and not isinstance(self.machine, Mapping):
+            raise OptionsError(f"option machine={self.machine!r}: expected a dict of machine constants")
         if self.mesh is not None:
             self._validate_mesh()
         positive_int("num_patches", self.num_patches, 1)
@@ -171,7 +187,7 @@ class PipefusionOptions:
             raise OptionsError("options mesh and group: give one of them (the mesh's 'pp' dim is the pipeline group)")
         sizes = dict(zip(names, self.mesh.mesh.shape))
         cfg, pp = sizes.get("cfg", 1), sizes.get("pp", 1)
-        if self.cfg_parallel != 1 and self.cfg_parallel != cfg:
+        if self.cfg_parallel not in (None, 1) and self.cfg_parallel != cfg:
             raise OptionsError(f"option cfg_parallel={self.cfg_parallel} but the mesh's 'cfg' dim has size {cfg}")
         if self.num_stages is not None and self.num_stages != pp:
             raise OptionsError(f"option num_stages={self.num_stages} but the mesh's 'pp' dim has size {pp}")
@@ -186,7 +202,21 @@ class PipefusionOptions:
         pg = dist.is_available() and dist.is_initialized()
         simulate = (not pg) if self.simulate is None else self.simulate
         num_stages = self.num_stages
-        cfg = self.cfg_parallel
+        parallel = self.parallel
+        if parallel is None:
+            parallel = "auto" if (pg and not simulate and num_stages is None and self.cfg_parallel is None
+                                  and self.mesh is None and isinstance(self.partition, str)) else "manual"
+        if parallel == "auto" and (simulate or not pg):
+            raise OptionsError("option parallel='auto' chooses the degrees for the ranks of a process group; in one "
+                               "process give num_stages (and cfg_parallel) yourself")
+        if parallel == "auto" and (num_stages is not None or self.cfg_parallel is not None or self.mesh is not None):
+            raise OptionsError("option parallel='auto' chooses num_stages and cfg_parallel: do not give them too")
+        cfg = self.cfg_parallel or 1
+        if parallel == "auto":   # provisional: `degrees.choose_parallel` fills the degrees from the graph
+            return dataclasses.replace(
+                self, parallel=parallel, simulate=simulate, cfg_parallel=1,
+                timeline=self.timeline if self.timeline is not None else (os.environ.get("PIPEFUSION_TIMELINE") or None),
+                strict=self.strict if self.strict is not None else True)
         if self.mesh is not None:
             degrees = self.mesh_degrees()
             cfg, num_stages = degrees["cfg"], degrees["pp"]
@@ -216,7 +246,7 @@ class PipefusionOptions:
             mesh, group = None, (mesh.get_group("pp") if "pp" in mesh.mesh_dim_names else None)
         return dataclasses.replace(
             self, num_stages=num_stages, num_patches=num_patches, simulate=simulate, timeline=timeline,
-            strict=strict, cfg_parallel=cfg, mesh=mesh, group=group,
+            strict=strict, cfg_parallel=cfg, mesh=mesh, group=group, parallel=parallel,
         )
 
     def fingerprint_items(self) -> dict:

@@ -35,6 +35,9 @@ def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
     opts = {"stage_backend": "eager", **BUILTIN_OPTIONS.get(model_name, {}), **options}
     if group is not None:
         opts["group"] = group
+    elif dist.is_initialized() and not ({"parallel", "cfg_parallel", "num_stages", "mesh"} & set(opts)):
+        # these suites test the pipeline over the world; parallel='auto' (the default) may split a batch instead
+        opts["num_stages"] = dist.get_world_size()
     compiled = torch.compile(model, backend="pipefusion", options=opts)
     final, per_step = sample_loop(call_model(compiled), kwargs, steps=steps, seed=seed)
     found = pipefusion_compile.programs(compiled)
@@ -156,3 +159,16 @@ def pipeline_lazy_modes(rank, world, name, options, variants, steps=5):
                        "calls": sum(p.stats["pipelined_calls"] + p.stats["warmup_calls"] for p in programs),
                        "programs": len(programs)}
     return found
+
+
+def auto_job(rank, world, name, factory_kwargs, options, steps):
+    """`run_job` with parallel='auto' (the default on ranks): also returns what it chose and its table."""
+    from pipefusion_compile import degrees
+
+    result = run_job(name, factory_kwargs, {"parallel": "auto", **options}, steps)
+    (choice, _), = [v for v in degrees._CHOSEN.values()]
+    c = choice.chosen
+    result.update(chosen=(c.cfg, c.pp, c.patches, str(c.form)), table=str(choice),
+                  predicted_bytes=c.bytes_per_rank(result.get("stage", 0)) if hasattr(c, "bytes_per_rank") else None,
+                  constants=choice.constants)
+    return result

@@ -141,13 +141,13 @@ def test_cfg_parallel_in_one_process(name):
 
 
 def test_bad_cfg_degrees_are_named():
-    model, kwargs = BUILTIN["PixArtTransformer2DModel"](batch=1)
+    model, kwargs = BUILTIN["PixArtTransformer2DModel"](batch=3)
     compiled = torch.compile(model, backend="pipefusion", options={"cfg_parallel": 2, "stage_backend": "eager"})
     torch._dynamo.reset()
     with pytest.raises(Exception) as e:
         with torch.no_grad():
             compiled(**kwargs)
-    assert "cfg_parallel=2" in str(e.value) and "batch of 1" in str(e.value)
+    assert "cfg_parallel=2" in str(e.value) and "batch of 3" in str(e.value)
     with pytest.raises(OptionsError, match="cfg_parallel=0"):
         pipefusion_compile.PipefusionOptions(cfg_parallel=0)
     with pytest.raises(OptionsError, match="DeviceMesh"):

@@ -38,7 +38,8 @@ def test_ranks_equal_each_other_and_simulate_bit_for_bit(world, tmp_path):
     if world != 3:  # joint attention: the warmup step already runs the full-sequence piece on every rank
         jobs += [(name, {}, {"num_patches": 4}) for name in JOINT]
     if world == 2:
-        jobs.append(("PixArtTransformer2DModel", {"batch": 2}, {"num_patches": 4}))  # classifier-free guidance
+        # classifier-free guidance in the batch, pipelined (parallel='auto' might split the batch instead)
+        jobs.append(("PixArtTransformer2DModel", {"batch": 2}, {"num_patches": 4, "num_stages": 2}))
     results = run_ranks(generate, world, jobs, STEPS, tmp_path=tmp_path, timeout=600)
     for j, (name, fkw, options) in enumerate(jobs):
         want = simulate(name, fkw, {**options, "num_stages": world})

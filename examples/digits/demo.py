@@ -62,7 +62,7 @@ def main():
     import pipefusion_compile
 
     compiled = torch.compile(model, backend="pipefusion", options={
-        "num_patches": args.patches, "warmup_steps": args.warmup, "stage_backend": "eager",
+        "num_stages": world, "num_patches": args.patches, "warmup_steps": args.warmup, "stage_backend": "eager",
         "timeout_s": args.timeout})
     if rank == 0:
         print(f"PipeFusion on {world} ranks x 1 thread: compiling (one untimed generation) ...", flush=True)

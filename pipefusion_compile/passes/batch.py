@@ -115,6 +115,10 @@ _DIM_KWARGS = ("dim", "dims", "axis")
 # ops whose operands after the first only give metadata (dtype, device): their batch axes need not line up
 _METADATA_OPERANDS = ("type_as", "to")
 _RESHAPES = ("view", "reshape")
+# factories whose size may be the batch (`torch.rand(labels.shape[0])`, baked to `torch.rand(4)`): a size that
+# is exactly B, at one position only, is taken as creating the batch axis there; where that value meets batched
+# data, its axis must line up with theirs (`_check_alignment`), so a size that only equals B by chance fails loudly
+_FACTORIES = ("rand", "randn", "zeros", "ones", "empty", "full")
 _SHAPE_OPS = _RESHAPES + ("expand", "repeat")
 
 
@@ -253,6 +257,8 @@ class _BatchAnalyzer:
             args, kwargs, created = self._rewrite_sizes(n, name)
         elif name == "repeat_interleave" and isinstance(n.kwargs.get("output_size"), int) and batched:
             kwargs = self._rewrite_output_size(n)
+        elif name in _FACTORIES and n.op == "call_function" and not n.all_input_nodes:
+            args, created = self._rewrite_factory(n)
         part_args = fx.node.map_arg(args, lambda x: self.part_values[x])
         part_kwargs = fx.node.map_arg(kwargs, lambda x: self.part_values[x])
         try:
@@ -411,6 +417,21 @@ class _BatchAnalyzer:
                 self.rewrites.append(SizeRewrite(n.name, k, self.batch, self.part))
                 return _with_sizes(n, new, where, first) + (True,)
         return n.args, n.kwargs, False
+
+    def _rewrite_factory(self, n: fx.Node) -> tuple[tuple, bool]:
+        args = n.args
+        if not args:
+            return args, False
+        tupled = isinstance(args[0], (tuple, list, torch.Size))
+        sizes = list(args[0]) if tupled else [a for a in (args if op_name(n) != "full" else args[:1])]
+        if op_name(n) == "full" and not tupled:
+            return args, False
+        at = [k for k, v in enumerate(sizes) if v == self.batch and isinstance(v, int) and not isinstance(v, bool)]
+        if len(at) != 1:
+            return args, False
+        sizes[at[0]] = self.part
+        self.rewrites.append(SizeRewrite(n.name, at[0], self.batch, self.part))
+        return ((tuple(sizes), *args[1:]) if tupled else tuple(sizes)), True
 
     def _rewrite_output_size(self, n: fx.Node) -> dict:
         """`repeat_interleave(x, r, dim=batch axis, output_size=B * r)`: the output size measures the batch."""

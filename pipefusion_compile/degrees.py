@@ -1,0 +1,420 @@
+"""Choosing the parallel degrees: every factorization of the world into cfg x pp (and M per pipeline), each
+one's step time predicted from its plan's FLOPs and bytes and this machine's constants, the fastest that fits.
+
+    candidates for world 2, DiT (batch 2 = cond + uncond), one call per step:
+        cfg pp  M  form    compute  overhead  comm   bubble   step (pred.)  bytes/step/rank  memory/rank
+         2   1  1  batch   ...
+         1   2  2  -       ...
+         1   2  4  -       ...
+
+A candidate's step (one diffusion step: every call of it) is modeled as
+
+    pipeline call  = max over stages (stage FLOPs / rate + pieces x per-piece overhead + sent bytes / bandwidth
+                     + messages x latency) + per-call overhead;  x (M + N - 1) / M when the call's output is
+                     needed whole before the next call starts (the batch form gathers it: one fill and drain)
+    none           = calls x pipeline call (plan of the whole batch)
+    batch form     = calls x (pipeline call of the part's plan + all-gather of the part's output)
+    two-call form  = calls / cfg x pipeline call + the owner's output sent to the other part's ranks
+
+The constants (`MachineConstants`) are measured at start-up (`calibrate`: a GEMM of the model's width for the
+compute rate, a ping-pong between ranks 0 and 1 for the link; rank 0's values are broadcast so every rank
+makes the same choice) or given (option `machine`); the per-piece and per-call host overheads are this
+project's measurements (README "Measured"), or given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from .errors import OptionsError, PipefusionError
+from .options import PipefusionOptions
+from .passes.meta import ValueEnum, example_value
+from .plan import PipelinePlan
+
+log = logging.getLogger("pipefusion_compile")
+
+
+class CfgForm(ValueEnum):
+    NONE = "-"               # no CFG-parallel
+    BATCH = "batch"          # the batch (cond + uncond) split over the cfg dim
+    TWO_CALLS = "two calls"  # call stream k of a step on part k
+
+
+# Host overheads measured on this project's CPU runs (timeline, 2026-12-01): ~0.7 ms per piece (schedule,
+# pack/unpack, stage call), ~7 ms per call (dynamo guards, hoisted globals, setup). On CUDA these are
+# assumptions until measured there (README says so).
+_OVERHEADS = {"cpu": (0.7e-3, 7e-3), "cuda": (60e-6, 2e-3)}
+
+
+@dataclass(frozen=True)
+class MachineConstants:
+    flops_per_s: float        # fp32 GEMM rate of one rank
+    link_bytes_per_s: float   # point-to-point bandwidth between two ranks
+    link_latency_s: float     # one small message
+    piece_overhead_s: float   # host time per piece per stage (schedule, pack, unpack, stage call)
+    call_overhead_s: float    # host time per call (guards, hoisted globals, setup)
+    memory_bytes: int         # memory one rank may use
+    source: str = "given"
+
+    @classmethod
+    def from_dict(cls, given: dict, base: "MachineConstants") -> "MachineConstants":
+        known = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise OptionsError(f"option machine: unknown constant(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(base, **given, source=f"{base.source}, given: {', '.join(sorted(given))}")
+
+    def describe(self) -> str:
+        return (f"rate {self.flops_per_s / 1e9:.1f} GFLOP/s, link {self.link_bytes_per_s / 1e9:.2f} GB/s + "
+                f"{self.link_latency_s * 1e6:.0f} us, {self.piece_overhead_s * 1e3:.2f} ms/piece, "
+                f"{self.call_overhead_s * 1e3:.1f} ms/call, memory {self.memory_bytes / 2**30:.1f} GiB/rank "
+                f"({self.source})")
+
+
+def _memory_per_rank(device: torch.device, world: int) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 * 2**30
+    return int(total // max(world, 1))   # the ranks of one host share it
+
+
+def _gemm_rate(device: torch.device, m: int, k: int, repeats: int = 5) -> float:
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(k, 4 * k, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * 4 * k / max(statistics.median(times[1:]), 1e-9)
+
+
+def _ping_pong(group, device: torch.device) -> tuple[float, float]:
+    """(latency s, bandwidth B/s) between ranks 0 and 1 of `group`."""
+    rank = dist.get_rank(group)
+    peer = 1 - rank
+    peer_global = dist.get_global_rank(group, peer) if group is not dist.group.WORLD else peer
+    result = []
+    for nbytes, trips in ((4096, 8), (4 << 20, 3)):
+        buf = torch.zeros(nbytes // 4, device=device)
+        times = []
+        for _ in range(trips):
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, peer_global, group=group)
+                dist.recv(buf, peer_global, group=group)
+            else:
+                dist.recv(buf, peer_global, group=group)
+                dist.send(buf, peer_global, group=group)
+            times.append((time.perf_counter() - t0) / 2)
+        result.append(statistics.median(times))
+    latency, big = result
+    return latency, (4 << 20) / max(big - latency, 1e-9)
+
+
+def calibrate(device: torch.device, width: int, rows: int, group=None) -> MachineConstants:
+    """Measure this machine's constants (about 0.1 s). With a process group every rank must call it; ranks 0
+    and 1 measure the link, and every rank gets rank 0's numbers."""
+    piece, call = _OVERHEADS.get(device.type, _OVERHEADS["cpu"])
+    world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    rate = _gemm_rate(device, max(rows, 16), max(width, 16))
+    latency, bandwidth = 50e-6, 1e9
+    source = "calibrated: GEMM rate; link assumed (one process)"
+    if world > 1:
+        group = group if group is not None else dist.group.WORLD
+        if dist.get_rank(group) in (0, 1):
+            latency, bandwidth = _ping_pong(group, device)
+        memory = _memory_per_rank(device, world)
+        values = torch.tensor([rate, latency, bandwidth, memory], dtype=torch.float64,
+                              device=device if dist.get_backend(group) == "nccl" else "cpu")
+        dist.broadcast(values, dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0, group=group)
+        rate, latency, bandwidth, memory = values.tolist()
+        source = "calibrated on rank 0: GEMM rate, ping-pong with rank 1"
+        return MachineConstants(rate, bandwidth, latency, piece, call, int(memory), source)
+    return MachineConstants(rate, bandwidth, latency, piece, call, _memory_per_rank(device, world), source)
+
+
+_CHOSEN: dict[tuple, tuple] = {}   # model (its weights' ids) -> (choice, weak refs): one layout for every shape
+
+
+def _attention_width(gm: fx.GraphModule) -> tuple[int, int]:
+    """(heads x head dim, batch x query tokens) of the graph's largest attention: the calibration GEMM's shape."""
+    from .passes.sdpa import is_sdpa
+
+    best = (64, 256)
+    for n in gm.graph.nodes:
+        v = example_value(n) if is_sdpa(n) else None
+        if isinstance(v, torch.Tensor) and v.dim() == 4:
+            b, h, s, d = v.shape
+            best = max(best, (h * d, b * s))
+    return best
+
+
+def choose_parallel(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions) -> PipefusionOptions:
+    """`parallel='auto'`: the options with the chosen degrees (cfg_parallel, num_stages, num_patches). Every
+    rank calls it (calibration is collective). The first shape of a model chooses; later shapes keep it (ranks
+    have released the other stages' weights)."""
+    import weakref
+
+    params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+    key = tuple(id(p) for p in params)
+    kept = _CHOSEN.get(key)
+    if kept is not None and params and all(r() is p for r, p in zip(kept[1], params)):
+        choice = kept[0]
+    else:
+        group = options.group if options.group is not None else dist.group.WORLD
+        world = dist.get_world_size(group)
+        device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        width, rows = _attention_width(gm)
+        measured = calibrate(device, width, max(rows // world, 1), group)
+        constants = MachineConstants.from_dict(options.machine, measured) if options.machine else measured
+        choice = enumerate_candidates(gm, example_inputs, options, world, constants, options.calls_per_step,
+                                      options.num_patches)
+        if params:
+            _CHOSEN[key] = (choice, tuple(weakref.ref(p) for p in params))
+        if dist.get_rank(group) == 0:
+            log.info("pipefusion: %s", choice)
+    c = choice.chosen
+    log.info("pipefusion: parallel='auto' chose %s (%s), predicted %.1f ms per step", c.label, c.form,
+             c.step_s * 1e3)
+    chosen = dataclasses.replace(options, parallel="manual", cfg_parallel=c.cfg, num_stages=c.pp,
+                                 num_patches=c.patches)
+    object.__setattr__(chosen, "_degrees", choice)
+    return chosen
+
+
+@dataclass(frozen=True)
+class Candidate:
+    cfg: int
+    pp: int
+    patches: int
+    form: CfgForm
+    compute_s: float = 0.0
+    overhead_s: float = 0.0
+    comm_s: float = 0.0
+    bubble_s: float = 0.0
+    step_s: float = math.inf          # predicted time of one diffusion step (all its calls)
+    p2p_bytes: tuple[int, ...] = ()   # per pipeline stage: bytes it sends per step (stage cuts + output bands)
+    cfg_bytes: tuple[int, ...] = ()   # per pipeline stage: bytes it sends per step across the cfg dim (the batch
+                                      # form's all-gather; the two-call form's output, from the last stage)
+    memory_bytes: int = 0             # per rank: its stage's parameters and caches
+    fits: bool = True
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"cfg {self.cfg} x pp {self.pp}, M={self.patches}"
+
+    def bytes_per_rank(self, stage: int) -> int:
+        """What a rank running pipeline stage `stage` (of any part) sends per step."""
+        return ((self.p2p_bytes[stage] if self.p2p_bytes else 0)
+                + (self.cfg_bytes[stage] if self.cfg_bytes else 0))
+
+
+@dataclass
+class DegreeChoice:
+    world: int
+    batch: int
+    calls_per_step: int
+    constants: MachineConstants
+    candidates: list[Candidate]
+    chosen: Candidate
+    references: dict[str, int] = field(default_factory=dict)  # other methods' bytes per rank per step
+
+    def __str__(self) -> str:
+        lines = [f"parallel='auto': world {self.world}, batch {self.batch}, {self.calls_per_step} call(s) per step",
+                 f"  machine: {self.constants.describe()}",
+                 f"  {'':2}{'cfg':>3} {'pp':>3} {'M':>3}  {'form':<9} {'compute':>9} {'overhead':>9} {'comm':>8} "
+                 f"{'bubble':>8} {'step':>9}  {'bytes/step/rank':>15}  {'memory/rank':>11}"]
+        for c in self.candidates:
+            mark = "->" if c is self.chosen else "  "
+            sent = max((c.bytes_per_rank(s) for s in range(c.pp)), default=0)
+            lines.append(
+                f"  {mark}{c.cfg:>3} {c.pp:>3} {c.patches:>3}  {str(c.form):<9} {_ms(c.compute_s):>9} "
+                f"{_ms(c.overhead_s):>9} {_ms(c.comm_s):>8} {_ms(c.bubble_s):>8} {_ms(c.step_s):>9}  "
+                f"{_mb(sent):>15}  {_mb(c.memory_bytes):>11}" + ("" if c.fits else "  does not fit" if math.isfinite(c.step_s) else "  not possible")
+                + (f"  ({c.note})" if c.note else ""))
+        for name, nbytes in self.references.items():
+            lines.append(f"  {'':2}{name:<49}{'':>20}{_mb(nbytes):>15}")
+        return "\n".join(lines)
+
+
+def _ms(s: float) -> str:
+    return "-" if not math.isfinite(s) else f"{s * 1e3:.1f}ms"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f}MiB" if n >= 2**20 else f"{n / 2**10:.1f}KiB"
+
+
+def _patch_options(pp: int, token_rows: int, given: int | None) -> list[int]:
+    if given is not None:
+        return [given] if given <= token_rows else []
+    if pp == 1:
+        return [1]
+    return [m for m in (pp, 2 * pp) if m <= token_rows]
+
+
+def _output_bytes(gm: fx.GraphModule) -> int:
+    from .passes.graph_inputs import graph_outputs
+
+    total = 0
+    for o in graph_outputs(gm):
+        v = example_value(o) if isinstance(o, fx.Node) else None
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+    return total
+
+
+def _param_bytes(example_inputs: list) -> int:
+    return sum(x.numel() * x.element_size() for x in example_inputs if isinstance(x, torch.nn.Parameter))
+
+
+def predict_call(plan: PipelinePlan, out_bytes: int, k: MachineConstants, whole_output: bool) -> dict:
+    """One call of a pipeline: compute, overhead, comm and bubble seconds and bytes sent per stage."""
+    n, m = plan.num_stages, plan.num_patches
+    pieces = len(plan.pieces(pipelined=True))
+    per_stage, sent = [], []
+    for s in plan.stages:
+        nbytes = plan.p2p_bytes_per_step(s.index)
+        messages = pieces if s.index < n - 1 else 0
+        if s.index == n - 1 and n > 1:   # the model output, band by band, to every other stage
+            nbytes += out_bytes * (n - 1)
+            messages += m * (n - 1)
+        compute = (s.flops + s.global_flops) / k.flops_per_s
+        overhead = pieces * k.piece_overhead_s
+        comm = nbytes / k.link_bytes_per_s + messages * k.link_latency_s
+        per_stage.append((compute, overhead, comm))
+        sent.append(nbytes)
+    slowest = max(per_stage, key=sum)
+    busy = sum(slowest)
+    bubble = busy * (n - 1) / m if whole_output and n > 1 else 0.0
+    return {"compute": slowest[0], "overhead": slowest[1] + k.call_overhead_s, "comm": slowest[2],
+            "bubble": bubble, "time": busy + bubble + k.call_overhead_s, "sent": tuple(sent)}
+
+
+def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions, world: int,
+                         constants: MachineConstants, calls_per_step: int = 1,
+                         patches: int | None = None) -> DegreeChoice:
+    """Every cfg x pp = world (cfg 1 or 2) with its M choices (M = pp and 2 pp, or `patches` if given),
+    predicted; the fastest that fits is chosen."""
+    from .backend import analyze_for_pipeline
+    from .passes.batch import split_batch
+    from .plan import build_plan
+
+    out_bytes = _output_bytes(gm)
+    outs = [example_value(o) for o in gm.graph.find_nodes(op="output")[0].all_input_nodes]
+    batch = next((int(v.shape[0]) for v in outs if isinstance(v, torch.Tensor) and v.dim()), 1)
+    params = _param_bytes(example_inputs)
+    graphs: dict[CfgForm, tuple] = {}
+
+    def graph_for(form: CfgForm):
+        """The graph a candidate of `form` pipelines, analyzed on a copy (the analysis rewrites what it
+        analyzes; the backend analyzes the original once the choice is made)."""
+        if form not in graphs:
+            g, inputs = fresh_copy(gm), example_inputs
+            if form is CfgForm.BATCH:
+                g, inputs, _ = split_batch(gm, example_inputs, 2)
+            analysis = analyze_for_pipeline(g, inputs, dataclasses.replace(options, num_stages=2, num_patches=1,
+                                                                           cfg_parallel=1, parallel="manual"))
+            if analysis is None:
+                raise PipefusionError("parallel='auto': this graph has nothing to pipeline")
+            graphs[form] = (g, inputs, analysis)
+        return graphs[form]
+
+    candidates: list[Candidate] = []
+    for cfg in (1, 2):
+        if world % cfg:
+            continue
+        pp = world // cfg
+        if cfg == 1:
+            form = CfgForm.NONE
+        elif batch % 2 == 0:
+            form = CfgForm.BATCH
+        elif calls_per_step >= 2:
+            form = CfgForm.TWO_CALLS
+        else:
+            candidates.append(Candidate(cfg, pp, 1, CfgForm.NONE, fits=False,
+                                        note="a batch of 1 and one call per step: nothing for a second part"))
+            continue
+        try:
+            g, inputs, analysis = graph_for(form)
+        except PipefusionError as e:   # e.g. the batch does not split: a candidate that is not possible, named
+            candidates.append(Candidate(cfg, pp, 1, form, fits=False, note=str(e).splitlines()[0][:90]))
+            continue
+        for m in _patch_options(pp, analysis.token_rows, patches):
+            opts = dataclasses.replace(options, num_stages=pp, num_patches=m, cfg_parallel=1, parallel="manual")
+            try:
+                plan, _ = build_plan(g, inputs, opts, analysis)
+            except PipefusionError as e:
+                candidates.append(Candidate(cfg, pp, m, form, fits=False, note=str(e).splitlines()[0][:60]))
+                continue
+            part_out = out_bytes // 2 if form is CfgForm.BATCH else out_bytes
+            call = predict_call(plan, part_out, constants, whole_output=form is CfgForm.BATCH)
+            calls = calls_per_step if form is not CfgForm.TWO_CALLS else max(calls_per_step // cfg, 1)
+            extra, cfg_bytes = 0.0, (0,) * pp
+            if form is CfgForm.BATCH:     # every rank sends its part of the output to the other part
+                cfg_bytes = (part_out * (cfg - 1) * calls_per_step,) * pp
+                extra = calls_per_step * (part_out * (cfg - 1) / constants.link_bytes_per_s + constants.link_latency_s)
+            elif form is CfgForm.TWO_CALLS:   # the owner's last stage sends its output to the other parts' ranks
+                cfg_bytes = (0,) * (pp - 1) + (out_bytes * pp * (cfg - 1) * calls,)
+                extra = calls * (out_bytes * pp * (cfg - 1) / constants.link_bytes_per_s + constants.link_latency_s)
+            memory = max(int(params * s.share) + s.kv_cache_bytes for s in plan.stages)
+            candidates.append(Candidate(
+                cfg, pp, m, form, compute_s=calls * call["compute"], overhead_s=calls * call["overhead"],
+                comm_s=calls * call["comm"] + extra, bubble_s=calls * call["bubble"],
+                step_s=calls * call["time"] + extra, p2p_bytes=tuple(b * calls for b in call["sent"]),
+                cfg_bytes=cfg_bytes, memory_bytes=memory, fits=memory <= constants.memory_bytes))
+    fitting = [c for c in candidates if c.fits and math.isfinite(c.step_s)]
+    if not fitting:
+        raise PipefusionError("parallel='auto': no factorization of the world fits:\n"
+                              + "\n".join(f"  {c.label}: {c.note or 'does not fit'}" for c in candidates))
+    candidates.sort(key=lambda c: (not c.fits, c.step_s))
+    chosen = min(fitting, key=lambda c: c.step_s)
+    g, _, analysis = graph_for(CfgForm.NONE)
+    return DegreeChoice(world, batch, calls_per_step, constants, candidates, chosen,
+                        reference_bytes(gm, analysis, world))
+
+
+def fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` whose nodes carry dynamo's meta but none of this package's analysis results."""
+    from .passes.meta import META_KEY
+
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    for n in graph.nodes:
+        n.meta.pop(META_KEY, None)
+    return fx.GraphModule(gm, graph)
+
+
+def reference_bytes(gm: fx.GraphModule, analysis, world: int) -> dict[str, int]:
+    """Bytes per rank per step of the sequence-parallel methods on the same model (world ranks), from the
+    hidden state's size and the number of attention layers: Ulysses all-to-alls q, k, v and the output
+    (4 (n-1)/n^2 of a layer's activation), DistriFusion all-gathers each rank's K and V share to the others."""
+    hidden = 0
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == "scaled_dot_product_attention":
+            v = example_value(n)
+            if isinstance(v, torch.Tensor):
+                hidden = max(hidden, v.numel() * v.element_size())
+    layers = len(analysis.self_attention)
+    if world < 2 or not hidden:
+        return {}
+    return {f"Ulysses (sp {world}), for reference": int(4 * hidden * (world - 1) / world**2 * layers),
+            f"DistriFusion ({world} patches), for reference": int(2 * hidden / world * (world - 1) * layers)}
