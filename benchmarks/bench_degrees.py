@@ -51,7 +51,7 @@ def generation(model, case: str, shape, sched, steps: int, seed: int = 0):
 
     sched.set_timesteps(steps)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    cond, uncond = torch.tensor([3]), torch.tensor([1000])   # DiT's "no class" label
+    cond, uncond = torch.tensor([3]), torch.tensor([1])   # two labels stand for cond and uncond (random weights)
     marks = [time.perf_counter()]
     with torch.no_grad():
         for t in sched.timesteps:

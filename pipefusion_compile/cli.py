@@ -70,8 +70,8 @@ def plan_model(spec: str, **options) -> list[PipelinePlan]:
 def degree_choices(model: torch.nn.Module, example_kwargs: dict, world: int, machine: dict | None = None,
                    calls_per_step: int = 1, **options) -> list:
     """`parallel='auto'`'s table for a world of `world` ranks, per graph with self-attention, without running
-    the model (this process's GEMM rate is measured; the link is assumed unless `machine` gives it)."""
-    from .degrees import MachineConstants, _attention_width, calibrate, enumerate_candidates
+    the model (this process's compute rate is measured; the link is assumed unless `machine` gives it)."""
+    from .degrees import MachineConstants, _attention_shape, calibrate, enumerate_candidates
 
     opts = PipefusionOptions.from_dict({**options, "num_stages": 2}).resolve()
     choices = []
@@ -82,8 +82,8 @@ def degree_choices(model: torch.nn.Module, example_kwargs: dict, world: int, mac
         outs = [example_value(o) if isinstance(o, fx.Node) else o for o in graph_outputs(gm)]
         if any(is_sdpa(n) for n in gm.graph.nodes):
             device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-            width, rows = _attention_width(gm)
-            constants = calibrate(device, width, max(rows // world, 1))
+            heads, head_dim, rows = _attention_shape(gm)
+            constants = calibrate(device, heads, head_dim, max(rows // world, 1))
             if machine:
                 constants = MachineConstants.from_dict(machine, constants)
             choices.append(enumerate_candidates(gm, example_inputs, opts, world, constants, calls_per_step,
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the inputs against the output)")
     p.add_argument("--world", type=int, default=None,
                    help="instead of one plan: parallel='auto''s table of every cfg x pp factorization of this many "
-                        "ranks, with predicted step times (this machine's GEMM rate; link from --bandwidth)")
+                        "ranks, with predicted step times (this machine's compute rate; link from --bandwidth)")
     p.add_argument("--batch", type=int, default=None, help="batch of the example input (e.g. 2: cond + uncond)")
     p.add_argument("--calls-per-step", type=int, default=1, help="2 for CFG as two calls per step")
     p.add_argument("--bandwidth", type=float, default=None, help="link GB/s between two ranks (with --world)")

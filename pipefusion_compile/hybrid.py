@@ -169,12 +169,14 @@ class StreamParallelProgram:
 
     @torch.no_grad()
     def __call__(self, *args):
-        owner = self._next_stream(args) % self.parts
+        stream = self._next_stream(args)
+        owner = stream % self.parts
         self.stats["calls_per_part"][owner] += 1
         self._calls += 1
-        for bands in self._pending:   # the previous step's receives: long arrived, normally already read
-            bands.resolve_all()
-        self._pending = []
+        if stream == 0:   # a new step: the previous step's receives have arrived (its outputs were read to make
+            for bands in self._pending:   # this step's input); never wait for them within a step, where the
+                bands.resolve_all()       # other part is still computing them
+            self._pending = []
         if self.part is None:
             return self.programs[owner](*args)
         program = self.programs[0]
