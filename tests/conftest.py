@@ -37,6 +37,7 @@ SAMPLE_EVERY = {
     "test_multiprocess.py::test_ranks_equal_each_other_and_simulate_bit_for_bit": 3,   # world 2 (3 and 4: full)
     "test_multiprocess_pipelines.py::test_pipeline_on_two_ranks_equals_simulate_across_shapes": 2,
     "test_side_effects.py::test_every_write_is_in_the_globals_of_each_stage_that_reads_its_target": 2,
+    "test_hybrid.py::test_batch_split_of_every_transformer_class": 3,   # every class: make test-full
 }
 
 

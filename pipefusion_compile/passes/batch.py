@@ -161,8 +161,18 @@ def _with_sizes(n: fx.Node, sizes: list, where: str, first: int):
     return (n.args[0], *sizes), dict(n.kwargs)
 
 
+class _SeedConflict(UnsupportedGraphError):
+    """Batched operands that do not line up, one of them batched only through inputs taken as batched for
+    their leading dim alone (`unseed`: those inputs)."""
+
+    def __init__(self, reason: str, node: fx.Node, unseed: frozenset):
+        super().__init__(reason, node)
+        self.unseed = unseed
+
+
 class _BatchAnalyzer:
-    def __init__(self, gm: fx.GraphModule, example_inputs: list, parts: int):
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, parts: int, image: int | None = None,
+                 unbatched: frozenset = frozenset()):
         self.gm = gm
         self.parts = parts
         outs = [example_value(o) for o in graph_outputs(gm) if isinstance(o, fx.Node)]
@@ -182,6 +192,9 @@ class _BatchAnalyzer:
         self.rewrites: list[SizeRewrite] = []
         self.new_args: dict[fx.Node, tuple] = {}
         self.input_axes: dict[int, int] = {}
+        self.image = image              # the image input's position: batched for sure (the others by their dim 0)
+        self.unbatched = unbatched      # positions whose dim 0 is B but which were found not to be batched
+        self.seeds: dict[fx.Node, frozenset] = {}   # node -> the batched inputs it depends on
 
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> BatchSplit:
@@ -219,8 +232,10 @@ class _BatchAnalyzer:
 
     def _placeholder(self, n: fx.Node, i: int) -> None:
         x = self.example_inputs[i] if i < len(self.example_inputs) else example_value(n)
-        if isinstance(x, torch.Tensor) and is_user_input(n, x) and x.dim() > 0 and x.shape[0] == self.batch:
+        if (isinstance(x, torch.Tensor) and is_user_input(n, x) and x.dim() > 0 and x.shape[0] == self.batch
+                and i not in self.unbatched):
             self.input_axes[i] = 0
+            self.seeds[n] = frozenset({i})
             node_meta(n).batch = BatchInfo(0, 1, BatchRule.INPUT)
             x = x.narrow(0, 0, self.part)
         elif isinstance(x, (list, tuple)) and is_user_input(n, None):
@@ -269,6 +284,9 @@ class _BatchAnalyzer:
                 f"size is baked into it in a way the batch analysis does not rewrite "
                 f"(batched inputs: {self._batched_names()})", n) from e
         self.part_values[n] = value
+        deps = [self.seeds[a] for a in n.all_input_nodes if a in self.seeds]
+        if deps:
+            self.seeds[n] = frozenset().union(*deps)
         if (args, kwargs) != (n.args, n.kwargs):
             self.new_args[n] = (args, kwargs)
         node_meta(n).batch = self._measure(n, value, bool(batched), created)
@@ -350,6 +368,12 @@ class _BatchAnalyzer:
         from_end = {rank - axis for _, axis, rank in batched}
         if len(from_end) > 1:
             what = ", ".join(f"{a.name} (axis {axis} of {rank})" for a, axis, rank in batched)
+            # an operand batched only through inputs other than the image input: those may not be batched at all
+            suspects = frozenset().union(*(self.seeds.get(a, frozenset()) for a, _, _ in batched
+                                           if self.image is not None and self.image not in self.seeds.get(a, ())))
+            if suspects:
+                raise _SeedConflict(f"cfg_parallel: the batch axes of this op's operands do not line up ({what})",
+                                    n, suspects)
             raise UnsupportedGraphError(
                 f"cfg_parallel: the batch axes of this op's operands do not line up ({what}): an input taken as "
                 f"batched because its leading dim is {self.batch} may not be (batched inputs: "
@@ -460,8 +484,27 @@ def analyze_batch(gm: fx.GraphModule, example_inputs: list, parts: int) -> tuple
     """The batch axes of `gm` (in `node_meta(n).batch`) and the rewritten args per node, for `parts` parts."""
     if parts < 2:
         raise PipefusionError("internal: a batch split needs at least 2 parts")
-    analyzer = _BatchAnalyzer(gm, example_inputs, parts)
-    return analyzer.run(), analyzer.new_args
+    image = _image_position(gm, example_inputs)
+    unbatched: frozenset = frozenset()
+    while True:
+        analyzer = _BatchAnalyzer(gm, example_inputs, parts, image, unbatched)
+        try:
+            return analyzer.run(), analyzer.new_args
+        except _SeedConflict as e:   # try again with those inputs taken as the same for every sample
+            if not e.unseed - unbatched:
+                raise UnsupportedGraphError(e.reason, e.node) from None
+            unbatched = unbatched | e.unseed
+
+
+def _image_position(gm: fx.GraphModule, example_inputs: list) -> int | None:
+    """Position of the image input (`graph_inputs.find_token_input`), None if there is none to find."""
+    from .graph_inputs import find_token_input
+
+    try:
+        node = find_token_input(gm, example_inputs)
+    except PipefusionError:
+        return None
+    return list(gm.graph.find_nodes(op="placeholder")).index(node)
 
 
 def split_batch(gm: fx.GraphModule, example_inputs: list, parts: int) -> tuple[fx.GraphModule, list, BatchSplit]:
