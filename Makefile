@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # (the package itself only asks for torch>=2.6).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv venv-examples test test-full demo bench bench-quality train-digits sweep coverage clean
+.PHONY: venv venv-examples test test-full demo bench bench-degrees bench-quality train-digits sweep coverage clean
 
 venv: $(VENV)/.installed
 
@@ -54,6 +54,10 @@ sweep: venv
 
 # every diffusers DiT class (tiny, random weights) through the backend, 2 real ranks (gloo) included:
 # benchmarks/results/coverage.md and the README's table (about 40 minutes on 2 cores)
+# parallel='auto' on 2 ranks: every candidate measured next to its prediction (about 6 minutes on 2 cores)
+bench-degrees: venv
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_degrees.py --out benchmarks/results/degrees.md
+
 coverage: venv
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/coverage.py --ranks --out benchmarks/results/coverage.md --readme README.md
 

@@ -381,7 +381,7 @@ def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: Pipe
             try:
                 plan, _ = build_plan(g, inputs, opts, analysis)
             except PipefusionError as e:
-                candidates.append(Candidate(cfg, pp, m, form, fits=False, note=str(e).splitlines()[0][:60]))
+                candidates.append(Candidate(cfg, pp, m, form, fits=False, note=str(e).splitlines()[0][:100]))
                 continue
             part_out = out_bytes // 2 if form is CfgForm.BATCH else out_bytes
             call = predict_call(plan, part_out, constants, whole_output=form is CfgForm.BATCH)

@@ -108,7 +108,7 @@ class _Mixer(nn.Module):
 @pytest.mark.parametrize("how,what", [
     ("mean_over_batch", "mean along the batch axis"), ("softmax_over_batch", "softmax along the batch axis"),
     ("first_sample", "combines the samples"), ("cat_on_batch", "along the batch axis"),
-    ("roll_batch", "roll along the batch axis"), ("table", "do not line up")])
+    ("roll_batch", "roll along the batch axis")])
 def test_ops_that_combine_samples_are_refused_by_name(how, what):
     m = _Mixer(how)
     gm, ex = capture_model(m, {"x": torch.randn(2, 2, 4), "table": torch.randn(2, 4)})
@@ -121,6 +121,18 @@ def test_samples_kept_apart_pass():
     gm, ex = capture_model(_Mixer("none"), {"x": torch.randn(2, 3, 4), "table": torch.randn(5, 4)})
     _, _, split = split_batch(gm, ex, 2)
     assert split.output_axes == (0,)
+
+
+def test_an_input_whose_leading_dim_only_equals_the_batch_is_not_split():
+    """A per-token [S, 4] table with S == B looks batched by its leading dim; its axis does not line up with the
+    image input's batch, so the analysis takes it as the same for every sample, and the split is exact."""
+    x, table = torch.randn(2, 2, 4), torch.randn(2, 4)
+    gm, ex = capture_model(_Mixer("table"), {"x": x, "table": table})
+    part_gm, _, split = split_batch(gm, ex, 2)
+    positions = {i for i, v in enumerate(ex) if v is table}
+    assert positions and not positions & set(split.input_axes)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat([part_gm(*split.cut(ex, p))[0] for p in range(2)]), gm(*ex)[0])
 
 
 # --------------------------------------------------------------------------------------------- one process
