@@ -87,7 +87,7 @@ def rank_main(rank, world, port, case, runs, steps, out_path):
     model, shape, sched = build(case)
     auto = torch.compile(model, backend="pipefusion", options={"stage_backend": "eager", "calls_per_step": calls})
     generation(auto, case, shape, sched, 3)
-    (choice, _), = degrees._CHOSEN.values()
+    choice = degrees.choice_of(auto)
     runners = {}
     for c in choice.candidates:
         if not c.fits:

@@ -211,10 +211,19 @@ def choose_parallel(gm: fx.GraphModule, example_inputs: list, options: Pipefusio
     c = choice.chosen
     log.info("pipefusion: parallel='auto' chose %s (%s), predicted %.1f ms per step", c.label, c.form,
              c.step_s * 1e3)
-    chosen = dataclasses.replace(options, parallel="manual", cfg_parallel=c.cfg, num_stages=c.pp,
-                                 num_patches=c.patches)
-    object.__setattr__(chosen, "_degrees", choice)
-    return chosen
+    return dataclasses.replace(options, parallel="manual", cfg_parallel=c.cfg, num_stages=c.pp,
+                               num_patches=c.patches)
+
+
+def choice_of(compiled_model) -> DegreeChoice | None:
+    """The `parallel='auto'` table and choice made for `compiled_model` (the `torch.compile` result or the
+    module), None before its first call or when its degrees were given."""
+    module = getattr(compiled_model, "_orig_mod", compiled_model)
+    ids = {id(p) for p in module.parameters()}
+    for key, (choice, refs) in _CHOSEN.items():
+        if key and set(key) <= ids and all(r() is not None for r in refs):
+            return choice
+    return None
 
 
 @dataclass(frozen=True)

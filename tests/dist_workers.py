@@ -47,6 +47,10 @@ def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
     program = found[0]
     result = {"final": final, "steps": per_step, "stats": dict(program.stats),
               "part_stats": [dict(p.stats) for p in found]}
+    if opts.get("parallel") == "auto":
+        from pipefusion_compile.degrees import choice_of
+
+        result["auto_choice"] = str(choice_of(compiled))
     if hasattr(program, "stage_index"):
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         result.update(plan_bytes=program.plan.p2p_bytes_per_step(program.stage_index), param_bytes=total,
@@ -166,7 +170,7 @@ def auto_job(rank, world, name, factory_kwargs, options, steps):
     from pipefusion_compile import degrees
 
     result = run_job(name, factory_kwargs, {"parallel": "auto", **options}, steps)
-    (choice, _), = [v for v in degrees._CHOSEN.values()]
+    (choice, _), = [v for v in degrees._CHOSEN.values()]   # run_job's model is gone; it made the only choice
     c = choice.chosen
     result.update(chosen=(c.cfg, c.pp, c.patches, str(c.form)), table=str(choice),
                   predicted_bytes=c.bytes_per_rank(result.get("stage", 0)) if hasattr(c, "bytes_per_rank") else None,

@@ -134,6 +134,7 @@ def test_auto_on_two_ranks_chooses_the_same_everywhere_and_equals_simulate(case,
     sim = _simulate("DiTTransformer2DModel", {"batch": 2},
                     {"num_stages": pp, "num_patches": m, "cfg_parallel": cfg, "simulate": True}, steps)
     for r in results:
+        assert r["value"]["auto_choice"] == r["value"]["table"]   # `degrees.choice_of(compiled)` finds it
         assert torch.equal(r["value"]["final"], sim["final"])
         stats = r["value"]["stats"]
         sent = stats["bytes_sent"] + (stats["output_bytes"] if r["value"]["stage"] == pp - 1 else 0)
