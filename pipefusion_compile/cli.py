@@ -15,6 +15,31 @@ from .passes.meta import example_value
 from .plan import PipelinePlan, build_plan
 
 
+def _trace_without_running(model: torch.nn.Module, example_kwargs: dict, take) -> None:
+    """Trace `model(**example_kwargs)` with dynamo; `take(gm, example_inputs)` sees every graph and returns True
+    for one it used (it then returns zeros instead of being computed) or False (it runs for real, so the
+    model's own data-dependent code after a graph break sees real values)."""
+    from .errors import PipefusionError
+
+    def capture(gm: fx.GraphModule, example_inputs):
+        if not take(gm, example_inputs):
+            return gm.forward
+        outs = [example_value(o) if isinstance(o, fx.Node) else o for o in graph_outputs(gm)]
+        return lambda *args: tuple(torch.zeros(o.shape, dtype=o.dtype) if isinstance(o, torch.Tensor) else o
+                                   for o in outs)
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=capture)(**example_kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        if isinstance(e.inner_exception, PipefusionError):
+            raise e.inner_exception from None
+        raise
+    finally:
+        torch._dynamo.reset()
+
+
 def plan_graphs(model: torch.nn.Module, example_kwargs: dict, **options) -> list[PipelinePlan]:
     """Trace `model(**example_kwargs)` with dynamo and plan every graph that has self-attention.
 
@@ -26,35 +51,18 @@ def plan_graphs(model: torch.nn.Module, example_kwargs: dict, **options) -> list
     opts = PipefusionOptions.from_dict(options).resolve()
     plans: list[PipelinePlan] = []
 
-    def capture(gm: fx.GraphModule, example_inputs):
+    def take(gm: fx.GraphModule, example_inputs) -> bool:
         from .backend import analyze_for_pipeline
         from .errors import failures_named
 
         analysis = analyze_for_pipeline(gm, example_inputs, opts)
         if analysis is None:
-            return gm.forward
+            return False
         with failures_named("planning the pipeline", gm):
             plans.append(build_plan(gm, example_inputs, opts, analysis)[0])
-        outs = [example_value(o) if isinstance(o, fx.Node) else o for o in graph_outputs(gm)]
+        return True
 
-        def zeros(*args):
-            return tuple(torch.zeros(o.shape, dtype=o.dtype) if isinstance(o, torch.Tensor) else o for o in outs)
-
-        return zeros
-
-    from .errors import PipefusionError
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=capture)
-    try:
-        with torch.no_grad():
-            compiled(**example_kwargs)
-    except torch._dynamo.exc.BackendCompilerFailed as e:
-        if isinstance(e.inner_exception, PipefusionError):
-            raise e.inner_exception from None
-        raise
-    finally:
-        torch._dynamo.reset()
+    _trace_without_running(model, example_kwargs, take)
     return plans
 
 
@@ -72,38 +80,24 @@ def degree_choices(model: torch.nn.Module, example_kwargs: dict, world: int, mac
     """`parallel='auto'`'s table for a world of `world` ranks, per graph with self-attention, without running
     the model (this process's compute rate is measured; the link is assumed unless `machine` gives it)."""
     from .degrees import MachineConstants, _attention_shape, calibrate, enumerate_candidates
+    from .passes.sdpa import is_sdpa
 
     opts = PipefusionOptions.from_dict({**options, "num_stages": 2}).resolve()
     choices = []
 
-    def capture(gm: fx.GraphModule, example_inputs):
-        from .passes.sdpa import is_sdpa
+    def take(gm: fx.GraphModule, example_inputs) -> bool:
+        if not any(is_sdpa(n) for n in gm.graph.nodes):
+            return False
+        device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        heads, head_dim, rows = _attention_shape(gm)
+        constants = calibrate(device, heads, head_dim, max(rows // world, 1))
+        if machine:
+            constants = MachineConstants.from_dict(machine, constants)
+        choices.append(enumerate_candidates(gm, example_inputs, opts, world, constants, calls_per_step,
+                                            options.get("num_patches")))
+        return True
 
-        outs = [example_value(o) if isinstance(o, fx.Node) else o for o in graph_outputs(gm)]
-        if any(is_sdpa(n) for n in gm.graph.nodes):
-            device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-            heads, head_dim, rows = _attention_shape(gm)
-            constants = calibrate(device, heads, head_dim, max(rows // world, 1))
-            if machine:
-                constants = MachineConstants.from_dict(machine, constants)
-            choices.append(enumerate_candidates(gm, example_inputs, opts, world, constants, calls_per_step,
-                                                options.get("num_patches")))
-            return lambda *args: tuple(torch.zeros(o.shape, dtype=o.dtype) if isinstance(o, torch.Tensor) else o
-                                       for o in outs)
-        return gm.forward
-
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            torch.compile(model, backend=capture)(**example_kwargs)
-    except torch._dynamo.exc.BackendCompilerFailed as e:
-        from .errors import PipefusionError
-
-        if isinstance(e.inner_exception, PipefusionError):
-            raise e.inner_exception from None
-        raise
-    finally:
-        torch._dynamo.reset()
+    _trace_without_running(model, example_kwargs, take)
     return choices
 
 

@@ -33,6 +33,7 @@ from .lazy import Bands, LazyTensor, materialize
 from .options import PipefusionOptions
 from .passes.batch import BatchSplit, split_batch
 from .passes.sdpa import is_sdpa
+from .runtime import CallKind, classify_call
 
 log = logging.getLogger("pipefusion_compile")
 
@@ -130,6 +131,7 @@ class StreamParallelProgram:
         self.timestep_index = timestep_index
         self.mesh = mesh
         self.part = None if mesh is None else _coordinate(mesh, "cfg")
+        self._ranks = None if mesh is None else mesh.mesh.tolist()   # [part][stage] -> global rank
         self.stats = {"cfg_bytes_sent": 0, "calls_per_part": [0] * self.parts}
         self._last: torch.Tensor | None = None
         self._stream = 0
@@ -146,14 +148,14 @@ class StreamParallelProgram:
         return self.programs[0].plan
 
     def _next_stream(self, args) -> int:
-        """Call stream of this call (the k-th call of a step with the same timestep), as the runtime counts it."""
+        """Call stream of this call, as the runtime counts it (`runtime.classify_call`)."""
         t = args[self.timestep_index].detach().to("cpu", torch.float64)
-        last = self._last
-        if last is not None and t.shape == last.shape and torch.equal(t, last):
+        kind = classify_call(self._last, t)
+        if kind is CallKind.SAME_STEP:
             self._stream += 1
             self._streams_in_step = max(self._streams_in_step, self._stream + 1)
         else:
-            if last is not None and t.shape == last.shape and not bool((t > last).any()):
+            if kind is CallKind.NEXT_STEP:
                 self._step += 1
                 if self._step == 1 and self._streams_in_step < self.parts:
                     raise OptionsError(
@@ -180,14 +182,13 @@ class StreamParallelProgram:
         if self.part is None:
             return self.programs[owner](*args)
         program = self.programs[0]
-        ranks = self.mesh.mesh.tolist()
         tag = self._calls % (1 << 20)
         if owner == self.part:
             out = program(*args)
             if program.stage_index == program.plan.num_stages - 1:
-                self._send(out, [r for c, row in enumerate(ranks) if c != owner for r in row], tag)
+                self._send(out, [r for c, row in enumerate(self._ranks) if c != owner for r in row], tag)
             return out
-        return self._receive(args, ranks[owner][-1], tag)
+        return self._receive(args, self._ranks[owner][-1], tag)
 
     def _send(self, out, peers: list[int], tag: int) -> None:
         program = self.programs[0]
@@ -257,40 +258,43 @@ def compile_cfg_parallel(gm: fx.GraphModule, example_inputs: list, options: Pipe
             return None
         raise
     log.info("pipefusion: cfg_parallel=%d: %s", parts, split.describe().replace("\n", "; "))
-    inner = dataclasses.replace(options, cfg_parallel=1, mesh=None)
-    if options.simulate:
-        first = compile_part(part_gm, part_inputs, inner)
-        if not hasattr(first, "sibling"):   # declined (recorded, and an error under strict): runs unchanged
-            return None
-        programs = [first] + [first.sibling(part_inputs) for _ in range(parts - 1)]
-        return CfgParallelProgram(split, programs, options)
-    mesh = build_mesh(options)
-    part = _coordinate(mesh, "cfg")
-    pp_group = mesh.get_group("pp") if "pp" in mesh.mesh_dim_names else None
-    cfg_group = mesh.get_group("cfg")
-    inner = dataclasses.replace(inner, group=pp_group)
-    program = compile_part(part_gm, part_inputs, inner)
-    if not hasattr(program, "comm"):
+    built = _part_programs(part_gm, part_inputs, options, compile_part)
+    if built is None:
         return None
-    return CfgParallelProgram(split, [program], options, part, cfg_group)
+    programs, mesh = built
+    if mesh is None:
+        return CfgParallelProgram(split, programs, options)
+    return CfgParallelProgram(split, programs, options, _coordinate(mesh, "cfg"), mesh.get_group("cfg"))
 
 
-def _compile_two_calls(gm, example_inputs, options, compile_part):
+def _part_programs(gm, example_inputs, options, compile_part):
+    """(the programs of the parts this process runs, the mesh or None in one process), or None when the part's
+    graph is declined (recorded, an error under strict: it then runs unchanged). In one process: one program
+    per part, siblings sharing the compiled stage graphs; on ranks: this rank's part's, over the mesh's "pp"
+    group."""
     inner = dataclasses.replace(options, cfg_parallel=1, mesh=None)
     mesh = None
     if not options.simulate:
         mesh = build_mesh(options)
         inner = dataclasses.replace(inner, group=mesh.get_group("pp"))
     program = compile_part(gm, example_inputs, inner)
-    if not hasattr(program, "sibling"):   # declined (recorded, and an error under strict): runs unchanged
+    if not hasattr(program, "sibling"):
         return None
-    if program.timestep_index is None:
+    if mesh is not None:
+        return [program], mesh
+    return [program] + [program.sibling(example_inputs) for _ in range(options.cfg_parallel - 1)], None
+
+
+def _compile_two_calls(gm, example_inputs, options, compile_part):
+    built = _part_programs(gm, example_inputs, options, compile_part)
+    if built is None:
+        return None
+    programs, mesh = built
+    if programs[0].timestep_index is None:
         raise OptionsError(f"option cfg_parallel={options.cfg_parallel} on a batch of 1 runs each call of a step "
                            "(CFG as two calls) on its own part, which needs a timestep input to tell the calls of "
                            "one step apart; this graph has none")
-    if mesh is None:
-        programs = [program] + [program.sibling(example_inputs) for _ in range(options.cfg_parallel - 1)]
-        return StreamParallelProgram(programs, options, program.timestep_index)
-    log.info("pipefusion: cfg_parallel=%d on a batch of 1: the calls of a step run on the parts in turn",
-             options.cfg_parallel)
-    return StreamParallelProgram([program], options, program.timestep_index, mesh)
+    if mesh is not None:
+        log.info("pipefusion: cfg_parallel=%d on a batch of 1: the calls of a step run on the parts in turn",
+                 options.cfg_parallel)
+    return StreamParallelProgram(programs, options, programs[0].timestep_index, mesh)

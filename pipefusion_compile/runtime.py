@@ -14,6 +14,7 @@ stages are placed: ranks equal simulate bit for bit.
 """
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -244,10 +245,11 @@ class PipelineProgram:
             return inst.current()
         t = t.detach().to("cpu", torch.float64)
         last = inst.last_timestep
-        if last is not None and (t.shape != last.shape or bool((t > last).any())):
+        kind = classify_call(last, t)
+        if kind is CallKind.NEW_GENERATION and last is not None:
             log.info("pipefusion: timestep went up (%s -> %s): new generation", last.tolist(), t.tolist())
             _reset_instance(inst)
-        elif last is not None and torch.equal(t, last):
+        elif kind is CallKind.SAME_STEP:
             inst.stream += 1
             if inst.stream not in inst.streams:
                 log.info("pipefusion: call %d of one step (same timestep %s): call stream %d, with its own "
@@ -484,6 +486,20 @@ class PipelineProgram:
             log.info("pipefusion: stage %d, %s: compiled with %s in %.2fs",
                      s.lowered.index, what, self.options.stage_backend, elapsed)
         return fn
+
+
+class CallKind(enum.Enum):
+    """What a call is, from its timestep and the previous call's."""
+
+    NEW_GENERATION = "new generation"   # the first call, a timestep that went up, or another shape of it
+    SAME_STEP = "same step"             # the same timestep: one more call stream of this step (CFG as two calls)
+    NEXT_STEP = "next step"             # a lower timestep
+
+
+def classify_call(last: torch.Tensor | None, t: torch.Tensor) -> CallKind:
+    if last is None or t.shape != last.shape or bool((t > last).any()):
+        return CallKind.NEW_GENERATION
+    return CallKind.SAME_STEP if torch.equal(t, last) else CallKind.NEXT_STEP
 
 
 def _reset_instance(inst: _Instance) -> None:

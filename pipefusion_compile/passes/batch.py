@@ -447,9 +447,9 @@ class _BatchAnalyzer:
         if not args:
             return args, False
         tupled = isinstance(args[0], (tuple, list, torch.Size))
-        sizes = list(args[0]) if tupled else [a for a in (args if op_name(n) != "full" else args[:1])]
-        if op_name(n) == "full" and not tupled:
+        if not tupled and op_name(n) == "full":   # full(size, fill_value): the size is always a sequence
             return args, False
+        sizes = list(args[0]) if tupled else list(args)
         at = [k for k, v in enumerate(sizes) if v == self.batch and isinstance(v, int) and not isinstance(v, bool)]
         if len(at) != 1:
             return args, False
