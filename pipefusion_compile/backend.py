@@ -21,6 +21,7 @@ what stage k runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -32,7 +33,8 @@ import torch.fx as fx
 
 from .declines import decline
 from .lazy import LazyTensor, materialize
-from .errors import PipefusionError, TooFewLayersError, UnsupportedGraphError, failures_named, graph_break_report
+from .errors import (OptionsError, PipefusionError, TooFewLayersError, UnsupportedGraphError, failures_named,
+                     graph_break_report)
 from .options import PipefusionOptions
 from .passes.buffer_writes import fold_buffer_writes
 from .passes.canonical_attention import canonicalize_attention
@@ -42,6 +44,7 @@ from .passes.graph_inputs import arguments_of, is_user_input, remember_arguments
 from .passes.lower import lower
 from .passes.meta import Kind, node_meta
 from .passes.sdpa import is_sdpa
+from .passes.sequence_parallel import SequenceParallel, check_heads
 from .passes.tokens import TokenAnalysis, analyze_tokens
 from .plan import KeptCuts, build_plan
 from .passes.specialize import is_symbolic
@@ -125,8 +128,12 @@ def _keep_cuts(example_inputs: list, options: PipefusionOptions, plan) -> None:
 
 
 def compile_program(gm: fx.GraphModule, example_inputs: list, options: PipefusionOptions,
-                    analysis: TokenAnalysis | None = None) -> PipelineProgram:
-    """Phases 1-3 for one graph; returns the runnable program (stage graphs compile on first use)."""
+                    analysis: TokenAnalysis | None = None, sp: SequenceParallel | None = None) -> PipelineProgram:
+    """Phases 1-3 for one graph; returns the runnable program (stage graphs compile on first use).
+
+    `sp`: this rank is one of the sequence-parallel ranks of its stage (its plan runs its part of every band).
+    Under `sequence_parallel` > 1 without it (one process) the plan runs whole bands, and the degree is checked:
+    every band splits and every attention's heads divide."""
     t0 = time.perf_counter()
     with failures_named("planning the pipeline", gm):
         try:
@@ -137,10 +144,16 @@ def compile_program(gm: fx.GraphModule, example_inputs: list, options: Pipefusio
             if not report:
                 raise
             raise TooFewLayersError(f"{e}{report}") from None
+        degree = options.sequence_parallel or 1
+        if degree > 1:
+            dataclasses.replace(plan, sp_degree=degree).check_sequence_parallel()
+            check_heads(gm, degree)
+            if sp is not None:
+                plan = dataclasses.replace(plan, sp_degree=degree, sp_rank=sp.rank)
     _keep_cuts(example_inputs, options, plan)
     t1 = time.perf_counter()
     with failures_named("lowering the plan to stage graphs", gm):
-        stages = lower(gm, plan, analysis, shared_inputs=options.simulate)
+        stages = lower(gm, plan, analysis, shared_inputs=options.simulate, sp=sp)
         for stage in stages:  # lowering finishes here, so a graph it cannot lower fails at compile time
             for piece in (*plan.pieces(pipelined=False), *plan.pieces(pipelined=True)):
                 stage.piece_graph(piece)
@@ -345,4 +358,26 @@ def compile_for_shape(gm: fx.GraphModule, example_inputs: list, options: Pipefus
     analysis = analyze_for_pipeline(gm, example_inputs, options)
     if analysis is None:
         return resolving_lazy_inputs(gm.forward)
+    if (options.sequence_parallel or 1) > 1 and not options.simulate:
+        return _compile_sequence_parallel(gm, example_inputs, options, analysis)
     return compile_program(gm, example_inputs, options, analysis)
+
+
+def _compile_sequence_parallel(gm, example_inputs, options: PipefusionOptions, analysis):
+    """This rank's column of a sequence-parallel pipeline (`sequence_program.py`), its groups from the mesh
+    unless given."""
+    from .hybrid import mesh_groups
+    from .sequence_program import SequenceParallelProgram
+    from .ulysses import register_group
+
+    if options.sp_group is None:
+        options = mesh_groups(options)
+    group = register_group(options.sp_group, options.timeout_s)
+    if group.size != options.sequence_parallel:
+        raise OptionsError(f"option sequence_parallel={options.sequence_parallel} but its group (sp_group) has "
+                           f"{group.size} ranks")
+    sp = SequenceParallel(group.size, group.rank, group.key)
+    program = compile_program(gm, example_inputs, options, analysis, sp=sp)
+    log.info("pipefusion: sequence_parallel=%d: this rank runs part %d of every band (ranks %s per stage)",
+             group.size, group.rank, list(group.ranks))
+    return SequenceParallelProgram(program, group)

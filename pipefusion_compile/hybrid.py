@@ -41,20 +41,34 @@ _MESHES: dict[tuple, object] = {}
 
 
 def build_mesh(options: PipefusionOptions):
-    """The ("cfg", "pp") device mesh of the world (built once per shape of it; every rank builds it, in the same
-    order, as they compile the same graphs), or the one passed in."""
+    """The ("cfg", "pp") device mesh of the world, ("cfg", "pp", "sp") with sequence parallelism (sp innermost:
+    a stage's ranks are neighbours), built once per shape of it (every rank builds it, in the same order, as
+    they compile the same graphs), or the one passed in."""
     if options.mesh is not None:
         if "pp" not in options.mesh.mesh_dim_names:
-            raise OptionsError("option mesh: with a 'cfg' dim, name the pipeline dim 'pp' too (size 1 for none)")
+            raise OptionsError("option mesh: with a 'cfg' or 'sp' dim, name the pipeline dim 'pp' too (size 1 for "
+                               "none)")
+        if options.sequence_parallel > 1 and "sp" not in options.mesh.mesh_dim_names:
+            raise OptionsError("option mesh: sequence_parallel > 1 needs an 'sp' dim in the mesh")
         return options.mesh
     from torch.distributed.device_mesh import init_device_mesh
 
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    key = (options.cfg_parallel, options.num_stages, device)
+    sp = options.sequence_parallel
+    key = (options.cfg_parallel, options.num_stages, sp, device)
     if key not in _MESHES:
-        _MESHES[key] = init_device_mesh(device, (options.cfg_parallel, options.num_stages),
-                                        mesh_dim_names=("cfg", "pp"))
+        shape, names = (options.cfg_parallel, options.num_stages), ("cfg", "pp")
+        if sp > 1:
+            shape, names = (*shape, sp), (*names, "sp")
+        _MESHES[key] = init_device_mesh(device, shape, mesh_dim_names=names)
     return _MESHES[key]
+
+
+def mesh_groups(options: PipefusionOptions) -> PipefusionOptions:
+    """`options` with this rank's pipeline group (and sequence-parallel group) taken from the mesh."""
+    mesh = build_mesh(options)
+    sp_group = mesh.get_group("sp") if options.sequence_parallel > 1 else None
+    return dataclasses.replace(options, group=mesh.get_group("pp"), sp_group=sp_group)
 
 
 class CfgParallelProgram:
@@ -276,7 +290,7 @@ def _part_programs(gm, example_inputs, options, compile_part):
     mesh = None
     if not options.simulate:
         mesh = build_mesh(options)
-        inner = dataclasses.replace(inner, group=mesh.get_group("pp"))
+        inner = dataclasses.replace(mesh_groups(options), cfg_parallel=1, mesh=None)
     program = compile_part(gm, example_inputs, inner)
     if not hasattr(program, "sibling"):
         return None

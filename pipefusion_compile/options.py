@@ -26,10 +26,19 @@ class PipefusionOptions:
     own pipeline of num_stages ranks (or, in one process, one after the other); every rank returns the whole
     output. The world size must be cfg_parallel x num_stages. The batch axis of every input is found by
     dataflow (`passes/batch.py`)."""
+    sequence_parallel: int | None = None
+    """Sequence-parallel degree inside each stage (default 1): each stage runs on this many ranks, each one
+    part of every image band and heads / sequence_parallel of every self-attention (Ulysses: an all-to-all
+    before and after each attention; the fresh K/V of the whole band reach every rank's cache). The world size
+    must be cfg_parallel x num_stages x sequence_parallel. In one process the plan runs with whole bands (the
+    degree is checked, not simulated). `ulysses.py`."""
     mesh: Any = None
-    """A `torch.distributed.device_mesh.DeviceMesh` with dims named "cfg" and/or "pp" (e.g.
+    """A `torch.distributed.device_mesh.DeviceMesh` with dims named "cfg", "pp" and/or "sp" (e.g.
     `init_device_mesh("cpu", (2, 2), mesh_dim_names=("cfg", "pp"))`) to run over instead of the one built from
-    the world; its sizes give cfg_parallel and num_stages."""
+    the world; its sizes give cfg_parallel, num_stages and sequence_parallel."""
+    sp_group: Any = None
+    """Process group of this rank's sequence-parallel ranks (with `group`, the pipeline's); set from the mesh by
+    the backend, or given with group instead of a mesh."""
     num_patches: int | None = None
     """M: image patches (row bands) per step. Default: N (parallel='auto': the candidate chosen)."""
     parallel: str | None = None
@@ -118,6 +127,7 @@ class PipefusionOptions:
 
         positive_int("num_stages", self.num_stages, 1)
         positive_int("cfg_parallel", self.cfg_parallel, 1)
+        positive_int("sequence_parallel", self.sequence_parallel, 1)
         positive_int("calls_per_step", self.calls_per_step, 1)
         if self.parallel not in (None, "auto", "manual"):
             raise OptionsError(f"option parallel={self.parallel!r}: expected 'auto' or 'manual'")
@@ -169,10 +179,12 @@ class PipefusionOptions:
             raise OptionsError(f"option strict={self.strict!r}: expected True or False (or leave it unset)")
         if self.group is not None and not isinstance(self.group, dist.ProcessGroup):
             raise OptionsError(f"option group={self.group!r}: expected a torch.distributed ProcessGroup")
+        if self.sp_group is not None and not isinstance(self.sp_group, dist.ProcessGroup):
+            raise OptionsError(f"option sp_group={self.sp_group!r}: expected a torch.distributed ProcessGroup")
         if self.timeline is not None and not isinstance(self.timeline, str):
             raise OptionsError(f"option timeline={self.timeline!r}: expected a directory path")
 
-    _MESH_DIMS = ("cfg", "pp")
+    _MESH_DIMS = ("cfg", "pp", "sp")
 
     def _validate_mesh(self) -> None:
         from torch.distributed.device_mesh import DeviceMesh
@@ -191,6 +203,9 @@ class PipefusionOptions:
             raise OptionsError(f"option cfg_parallel={self.cfg_parallel} but the mesh's 'cfg' dim has size {cfg}")
         if self.num_stages is not None and self.num_stages != pp:
             raise OptionsError(f"option num_stages={self.num_stages} but the mesh's 'pp' dim has size {pp}")
+        sp = sizes.get("sp", 1)
+        if self.sequence_parallel not in (None, 1) and self.sequence_parallel != sp:
+            raise OptionsError(f"option sequence_parallel={self.sequence_parallel} but the mesh's 'sp' dim has size {sp}")
 
     def mesh_degrees(self) -> dict[str, int]:
         """The mesh's size per dim name (1 for a dim it does not have)."""
@@ -205,51 +220,56 @@ class PipefusionOptions:
         parallel = self.parallel
         if parallel is None:
             parallel = "auto" if (pg and not simulate and num_stages is None and self.cfg_parallel is None
-                                  and self.mesh is None and isinstance(self.partition, str)) else "manual"
+                                  and self.sequence_parallel is None and self.mesh is None
+                                  and isinstance(self.partition, str)) else "manual"
         if parallel == "auto" and (simulate or not pg):
             raise OptionsError("option parallel='auto' chooses the degrees for the ranks of a process group; in one "
                                "process give num_stages (and cfg_parallel) yourself")
-        if parallel == "auto" and (num_stages is not None or self.cfg_parallel is not None or self.mesh is not None):
-            raise OptionsError("option parallel='auto' chooses num_stages and cfg_parallel: do not give them too")
+        if parallel == "auto" and (num_stages is not None or self.cfg_parallel is not None or self.mesh is not None
+                                   or self.sequence_parallel is not None):
+            raise OptionsError("option parallel='auto' chooses num_stages, cfg_parallel and sequence_parallel: do not "
+                               "give them too")
         cfg = self.cfg_parallel or 1
+        sp = self.sequence_parallel or 1
         if parallel == "auto":   # provisional: `degrees.choose_parallel` fills the degrees from the graph
             return dataclasses.replace(
-                self, parallel=parallel, simulate=simulate, cfg_parallel=1,
+                self, parallel=parallel, simulate=simulate, cfg_parallel=1, sequence_parallel=1,
                 timeline=self.timeline if self.timeline is not None else (os.environ.get("PIPEFUSION_TIMELINE") or None),
                 strict=self.strict if self.strict is not None else True)
         if self.mesh is not None:
             degrees = self.mesh_degrees()
-            cfg, num_stages = degrees["cfg"], degrees["pp"]
+            cfg, num_stages, sp = degrees["cfg"], degrees["pp"], degrees["sp"]
         if num_stages is None:
             if not isinstance(self.partition, str):
                 num_stages = len(self.partition)
             elif pg and not simulate:
                 world = dist.get_world_size(self.group)
-                if world % cfg:
+                if world % (cfg * sp):
                     raise OptionsError(
-                        f"option cfg_parallel={cfg} does not divide the world size {world}: the world must be "
-                        f"cfg_parallel x num_stages ranks")
-                num_stages = world // cfg
+                        f"options cfg_parallel={cfg} x sequence_parallel={sp} do not divide the world size {world}: "
+                        "the world must be cfg_parallel x num_stages x sequence_parallel ranks")
+                num_stages = world // (cfg * sp)
             else:
                 num_stages = dist.get_world_size(self.group) if pg else 1
-        if pg and not simulate and self.mesh is None and cfg > 1:
+        if pg and not simulate and self.mesh is None and (cfg > 1 or sp > 1) and self.sp_group is None:
             world = dist.get_world_size(self.group)
-            if cfg * num_stages != world:
+            if cfg * num_stages * sp != world:
                 raise OptionsError(
-                    f"options cfg_parallel={cfg} x num_stages={num_stages} = {cfg * num_stages} ranks, but the "
-                    f"process group has {world}: the degrees' product must be the world size")
+                    f"options cfg_parallel={cfg} x num_stages={num_stages} x sequence_parallel={sp} = "
+                    f"{cfg * num_stages * sp} ranks, but the process group has {world}: the degrees' product must "
+                    "be the world size")
         num_patches = self.num_patches if self.num_patches is not None else num_stages
         strict = self.strict if self.strict is not None else num_stages > 1
         timeline = self.timeline if self.timeline is not None else (os.environ.get("PIPEFUSION_TIMELINE") or None)
         mesh, group = self.mesh, self.group
-        if mesh is not None and cfg == 1:   # a pipeline only: over the mesh's "pp" dim, as over a group
+        if mesh is not None and cfg == 1 and sp == 1:   # a pipeline only: over the mesh's "pp" dim, as over a group
             mesh, group = None, (mesh.get_group("pp") if "pp" in mesh.mesh_dim_names else None)
         return dataclasses.replace(
             self, num_stages=num_stages, num_patches=num_patches, simulate=simulate, timeline=timeline,
-            strict=strict, cfg_parallel=cfg, mesh=mesh, group=group, parallel=parallel,
+            strict=strict, cfg_parallel=cfg, mesh=mesh, group=group, parallel=parallel, sequence_parallel=sp,
         )
 
     def fingerprint_items(self) -> dict:
         """The options every rank must agree on."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("group", "mesh", "timeline", "timeout_s")}
+                if f.name not in ("group", "mesh", "sp_group", "timeline", "timeout_s")}

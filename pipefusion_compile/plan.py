@@ -26,7 +26,7 @@ from .passes.partition import (
     uniform_layers,
 )
 from .passes.cross_group import is_cross_group, query_side
-from .passes.pieces import BAND, FULL, HEAD, TAIL, Piece
+from .passes.pieces import BAND, FULL, HEAD, TAIL, Piece, sub_band
 from .passes.sdpa import sdpa_qkv
 from .passes.tokens import TokenAnalysis, analyze_tokens
 
@@ -109,6 +109,8 @@ class PipelinePlan:
                               # and after the image along the token axis); None: image only
     input_shape: tuple[int, ...] = ()  # the image input's shape (to say what a patch is)
     mixing: tuple[MixingOp, ...] = ()  # every op that mixes image tokens, with the rule that handles it
+    sp_degree: int = 1   # sequence-parallel ranks per stage (Ulysses, `ulysses.py`): each runs one part of every band
+    sp_rank: int = 0     # which part this program's ranks run (`pieces.sub_band`)
 
     @property
     def split(self) -> str:
@@ -131,19 +133,38 @@ class PipelinePlan:
     def pieces(self, pipelined: bool) -> tuple[Piece, ...]:
         """The pieces one step runs, in order. Warmup: the whole sequence. Pipelined: the M image bands, plus
         for a joint text+image sequence the text piece at its place in the sequence (with M = 1 the whole
-        joint sequence is the one patch, so a pipelined step equals the plain model)."""
+        joint sequence is the one patch, so a pipelined step equals the plain model).
+        With sequence parallelism each image band is this program's part of it (`pieces.sub_band`); the text
+        and the full sequence of a joint sequence are run whole by every rank of a stage."""
         if not pipelined or (self.text and self.num_patches == 1):
-            return (Piece(FULL, 0, self.token_rows) if self.text else Piece(BAND, 0, self.token_rows),)
-        bands = tuple(Piece(BAND, r0, n) for r0, n in self.patches)
+            return (Piece(FULL, 0, self.token_rows) if self.text else self._band(0, self.token_rows),)
+        bands = tuple(self._band(r0, n) for r0, n in self.patches)
         head = (Piece(HEAD),) if self.text in ("first", "both") else ()
         tail = (Piece(TAIL),) if self.text in ("last", "both") else ()
         return (*head, *bands, *tail)
 
-    def p2p_bytes_per_step(self, stage: int) -> int:
+    def _band(self, row0: int, rows: int) -> Piece:
+        band = Piece(BAND, row0, rows)
+        return sub_band(band, self.sp_degree, self.sp_rank) if self.sp_degree > 1 else band
+
+    def check_sequence_parallel(self) -> None:
+        """Every band (and the whole image, which a warmup step runs as one band) splits into `sp_degree`
+        parts of at least one token row."""
+        smallest = min(n for _, n in self.patches)
+        if self.sp_degree > smallest:
+            raise PlanError(
+                f"sequence_parallel={self.sp_degree} splits every band of token rows over the ranks of a stage, but "
+                f"the smallest of the M={self.num_patches} bands has {smallest} rows; use fewer patches "
+                f"(num_patches <= {self.token_rows // self.sp_degree}) or a lower sequence_parallel")
+
+    def p2p_bytes_per_step(self, stage: int, pipelined: bool = True) -> int:
         """Bytes stage `stage` sends to later stages per step: every patch of every value it produces, once
-        per consuming stage. The same for warmup and pipelined steps (all token rows, once)."""
+        per consuming stage. The same for warmup and pipelined steps (all token rows, once), except under
+        sequence parallelism, where this rank sends its parts of the bands and the whole of what every rank of
+        the stage runs whole (the text; a joint sequence's full warmup sequence)."""
+        rows = sum(p.rows for p in self.pieces(pipelined) if p.kind in (BAND, FULL))
         return sum(
-            (t.row_bytes * self.token_rows + t.text_bytes) * sum(1 for c in t.consumers if c < self.num_stages)
+            (t.row_bytes * rows + t.text_bytes) * sum(1 for c in t.consumers if c < self.num_stages)
             for t in self.crossing if t.producer == stage
         )
 
@@ -207,6 +228,11 @@ class PipelinePlan:
                 f"is one more patch, run once per pipelined step {where}"
                 + (" (M=1: the whole joint sequence is one patch)" if self.num_patches == 1 else "")
             )
+        if self.sp_degree > 1:
+            parts = ", ".join(f"[{p.row0}, {p.row0 + p.rows})" for p in self.pieces(True) if p.kind == BAND)
+            lines.append(
+                f"sequence parallel: {self.sp_degree} ranks per stage (Ulysses all-to-all around each self-attention);"
+                f" this rank's part {self.sp_rank} of each band: {parts}")
         return "\n".join(lines)
 
 

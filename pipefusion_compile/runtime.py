@@ -326,6 +326,7 @@ class PipelineProgram:
         schedule, in stage order."""
         args = self._lazy_arguments(args)
         inst, pieces, device, outs = self._start_step(args)
+        self.last_pieces = pieces
         for c in self.comms.values():
             c.new_step(inst.state.step, device)
         key = (tuple(pieces), str(device))

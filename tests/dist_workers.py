@@ -35,7 +35,7 @@ def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
     opts = {"stage_backend": "eager", **BUILTIN_OPTIONS.get(model_name, {}), **options}
     if group is not None:
         opts["group"] = group
-    elif dist.is_initialized() and not ({"parallel", "cfg_parallel", "num_stages", "mesh"} & set(opts)):
+    elif dist.is_initialized() and not ({"parallel", "cfg_parallel", "num_stages", "mesh", "sequence_parallel"} & set(opts)):
         # these suites test the pipeline over the world; parallel='auto' (the default) may split a batch instead
         opts["num_stages"] = dist.get_world_size()
     compiled = torch.compile(model, backend="pipefusion", options=opts)
@@ -51,6 +51,13 @@ def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
         from pipefusion_compile.degrees import choice_of
 
         result["auto_choice"] = str(choice_of(compiled))
+    if hasattr(program, "stage_index") and program.plan.sp_degree > 1:
+        from pipefusion_compile.sequence_program import predicted_bytes_per_step
+
+        warm = program.options.warmup_steps
+        result["sp_plan_bytes"] = sum(predicted_bytes_per_step(program, pipelined=s >= warm) for s in range(steps))
+        result["plan_bytes_by_step"] = [program.plan.p2p_bytes_per_step(program.stage_index, s >= warm)
+                                        for s in range(steps)]
     if hasattr(program, "stage_index"):
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         result.update(plan_bytes=program.plan.p2p_bytes_per_step(program.stage_index), param_bytes=total,

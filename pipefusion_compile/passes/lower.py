@@ -28,7 +28,8 @@ For stage k `lower` builds
 
   then `propagate_patch_shapes` (piece_rewrites.py) runs the patch graph on fake tensors and checks every
   token-carrying value has the patch's shape (a constant that measures tokens and was missed fails here, at
-  compile time).
+  compile time). With sequence parallelism, `rewrite_sequence_parallel` (sequence_parallel.py) then wraps each
+  self-attention over the caches in Ulysses' all-to-alls (each rank: its part of the band, its heads).
 
 This module holds `lower`, which composes them, and re-exports the names other modules import from here
 (`StageInput`, `LoweredStage`, the passes, ...).
@@ -48,6 +49,7 @@ from .piece_rewrites import (propagate_patch_shapes, rewrite_halo_convs, rewrite
                              rewrite_stale_reductions, rewrite_token_sizes, select_group)
 from .pieces import BAND, FULL, Piece
 from .sample_rules import rewrite_sample_splits
+from .sequence_parallel import SequenceParallel, check_heads, rewrite_sequence_parallel, sp_cache_specs
 from .side_effects import alias_root, check_kept, mutated_operand
 from .stage_split import (InputSource, LoweredStage, PieceGraph, check_lowerable, detach_fresh_tensors,
                           extract_globals, extract_stage, output_names)
@@ -73,7 +75,8 @@ def _run_pass(name: str, fn, gm: fx.GraphModule, *args) -> fx.GraphModule:
     return out
 
 
-def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool = False) -> list[LoweredStage]:
+def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool = False,
+          sp: SequenceParallel | None = None) -> list[LoweredStage]:
     """Build the globals graph and the piece-graph factory of every stage of `plan`.
 
     `shared_inputs`: all stages run in one process on the same graph inputs (simulate mode), so an in-place
@@ -81,8 +84,14 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
     first stage that reads it; with one process per stage, each stage's globals apply it to their own copy.
     A write into a graph input that no stage reads still runs (on the last stage): it is visible to the
     caller. Every write of the dynamo graph must end up in some extracted graph (`check_kept`).
+
+    `sp`: this rank is one of `sp.degree` sequence-parallel ranks of its stage: its K/V caches hold its share of
+    the heads and every self-attention is wrapped in Ulysses' all-to-alls (`sequence_parallel.py`).
     """
     check_lowerable(gm)
+    seq = sp   # (`sp` names each stage's plan below)
+    if seq is not None:
+        check_heads(gm, seq.degree)
     _run_pass("detach_fresh_tensors", detach_fresh_tensors, gm)
     scopes = autocast_scopes(gm)
     nodes_by_name = {n.name: n for n in gm.graph.nodes}
@@ -134,6 +143,8 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
             g = _run_pass("rewrite_stale_reductions", rewrite_stale_reductions, g, whole)
             g = _run_pass("rewrite_token_sizes", rewrite_token_sizes, g, piece, analysis)
             g = _run_pass("propagate_patch_shapes", propagate_patch_shapes, g, piece, analysis)
+            if seq is not None:
+                g = _run_pass("rewrite_sequence_parallel", rewrite_sequence_parallel, g, piece, seq)
             g, fused = _run_pass("fuse_unpatchify_output", fuse_unpatchify_output, g, model_outputs)
             g = _run_pass("restore_autocast", restore_autocast, g, scopes)
             names = output_names(g)
@@ -144,6 +155,8 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
             kept = {ph.target for ph in g.graph.find_nodes(op="placeholder")}
             return PieceGraph(g, tuple(i for i in inputs if i.name in kept), names, fused)
 
+        if seq is not None:
+            caches = sp_cache_specs(caches, seq.degree, nodes_by_name)
         stages.append(LoweredStage(
             index=sp.index, globals_gm=globals_gm, global_inputs=positions, global_outputs=gouts,
             inputs=inputs, caches=caches, outputs=outputs, stage_gm=stage_gm,

@@ -40,16 +40,28 @@ class Piece:
     kind: PieceKind  # FULL, BAND, HEAD or TAIL
     row0: int = 0    # first token row (BAND; 0 otherwise)
     rows: int = 0    # token rows (BAND and FULL; 0 for HEAD and TAIL)
+    split: tuple[int, ...] = ()   # sequence parallelism: the token rows of each rank's part of the band this
+                                  # BAND piece is one part of (`sub_band`); empty without
 
     @property
     def key(self) -> tuple:
         """What the compiled graph depends on (the row offset is a run-time input)."""
-        return (self.kind,) if self.kind in EXTRA else (self.kind, self.rows)
+        if self.kind in EXTRA:
+            return (self.kind,)
+        return (self.kind, self.rows, self.split) if self.split else (self.kind, self.rows)
 
     @property
     def index_name(self) -> str:
         return {FULL: "full sequence", HEAD: "tokens before the image", TAIL: "tokens after the image"}.get(
             self.kind, f"rows [{self.row0}, {self.row0 + self.rows})")
+
+
+def sub_band(band: Piece, parts: int, index: int) -> Piece:
+    """Part `index` of `parts` nearly equal parts (in rows, the first ones larger) of a band: what sequence-
+    parallel rank `index` of a stage runs of it. Every part has at least one row (`plan.check_sequence_parallel`)."""
+    q, r = divmod(band.rows, parts)
+    split = tuple(q + (1 if i < r else 0) for i in range(parts))
+    return Piece(BAND, band.row0 + sum(split[:index]), split[index], split)
 
 
 def holds(info: TokenInfo | None, kind: PieceKind) -> bool:
