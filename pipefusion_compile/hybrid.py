@@ -145,7 +145,10 @@ class StreamParallelProgram:
         self.timestep_index = timestep_index
         self.mesh = mesh
         self.part = None if mesh is None else _coordinate(mesh, "cfg")
-        self._ranks = None if mesh is None else mesh.mesh.tolist()   # [part][stage] -> global rank
+        # per part: its ranks, and the one that sends each call's output to the other parts (its last stage's,
+        # the first of them under sequence parallelism: every rank of the part has the whole output)
+        self._ranks = None if mesh is None else [torch.as_tensor(m).reshape(-1).tolist() for m in mesh.mesh]
+        self._senders = None if mesh is None else [int(torch.as_tensor(m)[-1].reshape(-1)[0]) for m in mesh.mesh]
         self.stats = {"cfg_bytes_sent": 0, "calls_per_part": [0] * self.parts}
         self._last: torch.Tensor | None = None
         self._stream = 0
@@ -199,10 +202,10 @@ class StreamParallelProgram:
         tag = self._calls % (1 << 20)
         if owner == self.part:
             out = program(*args)
-            if program.stage_index == program.plan.num_stages - 1:
-                self._send(out, [r for c, row in enumerate(self._ranks) if c != owner for r in row], tag)
+            if dist.get_rank() == self._senders[owner]:
+                self._send(out, [r for c, ranks in enumerate(self._ranks) if c != owner for r in ranks], tag)
             return out
-        return self._receive(args, self._ranks[owner][-1], tag)
+        return self._receive(args, self._senders[owner], tag)
 
     def _send(self, out, peers: list[int], tag: int) -> None:
         program = self.programs[0]

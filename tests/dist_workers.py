@@ -115,6 +115,11 @@ def pipeline_sequence(rank, world, name, options, variants):
             "distributed": all(hasattr(p, "stage_index") for p in found)}
 
 
+def pipeline_jobs(rank, world, jobs):
+    """`pipeline_sequence` for each (pipeline name, options, variants) in turn, in one process."""
+    return [pipeline_sequence(rank, world, name, options, variants) for name, options, variants in jobs]
+
+
 def builtin_shapes(rank, world, model_name, sizes, options, steps=3):
     """A built-in model compiled once, sampled at each of `sizes` in turn (default torch.compile settings)."""
     torch._dynamo.reset()

@@ -10,7 +10,7 @@ import torch
 
 import pipefusion_compile
 from dist_utils import run_ranks
-from dist_workers import generate, mismatched_options, pipeline_sequence, run_job
+from dist_workers import generate, mismatched_options, pipeline_jobs, pipeline_sequence, run_job
 from graph_utils import capture_model
 from pipefusion_compile.errors import OptionsError, PipefusionError
 from pipefusion_compile.models import BUILTIN
@@ -168,14 +168,27 @@ def test_hybrids_with_sequence_parallel_on_four_ranks_equal_simulate_bit_for_bit
             assert got["stats"]["sp_collectives"] > 0
 
 
-def test_unchanged_pipeline_on_four_ranks_pp2_x_sp2(tmp_path):
-    variants = ["first", "batch2"]
-    options = {"num_stages": 2, "sequence_parallel": 2, "num_patches": 2}
-    results = run_ranks(pipeline_sequence, 4, "pixart_sigma", options, variants, tmp_path=tmp_path, timeout=600)
-    want = _simulate(pipeline_sequence, 0, 1, "pixart_sigma", {"num_stages": 2, "num_patches": 2, "simulate": True},
-                     variants)
-    for res in results:
-        got = res["value"]
-        assert got["distributed"] and got["stages"] == [2]
-        for variant, a, b in zip(variants, got["outputs"], want["outputs"]):
-            assert torch.equal(a, b), (variant, res["rank"])
+PIPELINES = [  # (tiny pipeline, options, variants): unchanged diffusers pipelines on 4 ranks
+    ("pixart_sigma", {"num_stages": 2, "sequence_parallel": 2, "num_patches": 2}, ["first", "batch2"]),
+    ("flux", {"num_stages": 1, "cfg_parallel": 2, "sequence_parallel": 2, "num_patches": 2}, ["first"]),
+    ("wan", {"num_stages": 1, "cfg_parallel": 2, "sequence_parallel": 2, "num_patches": 2}, ["first"]),
+]
+
+
+def test_unchanged_pipelines_on_four_ranks_with_sequence_parallel(tmp_path):
+    """PixArt-Sigma pp 2 x sp 2 (a second batch size in the same process), Flux true CFG and Wan as two calls per
+    step, cfg 2 x sp 2 (the two-call form: each call's stream on its half, two ranks each). Bit for bit but Wan:
+    its parts of a band hold 2 token rows, and a CPU linear layer over fewer than 4 rows takes another kernel
+    than over the whole band (measured: last bits differ), so Wan is assert_close at 1e-5."""
+    results = run_ranks(pipeline_jobs, 4, PIPELINES, tmp_path=tmp_path, timeout=900)
+    for j, (name, options, variants) in enumerate(PIPELINES):
+        whole = {k: v for k, v in options.items() if k != "sequence_parallel"}
+        want = _simulate(pipeline_sequence, 0, 1, name, {**whole, "simulate": True}, variants)
+        for res in results:
+            got = res["value"][j]
+            assert got["distributed"] and got["stages"] == [options["num_stages"]]
+            for variant, a, b in zip(variants, got["outputs"], want["outputs"]):
+                if name == "wan":
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                else:
+                    assert torch.equal(a, b), (name, variant, res["rank"])
