@@ -38,6 +38,7 @@ import torch.fx as fx
 from .errors import OptionsError, PipefusionError
 from .options import PipefusionOptions
 from .passes.meta import ValueEnum, example_value
+from .passes.pieces import BAND
 from .plan import PipelinePlan
 
 log = logging.getLogger("pipefusion_compile")
@@ -212,7 +213,7 @@ def choose_parallel(gm: fx.GraphModule, example_inputs: list, options: Pipefusio
     log.info("pipefusion: parallel='auto' chose %s (%s), predicted %.1f ms per step", c.label, c.form,
              c.step_s * 1e3)
     return dataclasses.replace(options, parallel="manual", cfg_parallel=c.cfg, num_stages=c.pp,
-                               num_patches=c.patches)
+                               num_patches=c.patches, sequence_parallel=c.sp)
 
 
 def choice_of(compiled_model) -> DegreeChoice | None:
@@ -232,6 +233,7 @@ class Candidate:
     pp: int
     patches: int
     form: CfgForm
+    sp: int = 1                       # sequence-parallel ranks per stage (Ulysses)
     compute_s: float = 0.0
     overhead_s: float = 0.0
     comm_s: float = 0.0
@@ -240,18 +242,20 @@ class Candidate:
     p2p_bytes: tuple[int, ...] = ()   # per pipeline stage: bytes it sends per step (stage cuts + output bands)
     cfg_bytes: tuple[int, ...] = ()   # per pipeline stage: bytes it sends per step across the cfg dim (the batch
                                       # form's all-gather; the two-call form's output, from the last stage)
+    sp_bytes: tuple[int, ...] = ()    # per pipeline stage: bytes a rank sends per step in its sequence-parallel
+                                      # group (all-to-alls, head gathers, the output gather)
     memory_bytes: int = 0             # per rank: its stage's parameters and caches
     fits: bool = True
     note: str = ""
 
     @property
     def label(self) -> str:
-        return f"cfg {self.cfg} x pp {self.pp}, M={self.patches}"
+        return f"cfg {self.cfg} x pp {self.pp} x sp {self.sp}, M={self.patches}"
 
     def bytes_per_rank(self, stage: int) -> int:
-        """What a rank running pipeline stage `stage` (of any part) sends per step."""
-        return ((self.p2p_bytes[stage] if self.p2p_bytes else 0)
-                + (self.cfg_bytes[stage] if self.cfg_bytes else 0))
+        """What a rank running pipeline stage `stage` (of any part; sequence-parallel part 0, the largest)
+        sends per step."""
+        return sum(b[stage] if b else 0 for b in (self.p2p_bytes, self.cfg_bytes, self.sp_bytes))
 
 
 @dataclass
@@ -267,18 +271,18 @@ class DegreeChoice:
     def __str__(self) -> str:
         lines = [f"parallel='auto': world {self.world}, batch {self.batch}, {self.calls_per_step} call(s) per step",
                  f"  machine: {self.constants.describe()}",
-                 f"  {'':2}{'cfg':>3} {'pp':>3} {'M':>3}  {'form':<9} {'compute':>9} {'overhead':>9} {'comm':>8} "
+                 f"  {'':2}{'cfg':>3} {'pp':>3} {'sp':>3} {'M':>3}  {'form':<9} {'compute':>9} {'overhead':>9} {'comm':>8} "
                  f"{'bubble':>8} {'step':>9}  {'bytes/step/rank':>15}  {'memory/rank':>11}"]
         for c in self.candidates:
             mark = "->" if c is self.chosen else "  "
             sent = max((c.bytes_per_rank(s) for s in range(c.pp)), default=0)
             lines.append(
-                f"  {mark}{c.cfg:>3} {c.pp:>3} {c.patches:>3}  {str(c.form):<9} {_ms(c.compute_s):>9} "
+                f"  {mark}{c.cfg:>3} {c.pp:>3} {c.sp:>3} {c.patches:>3}  {str(c.form):<9} {_ms(c.compute_s):>9} "
                 f"{_ms(c.overhead_s):>9} {_ms(c.comm_s):>8} {_ms(c.bubble_s):>8} {_ms(c.step_s):>9}  "
                 f"{_mb(sent):>15}  {_mb(c.memory_bytes):>11}" + ("" if c.fits else "  does not fit" if math.isfinite(c.step_s) else "  not possible")
                 + (f"  ({c.note})" if c.note else ""))
         for name, nbytes in self.references.items():
-            lines.append(f"  {'':2}{name:<49}{'':>20}{_mb(nbytes):>15}")
+            lines.append(f"  {'':2}{name:<53}{'':>20}{_mb(nbytes):>15}")
         return "\n".join(lines)
 
 
@@ -313,25 +317,33 @@ def _param_bytes(example_inputs: list) -> int:
     return sum(x.numel() * x.element_size() for x in example_inputs if isinstance(x, torch.nn.Parameter))
 
 
-def predict_call(plan: PipelinePlan, out_bytes: int, k: MachineConstants, whole_output: bool) -> dict:
-    """One call of a pipeline: compute, overhead, comm and bubble seconds and bytes sent per stage."""
-    n, m = plan.num_stages, plan.num_patches
+def predict_call(plan: PipelinePlan, out_bytes: int, k: MachineConstants, whole_output: bool,
+                 sp_bytes: tuple[int, ...] = (), collectives: tuple[int, ...] = ()) -> dict:
+    """One call of a pipeline: compute, overhead, comm and bubble seconds and bytes sent per stage.
+
+    With sequence parallelism (`plan.sp_degree` P > 1, the plan of part 0, the largest): each rank computes
+    1/P of its stage's token work (the hoisted globals whole), sends its parts of the bands, and per stage
+    `sp_bytes` in `collectives` collectives (each P - 1 link latencies); the output is gathered whole."""
+    n, m, P = plan.num_stages, plan.num_patches, plan.sp_degree
     pieces = len(plan.pieces(pipelined=True))
+    part = sum(p.rows for p in plan.pieces(True) if p.kind is BAND) / plan.token_rows if P > 1 else 1.0
     per_stage, sent = [], []
     for s in plan.stages:
         nbytes = plan.p2p_bytes_per_step(s.index)
         messages = pieces if s.index < n - 1 else 0
         if s.index == n - 1 and n > 1:   # the model output, band by band, to every other stage
-            nbytes += out_bytes * (n - 1)
+            nbytes += int(out_bytes * part) * (n - 1)
             messages += m * (n - 1)
-        compute = (s.flops + s.global_flops) / k.flops_per_s
+        compute = (s.flops / P + s.global_flops) / k.flops_per_s
         overhead = pieces * k.piece_overhead_s
         comm = nbytes / k.link_bytes_per_s + messages * k.link_latency_s
+        if P > 1:
+            comm += sp_bytes[s.index] / k.link_bytes_per_s + collectives[s.index] * (P - 1) * k.link_latency_s
         per_stage.append((compute, overhead, comm))
         sent.append(nbytes)
     slowest = max(per_stage, key=sum)
     busy = sum(slowest)
-    bubble = busy * (n - 1) / m if whole_output and n > 1 else 0.0
+    bubble = busy * (n - 1) / m if (whole_output or P > 1) and n > 1 else 0.0
     return {"compute": slowest[0], "overhead": slowest[1] + k.call_overhead_s, "comm": slowest[2],
             "bubble": bubble, "time": busy + bubble + k.call_overhead_s, "sent": tuple(sent)}
 
@@ -365,11 +377,10 @@ def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: Pipe
             graphs[form] = (g, inputs, analysis)
         return graphs[form]
 
+    heads = _self_attention_heads(gm)
     candidates: list[Candidate] = []
-    for cfg in (1, 2):
-        if world % cfg:
-            continue
-        pp = world // cfg
+    for cfg, sp in [(c, p) for c in (1, 2) for p in _divisors(world // c) if world % c == 0]:
+        pp = world // (cfg * sp)
         if cfg == 1:
             form = CfgForm.NONE
         elif batch % 2 == 0:
@@ -377,37 +388,49 @@ def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: Pipe
         elif calls_per_step >= 2:
             form = CfgForm.TWO_CALLS
         else:
-            candidates.append(Candidate(cfg, pp, 1, CfgForm.NONE, fits=False,
+            candidates.append(Candidate(cfg, pp, 1, CfgForm.NONE, sp, fits=False,
                                         note="a batch of 1 and one call per step: nothing for a second part"))
+            continue
+        if sp > 1 and any(h % sp for h in heads):
+            candidates.append(Candidate(cfg, pp, 1, form, sp, fits=False,
+                                        note=f"sp {sp} does not divide the attention heads ({sorted(set(heads))})"))
             continue
         try:
             g, inputs, analysis = graph_for(form)
         except PipefusionError as e:   # e.g. the batch does not split: a candidate that is not possible, named
-            candidates.append(Candidate(cfg, pp, 1, form, fits=False, note=str(e).splitlines()[0][:90]))
+            candidates.append(Candidate(cfg, pp, 1, form, sp, fits=False, note=str(e).splitlines()[0][:90]))
             continue
         for m in _patch_options(pp, analysis.token_rows, patches):
             opts = dataclasses.replace(options, num_stages=pp, num_patches=m, cfg_parallel=1, parallel="manual")
             try:
                 plan, _ = build_plan(g, inputs, opts, analysis)
+                if sp > 1:
+                    plan = dataclasses.replace(plan, sp_degree=sp, sp_rank=0)
+                    plan.check_sequence_parallel()
+                    _check_sequence_parallel_rules(g, plan)
             except PipefusionError as e:
-                candidates.append(Candidate(cfg, pp, m, form, fits=False, note=str(e).splitlines()[0][:100]))
+                candidates.append(Candidate(cfg, pp, m, form, sp, fits=False, note=str(e).splitlines()[0][:100]))
                 continue
             part_out = out_bytes // 2 if form is CfgForm.BATCH else out_bytes
-            call = predict_call(plan, part_out, constants, whole_output=form is CfgForm.BATCH)
+            sp_bytes, collectives = _sp_traffic(plan, g, analysis)
+            call = predict_call(plan, part_out, constants, whole_output=form is CfgForm.BATCH, sp_bytes=sp_bytes,
+                                collectives=collectives)
             calls = calls_per_step if form is not CfgForm.TWO_CALLS else max(calls_per_step // cfg, 1)
             extra, cfg_bytes = 0.0, (0,) * pp
             if form is CfgForm.BATCH:     # every rank sends its part of the output to the other part
                 cfg_bytes = (part_out * (cfg - 1) * calls_per_step,) * pp
                 extra = calls_per_step * (part_out * (cfg - 1) / constants.link_bytes_per_s + constants.link_latency_s)
             elif form is CfgForm.TWO_CALLS:   # the owner's last stage sends its output to the other parts' ranks
-                cfg_bytes = (0,) * (pp - 1) + (out_bytes * pp * (cfg - 1) * calls,)
-                extra = calls * (out_bytes * pp * (cfg - 1) / constants.link_bytes_per_s + constants.link_latency_s)
-            memory = max(int(params * s.share) + s.kv_cache_bytes for s in plan.stages)
+                cfg_bytes = (0,) * (pp - 1) + (out_bytes * pp * sp * (cfg - 1) * calls,)
+                extra = calls * (out_bytes * pp * sp * (cfg - 1) / constants.link_bytes_per_s
+                                 + constants.link_latency_s)
+            memory = max(int(params * s.share) + s.kv_cache_bytes // sp for s in plan.stages)
             candidates.append(Candidate(
-                cfg, pp, m, form, compute_s=calls * call["compute"], overhead_s=calls * call["overhead"],
+                cfg, pp, m, form, sp, compute_s=calls * call["compute"], overhead_s=calls * call["overhead"],
                 comm_s=calls * call["comm"] + extra, bubble_s=calls * call["bubble"],
                 step_s=calls * call["time"] + extra, p2p_bytes=tuple(b * calls for b in call["sent"]),
-                cfg_bytes=cfg_bytes, memory_bytes=memory, fits=memory <= constants.memory_bytes))
+                cfg_bytes=cfg_bytes, sp_bytes=tuple(b * calls for b in sp_bytes), memory_bytes=memory,
+                fits=memory <= constants.memory_bytes))
     fitting = [c for c in candidates if c.fits and math.isfinite(c.step_s)]
     if not fitting:
         raise PipefusionError("parallel='auto': no factorization of the world fits:\n"
@@ -417,6 +440,50 @@ def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: Pipe
     g, _, analysis = graph_for(CfgForm.NONE)
     return DegreeChoice(world, batch, calls_per_step, constants, candidates, chosen,
                         reference_bytes(gm, analysis, world))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _self_attention_heads(gm: fx.GraphModule) -> list[int]:
+    """Query and key heads of every SDPA of the graph ([B, H, S, D]): what a sequence-parallel degree must divide."""
+    from .passes.sdpa import is_sdpa, sdpa_qkv
+
+    heads = []
+    for n in gm.graph.nodes:
+        if is_sdpa(n):
+            for t in sdpa_qkv(n)[:2]:
+                v = example_value(t)
+                if isinstance(v, torch.Tensor) and v.dim() == 4:
+                    heads.append(int(v.shape[1]))
+    return heads
+
+
+def _check_sequence_parallel_rules(gm: fx.GraphModule, plan: PipelinePlan) -> None:
+    """Sequence parallelism is built for plain self-attention: any other token-mixing rule makes it impossible."""
+    from .passes.meta import MixingRule
+
+    others = sorted({m.rule.name for m in plan.mixing if m.rule is not MixingRule.STALE_KV})
+    if others:
+        raise PipefusionError(f"sequence parallelism is built for self-attention only; this model mixes tokens by "
+                              f"{', '.join(others)} too")
+
+
+def _sp_traffic(plan: PipelinePlan, gm: fx.GraphModule, analysis) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per stage: bytes a rank sends in its sequence-parallel group per pipelined step, and its collectives."""
+    if plan.sp_degree == 1:
+        return (0,) * plan.num_stages, (0,) * plan.num_stages
+    from .sequence_program import sp_bytes_per_step
+
+    pieces = plan.pieces(True)
+    bands = sum(1 for p in pieces if p.kind.value == "band")
+    per_attention = 4 * bands + (len(pieces) - bands)   # all-to-alls of q, k, v and the output per band part
+    attention = [0] * plan.num_stages
+    for position in plan.attention_positions:
+        attention[plan.stage_of(position)] += 1
+    return (tuple(sp_bytes_per_step(plan, gm, analysis, s) for s in range(plan.num_stages)),
+            tuple(a * per_attention + (1 if bands else 0) for a in attention))
 
 
 def fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 
 from .errors import UnsupportedGraphError
 from .lazy import materialize
-from .passes.meta import example_value
+from .passes.meta import example_value, node_meta
 from .passes.pieces import BAND, Piece, extent_of, sub_band
 from .passes.sdpa import sdpa_qkv
 from .ulysses import SpGroup
@@ -109,43 +109,45 @@ def output_parts(program, pieces, size: int, rank: int) -> list[list[tuple[str, 
                     found[r].append((slot.name, *region))
     return found
 
-def predicted_bytes_per_step(program, pipelined: bool = True) -> int:
-    """What this rank sends in its sequence-parallel group in one step, from the plan and the traced shapes
-    (`ulysses.SpGroup.bytes_sent` counts what it sent). Per self-attention of its stage, per piece:
+def sp_bytes_per_step(plan, gm, analysis, stage: int, pipelined: bool = True) -> int:
+    """What a rank of stage `stage` sends in its sequence-parallel group in one step (`plan.sp_degree` ranks; this
+    one `plan.sp_rank`), from the plan and the traced shapes; `ulysses.SpGroup.bytes_sent` counts what it sent.
+    Per self-attention of the stage, per piece:
         a part of a band (P ranks, this one r, parts of s_i tokens): the first all-to-all sends (P-1)/P of its
             q, k and v (B x H x s_r x D each), the second, to each other rank i, B x H/P x s_i x D of the output;
         a piece run whole (L tokens): the all-gather sends B x H/P x L x D to each of the P-1 others;
     and once per step with band parts, the output gather: P-1 times the largest rank's part of the outputs."""
-    plan = program.plan
     P, r = plan.sp_degree, plan.sp_rank
-    stage = program.all_stages[program.stage_index].lowered
-    nodes = program._nodes_by_name
+    if P == 1:
+        return 0
+    nodes = {n.name: n for n in gm.graph.nodes}
     pieces = plan.pieces(pipelined)
     total = 0
-    for spec in stage.caches:
-        q, k, v = (example_value(t) for t in sdpa_qkv(nodes[spec.attention]))
+    for name, position in zip(plan.self_attention, plan.attention_positions):
+        if plan.stage_of(position) != stage:
+            continue
+        n = nodes[name]
+        q, k, v = (example_value(t) for t in sdpa_qkv(n))
+        kinfo = node_meta(sdpa_qkv(n)[1]).token
+        per_row = analysis.per_row(kinfo)
         B, Hq, _, Dq = q.shape
         Hk, Dk, Dv = k.shape[1], k.shape[3], v.shape[3]
         size = q.element_size()
         for piece in pieces:
             if piece.kind is BAND and piece.split:
-                s = [n * spec.per_row for n in piece.split]
+                s = [rows * per_row for rows in piece.split]
                 total += size * B * s[r] * (Hq * Dq + Hk * Dk + Hk * Dv) * (P - 1) // P
-                total += size * B * (Hq // P) * Dv * sum(n for i, n in enumerate(s) if i != r)
+                total += size * B * (Hq // P) * Dv * sum(x for i, x in enumerate(s) if i != r)
             else:
-                tokens = extent_of(spec.prefix, spec.suffix, spec.per_row, plan.token_rows, piece)
+                tokens = extent_of(kinfo.prefix, kinfo.suffix, per_row, plan.token_rows, piece)
                 total += size * B * (Hq // P) * tokens * Dv * (P - 1)
-    if any(p.kind is BAND and p.split for p in pieces):
-        shapes = {slot.name: slot.shape for slot in program._token_outputs}
-        per_rank = [sum(_numel(shapes[name], axis, length) for name, axis, _, length in regions)
-                    for regions in output_parts(program, pieces, P, r)]
-        total += max(per_rank) * (P - 1) * program._token_outputs[0].dtype.itemsize
+    parts = [p for p in pieces if p.kind is BAND and p.split]
+    if parts:
+        row_bytes = 0   # bytes of one token row of every model output with an image part
+        for o in gm.graph.find_nodes(op="output")[0].all_input_nodes:
+            info, val = node_meta(o).token, example_value(o)
+            if info is not None and info.carries_tokens and info.epr and isinstance(val, torch.Tensor):
+                row_bytes += val.numel() * val.element_size() // plan.token_rows
+        most = max(sum(sub_band(Piece(BAND, 0, sum(p.split)), P, i).rows for p in parts) for i in range(P))
+        total += most * row_bytes * (P - 1)
     return total
-
-
-def _numel(shape, axis: int, length: int) -> int:
-    n = length
-    for i, d in enumerate(shape):
-        if i != axis:
-            n *= d
-    return n

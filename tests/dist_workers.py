@@ -52,10 +52,11 @@ def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
 
         result["auto_choice"] = str(choice_of(compiled))
     if hasattr(program, "stage_index") and program.plan.sp_degree > 1:
-        from pipefusion_compile.sequence_program import predicted_bytes_per_step
+        from pipefusion_compile.sequence_program import sp_bytes_per_step
 
-        warm = program.options.warmup_steps
-        result["sp_plan_bytes"] = sum(predicted_bytes_per_step(program, pipelined=s >= warm) for s in range(steps))
+        warm, analysis = program.options.warmup_steps, program.all_stages[0].lowered.analysis
+        result["sp_plan_bytes"] = sum(sp_bytes_per_step(program.plan, program.gm, analysis, program.stage_index,
+                                                        pipelined=s >= warm) for s in range(steps))
         result["plan_bytes_by_step"] = [program.plan.p2p_bytes_per_step(program.stage_index, s >= warm)
                                         for s in range(steps)]
     if hasattr(program, "stage_index"):
@@ -184,7 +185,7 @@ def auto_job(rank, world, name, factory_kwargs, options, steps):
     result = run_job(name, factory_kwargs, {"parallel": "auto", **options}, steps)
     (choice, _), = [v for v in degrees._CHOSEN.values()]   # run_job's model is gone; it made the only choice
     c = choice.chosen
-    result.update(chosen=(c.cfg, c.pp, c.patches, str(c.form)), table=str(choice),
+    result.update(chosen=(c.cfg, c.pp, c.patches, str(c.form), c.sp), table=str(choice),
                   predicted_bytes=c.bytes_per_rank(result.get("stage", 0)) if hasattr(c, "bytes_per_rank") else None,
                   constants=choice.constants)
     return result

@@ -16,6 +16,7 @@ from pipefusion_compile.models import BUILTIN
 from pipefusion_compile.options import PipefusionOptions
 from pipefusion_compile.passes.batch import split_batch
 from pipefusion_compile.plan import build_plan
+from pipefusion_compile.sequence_program import sp_bytes_per_step
 
 K = MachineConstants(flops_per_s=1e10, link_bytes_per_s=1e9, link_latency_s=1e-5, piece_overhead_s=1e-4,
                      call_overhead_s=1e-3, memory_bytes=2**40, source="test")
@@ -31,11 +32,19 @@ def _dit(batch=2, layers=8):
 def test_candidates_are_every_factorization_and_the_fastest_is_chosen(world):
     gm, ex = _dit()
     choice = enumerate_candidates(gm, ex, OPTS, world, K)
-    got = {(c.cfg, c.pp, c.patches, c.form) for c in choice.candidates}
-    rows = 8   # 16 x 16 latent, patch 2
-    want = {(1, world, m, CfgForm.NONE) for m in (world, 2 * world) if m <= rows}
-    want |= {(2, world // 2, m, CfgForm.BATCH) for m in ((1,) if world == 2 else (world // 2, world))}
+    got = {(c.cfg, c.pp, c.sp, c.patches, c.form) for c in choice.candidates if c.fits}
+    rows = 8   # 16 x 16 latent, patch 2; 2 heads: sp 1 or 2
+    want = set()
+    for cfg in (1, 2):
+        for sp in (1, 2):
+            if world % (cfg * sp):
+                continue
+            pp = world // (cfg * sp)
+            ms = [1] if pp == 1 else [m for m in (pp, 2 * pp) if m <= rows and rows // m >= sp]
+            want |= {(cfg, pp, sp, m, CfgForm.NONE if cfg == 1 else CfgForm.BATCH) for m in ms}
     assert got == want
+    assert {c.sp for c in choice.candidates if not c.fits} == {sp for sp in (4, 8) if world % sp == 0} | (
+        {2} if world == 8 else set())   # sp 4 and 8 do not divide 2 heads; sp 2 x pp 4 with M=8: 1-row bands
     assert choice.chosen.step_s == min(c.step_s for c in choice.candidates if c.fits)
     assert [c.step_s for c in choice.candidates] == sorted(c.step_s for c in choice.candidates)
     table = str(choice)
@@ -45,12 +54,17 @@ def test_candidates_are_every_factorization_and_the_fastest_is_chosen(world):
 def test_prediction_is_the_model_of_the_module_docstring():
     gm, ex = _dit()
     choice = enumerate_candidates(gm, ex, OPTS, 4, K)
-    for c in choice.candidates:
+    for c in [c for c in choice.candidates if c.fits]:
         g, inputs = (split_batch(gm, ex, 2)[:2] if c.form is CfgForm.BATCH else (gm, ex))
-        plan, _ = build_plan(g, inputs, dataclasses.replace(OPTS, num_stages=c.pp, num_patches=c.patches))
+        plan, analysis = build_plan(g, inputs, dataclasses.replace(OPTS, num_stages=c.pp, num_patches=c.patches))
         out = sum(o.numel() * 4 for o in [n.meta["example_value"] for n in gm.graph.find_nodes(op="output")[0]
                                           .all_input_nodes])
         part_out = out // 2 if c.form is CfgForm.BATCH else out
+        if c.sp > 1:   # the plan of sequence-parallel part 0, its group's traffic from the traced shapes
+            plan = dataclasses.replace(plan, sp_degree=c.sp)
+            sp_bytes = tuple(sp_bytes_per_step(plan, g, analysis, s) for s in range(c.pp))
+            assert c.sp_bytes == sp_bytes and all(sp_bytes)
+            continue
         pieces = len(plan.pieces(pipelined=True))
         stage = [((s.flops + s.global_flops) / K.flops_per_s, pieces * K.piece_overhead_s,
                   (plan.p2p_bytes_per_step(s.index) + (part_out * (c.pp - 1) if s.index == c.pp - 1 else 0))
@@ -111,31 +125,37 @@ def _simulate(name, fkw, options, steps):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("case", ["pieces_expensive", "memory_tight"])
+@pytest.mark.parametrize("case", ["pieces_expensive", "memory_tight", "pieces_expensive_batch1"])
 def test_auto_on_two_ranks_chooses_the_same_everywhere_and_equals_simulate(case, tmp_path):
-    """Expensive pieces make splitting the batch the fastest; memory that only a pipeline stage's share of the
+    """Expensive pieces make splitting the batch the fastest (batch 2), or with a batch of 1 sequence
+    parallelism (one piece per call, where a pipeline runs M); memory that only a pipeline stage's share of the
     weights fits makes the pipeline the only candidate that fits. Either way every rank makes the same choice,
     the result is the chosen configuration's in one process bit for bit, and each rank sends per step what the
     chosen candidate predicts."""
     steps = 3
-    gm, ex = capture_model(*BUILTIN["DiTTransformer2DModel"](batch=2))   # the model the ranks build
-    by_form = {c.form: c for c in enumerate_candidates(gm, ex, OPTS, 2, K).candidates}
+    batch = 1 if case == "pieces_expensive_batch1" else 2
+    gm, ex = capture_model(*BUILTIN["DiTTransformer2DModel"](batch=batch))   # the model the ranks build
+    by_form = {c.form: c for c in enumerate_candidates(gm, ex, OPTS, 2, K).candidates if c.sp == 1}
     if case == "pieces_expensive":
-        machine, want = {"piece_overhead_s": 1.0}, (2, 1)
+        machine, want = {"piece_overhead_s": 1.0}, (2, 1, 1)
+    elif case == "pieces_expensive_batch1":
+        machine, want = {"piece_overhead_s": 1.0}, (1, 1, 2)
     else:
         mid = (by_form[CfgForm.NONE].memory_bytes + by_form[CfgForm.BATCH].memory_bytes) // 2
         assert by_form[CfgForm.NONE].memory_bytes < mid < by_form[CfgForm.BATCH].memory_bytes
-        machine, want = {"memory_bytes": mid}, (1, 2)
-    results = run_ranks(auto_job, 2, "DiTTransformer2DModel", {"batch": 2}, {"machine": machine}, steps,
+        machine, want = {"memory_bytes": mid}, (1, 2, 1)
+    results = run_ranks(auto_job, 2, "DiTTransformer2DModel", {"batch": batch}, {"machine": machine}, steps,
                         tmp_path=tmp_path, timeout=400)
     chosen = {r["value"]["chosen"] for r in results}
-    assert len(chosen) == 1 and next(iter(chosen))[:2] == want, results[0]["value"]["table"]
-    cfg, pp, m, _ = next(iter(chosen))
-    sim = _simulate("DiTTransformer2DModel", {"batch": 2},
+    assert len(chosen) == 1, results[0]["value"]["table"]
+    cfg, pp, m, _, sp = next(iter(chosen))
+    assert (cfg, pp, sp) == want, results[0]["value"]["table"]
+    sim = _simulate("DiTTransformer2DModel", {"batch": batch},
                     {"num_stages": pp, "num_patches": m, "cfg_parallel": cfg, "simulate": True}, steps)
     for r in results:
         assert r["value"]["auto_choice"] == r["value"]["table"]   # `degrees.choice_of(compiled)` finds it
         assert torch.equal(r["value"]["final"], sim["final"])
         stats = r["value"]["stats"]
         sent = stats["bytes_sent"] + (stats["output_bytes"] if r["value"]["stage"] == pp - 1 else 0)
+        sent += stats.get("sp_bytes_sent", 0) // steps   # M = 1: warmup and pipelined steps send the same
         assert sent + stats.get("cfg_bytes_sent", 0) // steps == r["value"]["predicted_bytes"], r["value"]["table"]
