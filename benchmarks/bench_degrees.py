@@ -4,10 +4,10 @@
 
 Model: DiTTransformer2DModel, 12 layers, 6 x 64 heads (hidden 384), 64x64 latent = 1024 image tokens, random
 weights, fp32, eager stages, DDIM with classifier-free guidance (scale 4):
-  cfg_batch  cond + uncond in one batch of 2 per call (DiTPipeline, PixArt, SD3): candidates cfg 2 x pp 1 (batch
-             form) and cfg 1 x pp 2 at M = 2, 4
-  two_calls  CFG as two calls per step with batch 1 (Wan, Flux true CFG; `calls_per_step=2`): cfg 2 x pp 1
-             (two-call form) and cfg 1 x pp 2 at M = 2, 4
+  cfg_batch  cond + uncond in one batch of 2 per call (DiTPipeline, PixArt, SD3): candidates cfg 2 (batch
+             form), pp 2 at M = 2, 4, and sp 2 (Ulysses inside one stage, M = 1)
+  two_calls  CFG as two calls per step with batch 1 (Wan, Flux true CFG; `calls_per_step=2`): cfg 2 (two-call
+             form), pp 2 at M = 2, 4, and sp 2
 Each rank is pinned to its own core and runs one thread (gloo over 127.0.0.1). Rank 0 and 1 first compile with
 the default options (parallel='auto', which calibrates and prints its table); then every candidate of that table
 is compiled with its degrees given, and the candidates run in turns (run 1 of each, run 2 of each, ...), so a
@@ -93,10 +93,11 @@ def rank_main(rank, world, port, case, runs, steps, out_path):
         if not c.fits:
             continue
         m, shape, sched = build(case)
-        options = {"stage_backend": "eager", "num_stages": c.pp, "cfg_parallel": c.cfg, "num_patches": c.patches}
+        options = {"stage_backend": "eager", "num_stages": c.pp, "cfg_parallel": c.cfg, "num_patches": c.patches,
+                   "sequence_parallel": c.sp}
         run = torch.compile(m, backend="pipefusion", options=options)
         generation(run, case, shape, sched, 3)
-        runners[(c.cfg, c.pp, c.patches)] = (run, shape, sched)
+        runners[_key(c)] = (run, shape, sched)
     plain = build(case) if rank == 0 else None
     times = {key: [] for key in [*runners, "serial"]}
     for _ in range(runs):
@@ -110,6 +111,10 @@ def rank_main(rank, world, port, case, runs, steps, out_path):
     torch.save({"times": times, "choice": choice}, f"{out_path}.rank{rank}")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _key(c) -> tuple:
+    return (c.cfg, c.pp, c.sp, c.patches)
 
 
 def launch(case: str, runs: int, steps: int, world: int = 2):
@@ -132,29 +137,29 @@ def report(case: str, results, steps: int) -> list[str]:
 
     rows, measured = [], {}
     for c in choice.candidates:
-        key = (c.cfg, c.pp, c.patches)
+        key = _key(c)
         if key not in results[0]["times"]:
             continue
         got = steady(key)
         measured[key] = statistics.median(got)
         rows.append((c, got))
     fastest = min(measured.values())
-    chosen = (choice.chosen.cfg, choice.chosen.pp, choice.chosen.patches)
+    chosen = _key(choice.chosen)
     lines = [f"### {case}: {choice.batch} sample(s) per call, {choice.calls_per_step} call(s) per step",
              "", f"machine constants: {choice.constants.describe()}", "",
              "| candidate | form | predicted step | measured step (median, min-max) | error | speedup vs serial |",
              "|---|---|---|---|---|---|"]
     base = statistics.median(serial)
     for c, got in rows:
-        key = (c.cfg, c.pp, c.patches)
+        key = _key(c)
         med = measured[key]
         err = (c.step_s - med) / med
         mark = " **(auto)**" if key == chosen else ""
-        lines.append(f"| cfg {c.cfg} x pp {c.pp}, M={c.patches}{mark} | {c.form} | {c.step_s * 1e3:.0f} ms | "
+        lines.append(f"| {c.label}{mark} | {c.form} | {c.step_s * 1e3:.0f} ms | "
                      f"{med * 1e3:.0f} ms ({min(got) * 1e3:.0f}-{max(got) * 1e3:.0f}) | {err:+.0%} | "
                      f"{base / med:.2f}x |")
     lines += ["", f"serial plain model: {base * 1e3:.0f} ms per step ({min(serial) * 1e3:.0f}-{max(serial) * 1e3:.0f}).",
-              f"auto chose cfg {chosen[0]} x pp {chosen[1]}, M={chosen[2]}: measured {measured[chosen] * 1e3:.0f} ms, "
+              f"auto chose {choice.chosen.label}: measured {measured[chosen] * 1e3:.0f} ms, "
               f"fastest measured {fastest * 1e3:.0f} ms -> {'the fastest' if measured[chosen] == fastest else f'{measured[chosen] / fastest - 1:+.1%} from the fastest'}"
               f" ({'within' if measured[chosen] <= 1.05 * fastest else 'NOT within'} 5%).", ""]
     return lines

@@ -64,6 +64,7 @@ class MachineConstants:
     piece_overhead_s: float   # host time per piece per stage (schedule, pack, unpack, stage call)
     call_overhead_s: float    # host time per call (guards, hoisted globals, setup)
     memory_bytes: int         # memory one rank may use
+    collective_s: float = 0.0  # one small collective over the ranks (an all-to-all; sequence parallelism's unit)
     source: str = "given"
 
     @classmethod
@@ -77,7 +78,7 @@ class MachineConstants:
     def describe(self) -> str:
         return (f"rate {self.flops_per_s / 1e9:.1f} GFLOP/s, link {self.link_bytes_per_s / 1e9:.2f} GB/s + "
                 f"{self.link_latency_s * 1e6:.0f} us, {self.piece_overhead_s * 1e3:.2f} ms/piece, "
-                f"{self.call_overhead_s * 1e3:.1f} ms/call, memory {self.memory_bytes / 2**30:.1f} GiB/rank "
+                f"{self.call_overhead_s * 1e3:.1f} ms/call, {self.collective_s * 1e6:.0f} us/collective, memory {self.memory_bytes / 2**30:.1f} GiB/rank "
                 f"({self.source})")
 
 
@@ -147,6 +148,19 @@ def _ping_pong(group, device: torch.device) -> tuple[float, float]:
     return latency, (4 << 20) / max(big - latency, 1e-9)
 
 
+def _collective(group, device: torch.device, repeats: int = 8) -> float:
+    """Seconds of one small all-to-all over every rank of `group` (median of `repeats`, after one untimed)."""
+    world = dist.get_world_size(group)
+    buf, out = torch.zeros(64 * world, device=device), torch.empty(64 * world, device=device)
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        dist.all_to_all_single(out, buf, group=group)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def calibrate(device: torch.device, heads: int, head_dim: int, rows: int, group=None) -> MachineConstants:
     """Measure this machine's constants (a fraction of a second). With a process group every rank must call
     it; ranks 0 and 1 measure the link, and every rank gets rank 0's numbers."""
@@ -159,14 +173,16 @@ def calibrate(device: torch.device, heads: int, head_dim: int, rows: int, group=
         group = group if group is not None else dist.group.WORLD
         if dist.get_rank(group) in (0, 1):
             latency, bandwidth = _ping_pong(group, device)
+        collective = _collective(group, device)
         memory = _memory_per_rank(device, world)
-        values = torch.tensor([rate, latency, bandwidth, memory], dtype=torch.float64,
+        values = torch.tensor([rate, latency, bandwidth, memory, collective], dtype=torch.float64,
                               device=device if dist.get_backend(group) == "nccl" else "cpu")
         dist.broadcast(values, dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0, group=group)
-        rate, latency, bandwidth, memory = values.tolist()
-        source = "calibrated on rank 0: block rate, ping-pong with rank 1"
-        return MachineConstants(rate, bandwidth, latency, piece, call, int(memory), source)
-    return MachineConstants(rate, bandwidth, latency, piece, call, _memory_per_rank(device, world), source)
+        rate, latency, bandwidth, memory, collective = values.tolist()
+        source = "calibrated on rank 0: block rate, ping-pong with rank 1, an all-to-all of every rank"
+        return MachineConstants(rate, bandwidth, latency, piece, call, int(memory), collective, source)
+    return MachineConstants(rate, bandwidth, latency, piece, call, _memory_per_rank(device, world), 2 * latency,
+                            source)
 
 
 _CHOSEN: dict[tuple, tuple] = {}   # model (its weights' ids) -> (choice, weak refs): one layout for every shape
@@ -323,7 +339,8 @@ def predict_call(plan: PipelinePlan, out_bytes: int, k: MachineConstants, whole_
 
     With sequence parallelism (`plan.sp_degree` P > 1, the plan of part 0, the largest): each rank computes
     1/P of its stage's token work (the hoisted globals whole), sends its parts of the bands, and per stage
-    `sp_bytes` in `collectives` collectives (each P - 1 link latencies); the output is gathered whole."""
+    `sp_bytes` in `collectives` collectives (each `collective_s`, or P - 1 link latencies if not known); the
+    output is gathered whole."""
     n, m, P = plan.num_stages, plan.num_patches, plan.sp_degree
     pieces = len(plan.pieces(pipelined=True))
     part = sum(p.rows for p in plan.pieces(True) if p.kind is BAND) / plan.token_rows if P > 1 else 1.0
@@ -338,7 +355,8 @@ def predict_call(plan: PipelinePlan, out_bytes: int, k: MachineConstants, whole_
         overhead = pieces * k.piece_overhead_s
         comm = nbytes / k.link_bytes_per_s + messages * k.link_latency_s
         if P > 1:
-            comm += sp_bytes[s.index] / k.link_bytes_per_s + collectives[s.index] * (P - 1) * k.link_latency_s
+            each = k.collective_s or (P - 1) * k.link_latency_s
+            comm += sp_bytes[s.index] / k.link_bytes_per_s + collectives[s.index] * each
         per_stage.append((compute, overhead, comm))
         sent.append(nbytes)
     slowest = max(per_stage, key=sum)
