@@ -20,7 +20,8 @@ class PipefusionOptions:
     """What the user asked for. `None` fields are filled from the environment by `resolve()`."""
 
     num_stages: int | None = None
-    """N: pipeline stages. Default: the world size of the process group / cfg_parallel, else 1."""
+    """N: pipeline stages. Default: the world size of the process group / (cfg_parallel x sequence_parallel),
+    else 1."""
     cfg_parallel: int | None = None
     """CFG-parallel degree (default 1, or what parallel='auto' chooses): the batch (e.g. cond + uncond) is split into this many equal parts, each run by its
     own pipeline of num_stages ranks (or, in one process, one after the other); every rank returns the whole

@@ -176,6 +176,7 @@ class PipelineProgram:
         self.instances: dict[tuple, _Instance] = {}
         self._current: _Instance | None = None
         self.stats = {"warmup_calls": 0, "pipelined_calls": 0, "compile_s": 0.0}
+        self.last_pieces: tuple[Piece, ...] = ()   # the pieces of the latest call (`sequence_program.py` reads them)
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self._placeholder_index = {ph.name: i for i, ph in enumerate(placeholders)}
         out = next(iter(gm.graph.find_nodes(op="output")))
