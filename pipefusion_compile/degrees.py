@@ -496,7 +496,7 @@ def _sp_traffic(plan: PipelinePlan, gm: fx.GraphModule, analysis) -> tuple[tuple
 
     pieces = plan.pieces(True)
     bands = sum(1 for p in pieces if p.kind.value == "band")
-    per_attention = 4 * bands + (len(pieces) - bands)   # all-to-alls of q, k, v and the output per band part
+    per_attention = 2 * bands + (len(pieces) - bands)   # all-to-alls of q, k, v (one) and the output per band part
     attention = [0] * plan.num_stages
     for position in plan.attention_positions:
         attention[plan.stage_of(position)] += 1

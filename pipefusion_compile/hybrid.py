@@ -15,6 +15,10 @@ pipeline; its last stage sends the output to every rank of the other parts, whic
 patch-lazy output (`lazy.py`) that resolves when it arrives. So the uncond call starts on part 1 while part 0
 still computes the cond call: the two streams of a step run at the same time.
 
+With sequence parallelism the mesh is ("cfg", "pp", "sp") and each part's program is a sequence-parallel one
+(`sequence_program.py`): the cfg gather and the two-call send then see every rank of a part holding the whole
+output (the two-call form sends it from one rank: the last stage's first).
+
 In one process (simulate) the parts run one after the other, each its own program (own step state, caches)
 sharing the compiled stage graphs; every part equals what the ranks of that part compute, bit for bit.
 """
@@ -295,7 +299,7 @@ def _part_programs(gm, example_inputs, options, compile_part):
         mesh = build_mesh(options)
         inner = dataclasses.replace(mesh_groups(options), cfg_parallel=1, mesh=None)
     program = compile_part(gm, example_inputs, inner)
-    if not hasattr(program, "sibling"):
+    if getattr(program, "plan", None) is None:   # declined: the graph's own forward
         return None
     if mesh is not None:
         return [program], mesh

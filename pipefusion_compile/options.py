@@ -223,13 +223,13 @@ class PipefusionOptions:
             parallel = "auto" if (pg and not simulate and num_stages is None and self.cfg_parallel is None
                                   and self.sequence_parallel is None and self.mesh is None
                                   and isinstance(self.partition, str)) else "manual"
-        if parallel == "auto" and (simulate or not pg):
-            raise OptionsError("option parallel='auto' chooses the degrees for the ranks of a process group; in one "
-                               "process give num_stages (and cfg_parallel) yourself")
         if parallel == "auto" and (num_stages is not None or self.cfg_parallel is not None or self.mesh is not None
                                    or self.sequence_parallel is not None):
             raise OptionsError("option parallel='auto' chooses num_stages, cfg_parallel and sequence_parallel: do not "
                                "give them too")
+        if parallel == "auto" and (simulate or not pg):
+            raise OptionsError("option parallel='auto' chooses the degrees for the ranks of a process group; in one "
+                               "process give num_stages (and cfg_parallel) yourself")
         cfg = self.cfg_parallel or 1
         sp = self.sequence_parallel or 1
         if parallel == "auto":   # provisional: `degrees.choose_parallel` fills the degrees from the graph

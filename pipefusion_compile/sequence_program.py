@@ -43,10 +43,15 @@ class SequenceParallelProgram:
             raise UnsupportedGraphError(f"sequence_parallel: model outputs of several dtypes ({sorted(map(str, dtypes))})"
                                         " are not gathered yet; use sequence_parallel=1")
 
-    def __getattr__(self, name):   # plan, stats, stage_index, comm, ... of the column's program
-        if name in ("program", "sp", "_parts"):
-            raise AttributeError(name)
-        return getattr(self.program, name)
+    # what the CFG-parallel programs (`hybrid.py`) read of a part's program: the column's
+    plan = property(lambda self: self.program.plan)
+    stats = property(lambda self: self.program.stats)
+    comm = property(lambda self: self.program.comm)
+    gm = property(lambda self: self.program.gm)
+    timestep_index = property(lambda self: self.program.timestep_index)
+    stage_index = property(lambda self: self.program.stage_index)
+    _placeholder_index = property(lambda self: self.program._placeholder_index)
+    _out_spec = property(lambda self: self.program._out_spec)
 
     @torch.no_grad()
     def __call__(self, *args):

@@ -15,14 +15,14 @@ with text) attends with its own heads and all-gathers them (`sp_all_gather_heads
 
 Every collective runs on the group's process group with the program's time limit; a failure names the
 attention node, the group's ranks and what was being exchanged. Each op adds what this rank sent to its
-group's `bytes_sent` (what the plan predicts: `degrees.sp_bytes_per_step`).
+group's `bytes_sent` (what the plan predicts: `sequence_program.sp_bytes_per_step`).
 """
 from __future__ import annotations
 
 import datetime
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,7 @@ class SpGroup:
     rank: int
     timeout_s: float
     bytes_sent: int = 0
-    collectives: int = field(default=0)
+    collectives: int = 0
 
     @property
     def size(self) -> int:
@@ -85,40 +85,52 @@ def group(key: str) -> SpGroup:
         raise PipefusionCommError(f"no sequence-parallel group {key!r} (its program was freed)") from None
 
 
-def _chunks(x: torch.Tensor, dim: int, sizes: list[int]) -> list[torch.Tensor]:
-    return list(torch.split(x, sizes, dim))
-
-
-def _exchange(sp: SpGroup, send: list[torch.Tensor], recv_shapes: list[tuple], dtype, device, what: str):
-    """All-to-all of one tensor per peer (`send[i]` goes to index i), as one flat `all_to_all_single`."""
-    flat = torch.cat([s.contiguous().reshape(-1) for s in send])
-    counts = [s.numel() for s in send]
-    got_counts = [int(torch.Size(s).numel()) for s in recv_shapes]
-    out = torch.empty(sum(got_counts), dtype=dtype, device=device)
+def _exchange(sp: SpGroup, send: list[list[torch.Tensor]], recv_shapes: list[list[tuple]], what: str):
+    """One flat `all_to_all_single`: the tensors `send[i]` go to index i; from each index i arrive tensors of
+    `recv_shapes[i]` (all of one dtype), returned per index."""
+    parts = [t.contiguous().reshape(-1) for peer in send for t in peer]
+    flat = torch.cat(parts)
+    counts = [sum(t.numel() for t in peer) for peer in send]
+    sizes = [[int(torch.Size(shape).numel()) for shape in peer] for peer in recv_shapes]
+    out = torch.empty(sum(map(sum, sizes)), dtype=flat.dtype, device=flat.device)
     own = counts[sp.rank] * flat.element_size()
-    sp.run(lambda: dist.all_to_all_single(out, flat, got_counts, counts, group=sp.group, async_op=True), what,
-           flat.numel() * flat.element_size() - own)
-    return [o.reshape(shape) for o, shape in zip(torch.split(out, got_counts), recv_shapes)]
+    sp.run(lambda: dist.all_to_all_single(out, flat, [sum(n) for n in sizes], counts, group=sp.group,
+                                          async_op=True), what, flat.numel() * flat.element_size() - own)
+    got, at = [], 0
+    for peer_sizes, peer_shapes in zip(sizes, recv_shapes):
+        tensors = []
+        for n, shape in zip(peer_sizes, peer_shapes):
+            tensors.append(out[at:at + n].view(shape))
+            at += n
+        got.append(tensors)
+    return got
+
+
+def _band_shape(x: torch.Tensor, axis: int, heads: int, tokens: int) -> tuple:
+    shape = list(x.shape)
+    shape[axis - 1], shape[axis] = heads, tokens
+    return tuple(shape)
 
 
 @torch.library.custom_op("pipefusion::sp_scatter_heads", mutates_args=())
 def sp_scatter_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: list[int], group_key: str,
                      axis: int, node: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ulysses' first all-to-all: this rank's sub-band of q, k, v (every head; tokens along `axis`, heads at
-    `axis - 1`) -> the whole band (`sizes`: each rank's tokens) with this rank's share of the heads."""
+    `axis - 1`) -> the whole band (`sizes`: each rank's tokens) with this rank's share of the heads. One
+    collective for the three when they share a dtype (else one each)."""
     sp = group(group_key)
-    outs = []
-    for name, x in (("queries", q), ("keys", k), ("values", v)):
-        heads = x.shape[axis - 1] // sp.size
-        send = _chunks(x, axis - 1, [heads] * sp.size)
-        shapes = []
-        for s in sizes:
-            shape = list(x.shape)
-            shape[axis - 1], shape[axis] = heads, s
-            shapes.append(tuple(shape))
-        got = _exchange(sp, send, shapes, x.dtype, x.device,
-                        f"the all-to-all of the {name} of {node} (sub-band -> head slice)")
-        outs.append(torch.cat(got, axis))
+    qkv = (q, k, v)
+    heads = [x.shape[axis - 1] // sp.size for x in qkv]
+    chunks = [torch.split(x, h, axis - 1) for x, h in zip(qkv, heads)]
+    batches = [(0, 1, 2)] if len({x.dtype for x in qkv}) == 1 else [(0,), (1,), (2,)]
+    outs: list = [None] * 3
+    for which in batches:
+        send = [[chunks[j][i] for j in which] for i in range(sp.size)]
+        shapes = [[_band_shape(qkv[j], axis, heads[j], tokens) for j in which] for tokens in sizes]
+        names = "/".join(("queries", "keys", "values")[j] for j in which)
+        got = _exchange(sp, send, shapes, f"the all-to-all of the {names} of {node} (sub-band -> head slice)")
+        for slot, j in enumerate(which):
+            outs[j] = torch.cat([peer[slot] for peer in got], axis)
     return tuple(outs)
 
 
@@ -138,12 +150,12 @@ def sp_gather_heads(o: torch.Tensor, sizes: list[int], group_key: str, axis: int
     """Ulysses' second all-to-all: the band's attention output for this rank's heads -> this rank's sub-band
     (`sizes[rank]` tokens along `axis`) with every head (heads at `axis - 1`)."""
     sp = group(group_key)
-    send = _chunks(o, axis, sizes)
+    send = [[c] for c in torch.split(o, sizes, axis)]
     shape = list(o.shape)
     shape[axis] = sizes[sp.rank]
-    got = _exchange(sp, send, [tuple(shape)] * sp.size, o.dtype, o.device,
+    got = _exchange(sp, send, [[tuple(shape)]] * sp.size,
                     f"the all-to-all of the output of {node} (head slice -> sub-band)")
-    return torch.cat(got, axis - 1)
+    return torch.cat([peer[0] for peer in got], axis - 1)
 
 
 @sp_gather_heads.register_fake

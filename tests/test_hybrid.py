@@ -196,10 +196,12 @@ def test_cfg2_x_pp2_on_four_ranks_equals_simulate_bit_for_bit(tmp_path):
 
 
 def test_degrees_not_the_world_size_are_refused(tmp_path):
-    options = [{"cfg_parallel": 2, "num_stages": 2}] * 2
+    options = [{"cfg_parallel": 2, "num_stages": 2}, {"sequence_parallel": 2, "num_stages": 2}]
     results = run_ranks(mismatched_options, 2, options, tmp_path=tmp_path, timeout=200, allow_errors=True)
-    for res in results:
-        assert "cfg_parallel=2 x num_stages=2 x sequence_parallel=1 = 4 ranks, but the process group has 2" in res.get("error", ""), res
+    assert ("cfg_parallel=2 x num_stages=2 x sequence_parallel=1 = 4 ranks, but the process group has 2"
+            in results[0].get("error", "")), results[0]
+    assert ("cfg_parallel=1 x num_stages=2 x sequence_parallel=2 = 4 ranks, but the process group has 2"
+            in results[1].get("error", "")), results[1]
 
 
 @pytest.mark.parametrize("name", ["pixart_sigma", "sd3"])

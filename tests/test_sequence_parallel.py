@@ -10,7 +10,7 @@ import torch
 
 import pipefusion_compile
 from dist_utils import run_ranks
-from dist_workers import generate, mismatched_options, pipeline_jobs, pipeline_sequence, run_job
+from dist_workers import generate, pipeline_jobs, pipeline_sequence, run_job
 from graph_utils import capture_model
 from pipefusion_compile.errors import OptionsError, PipefusionError
 from pipefusion_compile.models import BUILTIN
@@ -108,18 +108,13 @@ def test_bands_smaller_than_the_degree_are_named():
 
 
 def test_bad_sequence_parallel_options():
+    """(A product of degrees that is not the world size: `test_hybrid.test_degrees_not_the_world_size_are_refused`.)"""
     with pytest.raises(OptionsError, match="sequence_parallel=0"):
         PipefusionOptions(sequence_parallel=0)
     with pytest.raises(OptionsError, match="sp_group="):
         PipefusionOptions(sp_group=[0, 1])
-
-
-def test_degrees_not_the_world_size_are_refused(tmp_path):
-    options = [{"sequence_parallel": 2, "num_stages": 2}, {"parallel": "auto", "sequence_parallel": 2}]
-    results = run_ranks(mismatched_options, 2, options, tmp_path=tmp_path, timeout=200, allow_errors=True)
-    assert ("num_stages=2 x sequence_parallel=2 = 4 ranks, but the process group has 2"
-            in results[0].get("error", "")), results[0]
-    assert "chooses num_stages, cfg_parallel and sequence_parallel" in results[1].get("error", ""), results[1]
+    with pytest.raises(OptionsError, match="chooses num_stages, cfg_parallel and sequence_parallel"):
+        PipefusionOptions(parallel="auto", sequence_parallel=2).resolve()
 
 
 def test_in_one_process_sequence_parallel_runs_whole_bands():
