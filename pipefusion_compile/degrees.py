@@ -397,7 +397,10 @@ def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: Pipe
 
     heads = _self_attention_heads(gm)
     candidates: list[Candidate] = []
-    for cfg, sp in [(c, p) for c in (1, 2) for p in _divisors(world // c) if world % c == 0]:
+    # over a group the user gave, sequence-parallel groups cannot be carved out of it (building them is
+    # collective over the world, and the world may run other groups' pipelines at the same time)
+    sp_degrees = _divisors if options.group is None else (lambda n: [1])
+    for cfg, sp in [(c, p) for c in (1, 2) for p in sp_degrees(world // c) if world % c == 0]:
         pp = world // (cfg * sp)
         if cfg == 1:
             form = CfgForm.NONE

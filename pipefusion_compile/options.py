@@ -252,6 +252,10 @@ class PipefusionOptions:
                 num_stages = world // (cfg * sp)
             else:
                 num_stages = dist.get_world_size(self.group) if pg else 1
+        if pg and not simulate and sp > 1 and self.group is not None and self.sp_group is None and self.mesh is None:
+            raise OptionsError(
+                f"option sequence_parallel={sp} with option group: give the sequence-parallel group too (option "
+                "sp_group), or a mesh with an 'sp' dim; the groups are not built inside a given group")
         if pg and not simulate and self.mesh is None and (cfg > 1 or sp > 1) and self.sp_group is None:
             world = dist.get_world_size(self.group)
             if cfg * num_stages * sp != world:
