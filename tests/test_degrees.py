@@ -127,8 +127,8 @@ def _simulate(name, fkw, options, steps):
 
 @pytest.mark.parametrize("case", ["pieces_expensive", "memory_tight", "pieces_expensive_batch1"])
 def test_auto_on_two_ranks_chooses_the_same_everywhere_and_equals_simulate(case, tmp_path):
-    """Expensive pieces make splitting the batch the fastest (batch 2), or with a batch of 1 sequence
-    parallelism (one piece per call, where a pipeline runs M); memory that only a pipeline stage's share of the
+    """Expensive pieces (and collectives) make splitting the batch the fastest (batch 2), or with a batch of 1
+    and cheap collectives sequence parallelism (one piece per call, where a pipeline runs M); memory that only a pipeline stage's share of the
     weights fits makes the pipeline the only candidate that fits. Either way every rank makes the same choice,
     the result is the chosen configuration's in one process bit for bit, and each rank sends per step what the
     chosen candidate predicts."""
@@ -136,10 +136,10 @@ def test_auto_on_two_ranks_chooses_the_same_everywhere_and_equals_simulate(case,
     batch = 1 if case == "pieces_expensive_batch1" else 2
     gm, ex = capture_model(*BUILTIN["DiTTransformer2DModel"](batch=batch))   # the model the ranks build
     by_form = {c.form: c for c in enumerate_candidates(gm, ex, OPTS, 2, K).candidates if c.sp == 1}
-    if case == "pieces_expensive":
-        machine, want = {"piece_overhead_s": 1.0}, (2, 1, 1)
+    if case == "pieces_expensive":   # and collectives: sp 2, also one piece per call, must not tie with cfg 2
+        machine, want = {"piece_overhead_s": 1.0, "collective_s": 0.1}, (2, 1, 1)
     elif case == "pieces_expensive_batch1":
-        machine, want = {"piece_overhead_s": 1.0}, (1, 1, 2)
+        machine, want = {"piece_overhead_s": 1.0, "collective_s": 1e-6}, (1, 1, 2)
     else:
         mid = (by_form[CfgForm.NONE].memory_bytes + by_form[CfgForm.BATCH].memory_bytes) // 2
         assert by_form[CfgForm.NONE].memory_bytes < mid < by_form[CfgForm.BATCH].memory_bytes
