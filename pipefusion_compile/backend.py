@@ -146,10 +146,11 @@ def compile_program(gm: fx.GraphModule, example_inputs: list, options: Pipefusio
             raise TooFewLayersError(f"{e}{report}") from None
         degree = options.sequence_parallel or 1
         if degree > 1:
-            dataclasses.replace(plan, sp_degree=degree).check_sequence_parallel()
+            parts = dataclasses.replace(plan, sp_degree=degree, sp_rank=sp.rank if sp is not None else 0)
+            parts.check_sequence_parallel()
             check_heads(gm, degree)
             if sp is not None:
-                plan = dataclasses.replace(plan, sp_degree=degree, sp_rank=sp.rank)
+                plan = parts
     _keep_cuts(example_inputs, options, plan)
     t1 = time.perf_counter()
     with failures_named("lowering the plan to stage graphs", gm):

@@ -373,6 +373,7 @@ def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: Pipe
     predicted; the fastest that fits is chosen."""
     from .backend import analyze_for_pipeline
     from .passes.batch import split_batch
+    from .passes.sequence_parallel import check_heads
     from .plan import build_plan
 
     out_bytes = _output_bytes(gm)
@@ -395,7 +396,6 @@ def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: Pipe
             graphs[form] = (g, inputs, analysis)
         return graphs[form]
 
-    heads = _self_attention_heads(gm)
     candidates: list[Candidate] = []
     # over a group the user gave, sequence-parallel groups cannot be carved out of it (building them is
     # collective over the world, and the world may run other groups' pipelines at the same time)
@@ -412,12 +412,10 @@ def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: Pipe
             candidates.append(Candidate(cfg, pp, 1, CfgForm.NONE, sp, fits=False,
                                         note="a batch of 1 and one call per step: nothing for a second part"))
             continue
-        if sp > 1 and any(h % sp for h in heads):
-            candidates.append(Candidate(cfg, pp, 1, form, sp, fits=False,
-                                        note=f"sp {sp} does not divide the attention heads ({sorted(set(heads))})"))
-            continue
         try:
             g, inputs, analysis = graph_for(form)
+            if sp > 1:   # the compile's own check: every self-attention's heads divide
+                check_heads(g, sp)
         except PipefusionError as e:   # e.g. the batch does not split: a candidate that is not possible, named
             candidates.append(Candidate(cfg, pp, 1, form, sp, fits=False, note=str(e).splitlines()[0][:90]))
             continue
@@ -465,20 +463,6 @@ def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: Pipe
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _self_attention_heads(gm: fx.GraphModule) -> list[int]:
-    """Query and key heads of every SDPA of the graph ([B, H, S, D]): what a sequence-parallel degree must divide."""
-    from .passes.sdpa import is_sdpa, sdpa_qkv
-
-    heads = []
-    for n in gm.graph.nodes:
-        if is_sdpa(n):
-            for t in sdpa_qkv(n)[:2]:
-                v = example_value(t)
-                if isinstance(v, torch.Tensor) and v.dim() == 4:
-                    heads.append(int(v.shape[1]))
-    return heads
 
 
 def _check_sequence_parallel_rules(gm: fx.GraphModule, plan: PipelinePlan) -> None:

@@ -151,8 +151,8 @@ class StreamParallelProgram:
         self.part = None if mesh is None else _coordinate(mesh, "cfg")
         # per part: its ranks, and the one that sends each call's output to the other parts (its last stage's,
         # the first of them under sequence parallelism: every rank of the part has the whole output)
-        self._ranks = None if mesh is None else [torch.as_tensor(m).reshape(-1).tolist() for m in mesh.mesh]
-        self._senders = None if mesh is None else [int(torch.as_tensor(m)[-1].reshape(-1)[0]) for m in mesh.mesh]
+        self._ranks = None if mesh is None else [part.reshape(-1).tolist() for part in mesh.mesh]
+        self._senders = None if mesh is None else [int(part[-1].reshape(-1)[0]) for part in mesh.mesh]
         self.stats = {"cfg_bytes_sent": 0, "calls_per_part": [0] * self.parts}
         self._last: torch.Tensor | None = None
         self._stream = 0

@@ -26,7 +26,7 @@ from .passes.partition import (
     uniform_layers,
 )
 from .passes.cross_group import is_cross_group, query_side
-from .passes.pieces import BAND, FULL, HEAD, TAIL, Piece, sub_band
+from .passes.pieces import BAND, FULL, HEAD, TAIL, Piece, patch_bands, sub_band  # noqa: F401  (patch_bands: re-exported)
 from .passes.sdpa import sdpa_qkv
 from .passes.tokens import TokenAnalysis, analyze_tokens
 
@@ -263,22 +263,6 @@ def _fmt_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-def patch_bands(rows: int, num_patches: int) -> tuple[tuple[int, int], ...]:
-    """M row bands as equal as possible; when M does not divide the rows, the later bands are one shorter."""
-    if num_patches > rows:
-        raise PlanError(
-            f"num_patches={num_patches} is larger than the {rows} token rows of the image: a patch needs at "
-            "least one token row"
-        )
-    q, r = divmod(rows, num_patches)
-    bands, start = [], 0
-    for j in range(num_patches):
-        n = q + (1 if j < r else 0)
-        bands.append((start, n))
-        start += n
-    return tuple(bands)
 
 
 def _attention_module(node: fx.Node) -> str:

@@ -153,6 +153,6 @@ def sp_bytes_per_step(plan, gm, analysis, stage: int, pipelined: bool = True) ->
             info, val = node_meta(o).token, example_value(o)
             if info is not None and info.carries_tokens and info.epr and isinstance(val, torch.Tensor):
                 row_bytes += val.numel() * val.element_size() // plan.token_rows
-        most = max(sum(sub_band(Piece(BAND, 0, sum(p.split)), P, i).rows for p in parts) for i in range(P))
+        most = max(sum(p.split[i] for p in parts) for i in range(P))
         total += most * row_bytes * (P - 1)
     return total

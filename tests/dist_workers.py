@@ -29,6 +29,18 @@ def factory(name):
     return BUILTIN[name]
 
 
+def with_rank_threads(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in this process with the ranks' thread count (1): a reduction (e.g. HunyuanDiT's
+    text pooling mean) may sum in another order with more threads, which changes the last bit, so a one-process
+    reference for a multi-rank run is computed this way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_job(model_name, factory_kwargs, options, steps, seed=1, group=None):
     torch._dynamo.reset()
     model, kwargs = factory(model_name)(**factory_kwargs)

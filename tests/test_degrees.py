@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from dist_workers import auto_job, run_job
+from dist_workers import auto_job, run_job, with_rank_threads
 from graph_utils import capture_model
 from pipefusion_compile.cli import main
 from pipefusion_compile.degrees import CfgForm, MachineConstants, enumerate_candidates, predict_call
@@ -116,15 +116,6 @@ def test_auto_options_are_checked():
         MachineConstants.from_dict({"speed": 1.0}, K)
 
 
-def _simulate(name, fkw, options, steps):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_job(name, fkw, options, steps)
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("case", ["pieces_expensive", "memory_tight", "pieces_expensive_batch1"])
 def test_auto_on_two_ranks_chooses_the_same_everywhere_and_equals_simulate(case, tmp_path):
     """Expensive pieces (and collectives) make splitting the batch the fastest (batch 2), or with a batch of 1
@@ -150,7 +141,7 @@ def test_auto_on_two_ranks_chooses_the_same_everywhere_and_equals_simulate(case,
     assert len(chosen) == 1, results[0]["value"]["table"]
     cfg, pp, m, _, sp = next(iter(chosen))
     assert (cfg, pp, sp) == want, results[0]["value"]["table"]
-    sim = _simulate("DiTTransformer2DModel", {"batch": batch},
+    sim = with_rank_threads(run_job, "DiTTransformer2DModel", {"batch": batch},
                     {"num_stages": pp, "num_patches": m, "cfg_parallel": cfg, "simulate": True}, steps)
     for r in results:
         assert r["value"]["auto_choice"] == r["value"]["table"]   # `degrees.choice_of(compiled)` finds it

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import pipefusion_compile
 from dist_utils import run_ranks
-from dist_workers import generate, mismatched_options, pipeline_sequence, run_job
+from dist_workers import generate, mismatched_options, pipeline_sequence, run_job, with_rank_threads
 from graph_utils import capture_model
 from pipefusion_compile.errors import OptionsError, UnsupportedGraphError
 from pipefusion_compile.models import BUILTIN
@@ -167,22 +167,13 @@ def test_bad_cfg_degrees_are_named():
 
 
 # --------------------------------------------------------------------------------------------- 4 real ranks
-def _simulate(fn, *args):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the ranks' thread count (see test_multiprocess.simulate)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_cfg2_x_pp2_on_four_ranks_equals_simulate_bit_for_bit(tmp_path):
     jobs = [(name, {"batch": 2}, {"cfg_parallel": 2, "num_patches": 2})
             for name in ("PixArtTransformer2DModel", "SD3Transformer2DModel")]
     jobs.append(("DiTTransformer2DModel", {"batch": 4}, {"cfg_parallel": 2, "num_patches": 4}))
     results = run_ranks(generate, 4, jobs, STEPS, tmp_path=tmp_path, timeout=600)
     for j, (name, fkw, options) in enumerate(jobs):
-        want = _simulate(run_job, name, fkw, {**options, "num_stages": 2, "simulate": True}, STEPS)
+        want = with_rank_threads(run_job, name, fkw, {**options, "num_stages": 2, "simulate": True}, STEPS)
         for res in results:
             got = res["value"][j]
             assert torch.equal(got["final"], want["final"]), (name, res["rank"])
@@ -209,8 +200,8 @@ def test_unchanged_pipeline_on_four_ranks_cfg2_x_pp2(name, tmp_path):
     variants = ["first", "batch2"]
     options = {"cfg_parallel": 2, "num_patches": 2}
     results = run_ranks(pipeline_sequence, 4, name, options, variants, tmp_path=tmp_path, timeout=600)
-    want = _simulate(pipeline_sequence, 0, 1, name, {**options, "num_stages": 2, "simulate": True}, variants)
-    plain = _simulate(pipeline_sequence, 0, 1, name, {"num_stages": 2, "num_patches": 2, "simulate": True},
+    want = with_rank_threads(pipeline_sequence, 0, 1, name, {**options, "num_stages": 2, "simulate": True}, variants)
+    plain = with_rank_threads(pipeline_sequence, 0, 1, name, {"num_stages": 2, "num_patches": 2, "simulate": True},
                       variants)
     for res in results:
         got = res["value"]
@@ -253,11 +244,11 @@ def test_cfg_on_a_batch_of_one_with_one_call_per_step_is_refused():
 
 
 @pytest.mark.parametrize("name", ["wan", "flux"])
-def test_two_call_form_on_four_ranks_equals_simulate(name, tmp_path):
+def test_two_call_form_on_four_ranks_equalswith_rank_threads(name, tmp_path):
     variants = ["first"]
     options = {"cfg_parallel": 2, "num_patches": 2}
     results = run_ranks(pipeline_sequence, 4, name, options, variants, tmp_path=tmp_path, timeout=600)
-    want = _simulate(pipeline_sequence, 0, 1, name, {**options, "num_stages": 2, "simulate": True}, variants)
+    want = with_rank_threads(pipeline_sequence, 0, 1, name, {**options, "num_stages": 2, "simulate": True}, variants)
     for res in results:
         got = res["value"]
         assert got["distributed"] and got["stages"] == [2]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from dist_workers import die_mid_step, generate, generate_in_groups, mismatched_options, run_job
+from dist_workers import die_mid_step, generate, generate_in_groups, mismatched_options, run_job, with_rank_threads
 
 MODELS = ["PixArtTransformer2DModel", "DiTTransformer2DModel", "LTXVideoTransformer3DModel", "HunyuanDiT2DModel",
           "WanTransformer3DModel"]
@@ -18,12 +18,7 @@ STEPS = 4  # warmup + 3 pipelined steps: every step compared bit for bit
 def simulate(name, fkw, options, steps=STEPS, seed=1):
     """The same job in simulate mode, with the ranks' thread count: a reduction (e.g. HunyuanDiT's text
     pooling mean) may sum in another order with more threads, which changes the last bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_job(name, fkw, {**options, "simulate": True}, steps, seed=seed)
-    finally:
-        torch.set_num_threads(threads)
+    return with_rank_threads(run_job, name, fkw, {**options, "simulate": True}, steps, seed=seed)
 
 
 def assert_bit_identical(got, want):

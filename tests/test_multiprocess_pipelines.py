@@ -4,18 +4,13 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from dist_workers import pipeline_sequence
+from dist_workers import pipeline_sequence, with_rank_threads
 
 VARIANTS = ["first", "second_resolution", "batch2", "first"]
 
 
 def _simulate(name, options):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks' thread count (see test_multiprocess.simulate)
-    try:
-        return pipeline_sequence(0, 1, name, {**options, "simulate": True}, VARIANTS)
-    finally:
-        torch.set_num_threads(threads)
+    return with_rank_threads(pipeline_sequence, 0, 1, name, {**options, "simulate": True}, VARIANTS)
 
 
 @pytest.mark.parametrize("name", ["pixart_sigma", "flux"])

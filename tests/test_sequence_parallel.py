@@ -10,7 +10,7 @@ import torch
 
 import pipefusion_compile
 from dist_utils import run_ranks
-from dist_workers import generate, pipeline_jobs, pipeline_sequence, run_job
+from dist_workers import generate, pipeline_jobs, pipeline_sequence, run_job, with_rank_threads
 from graph_utils import capture_model
 from pipefusion_compile.errors import OptionsError, PipefusionError
 from pipefusion_compile.models import BUILTIN
@@ -125,15 +125,6 @@ def test_in_one_process_sequence_parallel_runs_whole_bands():
 
 
 # --------------------------------------------------------------------------------------------- 4 real ranks
-def _simulate(fn, *args):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the ranks' thread count (see test_multiprocess.simulate)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(threads)
-
-
 JOBS = [  # (name, factory kwargs, options): pp 2 x sp 2 on an image-only and a joint-text model, cfg 2 x sp 2
     ("PixArtTransformer2DModel", {}, {"num_stages": 2, "sequence_parallel": 2, "num_patches": 2}),
     ("SD3Transformer2DModel", {}, {"num_stages": 2, "sequence_parallel": 2, "num_patches": 2}),
@@ -149,8 +140,8 @@ def test_hybrids_with_sequence_parallel_on_four_ranks_equal_simulate_bit_for_bit
     results = run_ranks(generate, 4, JOBS, STEPS, tmp_path=tmp_path, timeout=600)
     for j, (name, fkw, options) in enumerate(JOBS):
         whole = {k: v for k, v in options.items() if k != "sequence_parallel"}
-        want = _simulate(run_job, name, fkw, {**whole, "simulate": True}, STEPS)
-        plain = _simulate(run_job, name, fkw, {"num_stages": 1, "num_patches": 1, "simulate": True}, STEPS)
+        want = with_rank_threads(run_job, name, fkw, {**whole, "simulate": True}, STEPS)
+        plain = with_rank_threads(run_job, name, fkw, {"num_stages": 1, "num_patches": 1, "simulate": True}, STEPS)
         assert not torch.allclose(want["final"], plain["final"], atol=1e-4)   # the stale K/V changed something
         for res in results:
             got = res["value"][j]
@@ -178,7 +169,7 @@ def test_unchanged_pipelines_on_four_ranks_with_sequence_parallel(tmp_path):
     results = run_ranks(pipeline_jobs, 4, PIPELINES, tmp_path=tmp_path, timeout=900)
     for j, (name, options, variants) in enumerate(PIPELINES):
         whole = {k: v for k, v in options.items() if k != "sequence_parallel"}
-        want = _simulate(pipeline_sequence, 0, 1, name, {**whole, "simulate": True}, variants)
+        want = with_rank_threads(pipeline_sequence, 0, 1, name, {**whole, "simulate": True}, variants)
         for res in results:
             got = res["value"][j]
             assert got["distributed"] and got["stages"] == [options["num_stages"]]

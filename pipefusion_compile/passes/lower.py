@@ -49,7 +49,7 @@ from .piece_rewrites import (propagate_patch_shapes, rewrite_halo_convs, rewrite
                              rewrite_stale_reductions, rewrite_token_sizes, select_group)
 from .pieces import BAND, FULL, Piece
 from .sample_rules import rewrite_sample_splits
-from .sequence_parallel import SequenceParallel, check_heads, rewrite_sequence_parallel, sp_cache_specs
+from .sequence_parallel import SequenceParallel, rewrite_sequence_parallel, sp_cache_specs
 from .side_effects import alias_root, check_kept, mutated_operand
 from .stage_split import (InputSource, LoweredStage, PieceGraph, check_lowerable, detach_fresh_tensors,
                           extract_globals, extract_stage, output_names)
@@ -90,8 +90,6 @@ def lower(gm: fx.GraphModule, plan, analysis: TokenAnalysis, shared_inputs: bool
     """
     check_lowerable(gm)
     seq = sp   # (`sp` names each stage's plan below)
-    if seq is not None:
-        check_heads(gm, seq.degree)
     _run_pass("detach_fresh_tensors", detach_fresh_tensors, gm)
     scopes = autocast_scopes(gm)
     nodes_by_name = {n.name: n for n in gm.graph.nodes}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import PlanError
 from .meta import Kind, TokenInfo, ValueEnum
 
 
@@ -56,11 +57,26 @@ class Piece:
             self.kind, f"rows [{self.row0}, {self.row0 + self.rows})")
 
 
+def patch_bands(rows: int, num_patches: int) -> tuple[tuple[int, int], ...]:
+    """M row bands as equal as possible; when M does not divide the rows, the later bands are one shorter."""
+    if num_patches > rows:
+        raise PlanError(
+            f"num_patches={num_patches} is larger than the {rows} token rows of the image: a patch needs at "
+            "least one token row"
+        )
+    q, r = divmod(rows, num_patches)
+    bands, start = [], 0
+    for j in range(num_patches):
+        n = q + (1 if j < r else 0)
+        bands.append((start, n))
+        start += n
+    return tuple(bands)
+
+
 def sub_band(band: Piece, parts: int, index: int) -> Piece:
-    """Part `index` of `parts` nearly equal parts (in rows, the first ones larger) of a band: what sequence-
-    parallel rank `index` of a stage runs of it. Every part has at least one row (`plan.check_sequence_parallel`)."""
-    q, r = divmod(band.rows, parts)
-    split = tuple(q + (1 if i < r else 0) for i in range(parts))
+    """Part `index` of a band split as the image is into bands (`patch_bands`): what sequence-parallel rank
+    `index` of a stage runs of it. Every part has at least one row (`plan.check_sequence_parallel`)."""
+    split = tuple(n for _, n in patch_bands(band.rows, parts))
     return Piece(BAND, band.row0 + sum(split[:index]), split[index], split)
 
 
