@@ -1,6 +1,6 @@
 """parallel='auto' on this machine's 2 ranks: every candidate it lists, measured next to its prediction.
 
-    python benchmarks/bench_degrees.py [--runs 3] [--steps 10] [--cases cfg_batch two_calls]
+    python benchmarks/bench_degrees.py [--runs 4] [--steps 10] [--cases cfg_batch two_calls]
 
 Model: DiTTransformer2DModel, 12 layers, 6 x 64 heads (hidden 384), 64x64 latent = 1024 image tokens, random
 weights, fp32, eager stages, DDIM with classifier-free guidance (scale 4):
@@ -11,7 +11,8 @@ weights, fp32, eager stages, DDIM with classifier-free guidance (scale 4):
 Each rank is pinned to its own core and runs one thread (gloo over 127.0.0.1). Rank 0 and 1 first compile with
 the default options (parallel='auto', which calibrates and prints its table); then every candidate of that table
 is compiled with its degrees given, and the candidates run in turns (run 1 of each, run 2 of each, ...), so a
-drift of the machine's speed does not favour one. "Measured" = the median steady step (steps 3..N of each
+drift of the machine's speed does not favour one; each turn starts one candidate later than the one before, so
+none always runs in the same place (first after the serial model, which leaves rank 1 idle). "Measured" = the median steady step (steps 3..N of each
 generation, slowest rank), min-max over the runs. The serial plain model (rank 0 alone) is measured in the
 same turns for the speedups.
 
@@ -100,12 +101,15 @@ def rank_main(rank, world, port, case, runs, steps, out_path):
         runners[_key(c)] = (run, shape, sched)
     plain = build(case) if rank == 0 else None
     times = {key: [] for key in [*runners, "serial"]}
-    for _ in range(runs):
+    keys = list(runners)
+    for turn in range(runs):
         dist.barrier()
         if plain is not None:
             times["serial"].append(generation(plain[0], case, plain[1], plain[2], steps))
         dist.barrier()
-        for key, (run, shape_, sched_) in runners.items():
+        # each turn starts one candidate later: none always runs first after the serial model (rank 1 idle)
+        for key in keys[turn % len(keys):] + keys[:turn % len(keys)]:
+            run, shape_, sched_ = runners[key]
             dist.barrier()
             times[key].append(generation(run, case, shape_, sched_, steps))
     torch.save({"times": times, "choice": choice}, f"{out_path}.rank{rank}")
@@ -167,7 +171,7 @@ def report(case: str, results, steps: int) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--cases", nargs="+", default=["cfg_batch", "two_calls"])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
