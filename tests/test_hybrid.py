@@ -244,7 +244,7 @@ def test_cfg_on_a_batch_of_one_with_one_call_per_step_is_refused():
 
 
 @pytest.mark.parametrize("name", ["wan", "flux"])
-def test_two_call_form_on_four_ranks_equalswith_rank_threads(name, tmp_path):
+def test_two_call_form_on_four_ranks_equals_simulate(name, tmp_path):
     variants = ["first"]
     options = {"cfg_parallel": 2, "num_patches": 2}
     results = run_ranks(pipeline_sequence, 4, name, options, variants, tmp_path=tmp_path, timeout=600)
