@@ -417,7 +417,7 @@ def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: Pipe
             if sp > 1:   # the compile's own check: every self-attention's heads divide
                 check_heads(g, sp)
         except PipefusionError as e:   # e.g. the batch does not split: a candidate that is not possible, named
-            candidates.append(Candidate(cfg, pp, 1, form, sp, fits=False, note=str(e).splitlines()[0][:90]))
+            candidates.append(Candidate(cfg, pp, 1, form, sp, fits=False, note=_brief(e)))
             continue
         for m in _patch_options(pp, analysis.token_rows, patches):
             opts = dataclasses.replace(options, num_stages=pp, num_patches=m, cfg_parallel=1, parallel="manual")
@@ -428,7 +428,7 @@ def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: Pipe
                     plan.check_sequence_parallel()
                     _check_sequence_parallel_rules(g, plan)
             except PipefusionError as e:
-                candidates.append(Candidate(cfg, pp, m, form, sp, fits=False, note=str(e).splitlines()[0][:100]))
+                candidates.append(Candidate(cfg, pp, m, form, sp, fits=False, note=_brief(e)))
                 continue
             part_out = out_bytes // 2 if form is CfgForm.BATCH else out_bytes
             sp_bytes, collectives = _sp_traffic(plan, g, analysis)
@@ -459,6 +459,14 @@ def enumerate_candidates(gm: fx.GraphModule, example_inputs: list, options: Pipe
     g, _, analysis = graph_for(CfgForm.NONE)
     return DegreeChoice(world, batch, calls_per_step, constants, candidates, chosen,
                         reference_bytes(gm, analysis, world))
+
+
+def _brief(error: Exception, limit: int = 150) -> str:
+    """The first line of `error`, cut at a word under `limit` characters: why a candidate is not possible."""
+    line = str(error).splitlines()[0]
+    if len(line) <= limit:
+        return line
+    return line[:line.rfind(" ", 0, limit)].rstrip(",;:(") + " ..."
 
 
 def _divisors(n: int) -> list[int]:

@@ -152,9 +152,10 @@ class PipelinePlan:
         parts of at least one token row."""
         smallest = min(n for _, n in self.patches)
         if self.sp_degree > smallest:
+            rows = f"{smallest} row" + ("s" if smallest != 1 else "")
             raise PlanError(
                 f"sequence_parallel={self.sp_degree} splits every band of token rows over the ranks of a stage, but "
-                f"the smallest of the M={self.num_patches} bands has {smallest} rows; use fewer patches "
+                f"the smallest of the M={self.num_patches} bands has {rows}; use fewer patches "
                 f"(num_patches <= {self.token_rows // self.sp_degree}) or a lower sequence_parallel")
 
     def p2p_bytes_per_step(self, stage: int, pipelined: bool = True) -> int:
