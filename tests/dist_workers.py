@@ -123,9 +123,17 @@ def pipeline_sequence(rank, world, name, options, variants):
                                           options={"stage_backend": "eager", **tiny.options, **options})
     outputs = [tiny(v) for v in variants]
     found = pipefusion_compile.programs(tiny.pipe.transformer)
-    return {"outputs": outputs, "shapes": sorted({p.plan.input_shape for p in found}),
-            "stages": sorted({p.plan.num_stages for p in found}),
-            "distributed": all(hasattr(p, "stage_index") for p in found)}
+    result = {"outputs": outputs, "shapes": sorted({p.plan.input_shape for p in found}),
+              "stages": sorted({p.plan.num_stages for p in found}),
+              "distributed": all(hasattr(p, "stage_index") for p in found)}
+    if len(found) == 1 and hasattr(found[0], "stage_index"):   # what this rank sent, next to what its plan says
+        program = found[0]
+        outs = program.gm.graph.find_nodes(op="output")[0].all_input_nodes
+        result.update(stats=dict(program.stats), stage=program.stage_index,
+                      plan_bytes=program.plan.p2p_bytes_per_step(program.stage_index),
+                      out_bytes=sum(v.numel() * v.element_size() for v in (o.meta.get("example_value") for o in outs)
+                                    if isinstance(v, torch.Tensor)))
+    return result
 
 
 def pipeline_jobs(rank, world, jobs):

@@ -253,6 +253,14 @@ def test_two_call_form_on_four_ranks_equals_simulate(name, tmp_path):
         got = res["value"]
         assert got["distributed"] and got["stages"] == [2]
         assert torch.equal(got["outputs"][0], want["outputs"][0]), (name, res["rank"])
+        # bytes: each rank's pipeline sends per call what its part's plan predicts (the last call, pipelined),
+        # the last stage its output bands to the part's other stage, and the owner part's last stage each of
+        # its calls' whole output to both ranks of the other part
+        stats, calls = got["stats"], got["stats"]["warmup_calls"] + got["stats"]["pipelined_calls"]
+        assert stats["pipelined_calls"] > 0 and stats["bytes_sent"] == got["plan_bytes"], (name, res["rank"])
+        last = got["stage"] == 1
+        assert stats["output_bytes"] == (got["out_bytes"] if last else 0), (name, res["rank"])
+        assert stats.get("cfg_bytes_sent", 0) == (calls * got["out_bytes"] * 2 if last else 0), (name, res["rank"])
 
 
 # --------------------------------------------------------------------------------------------- the sweep
