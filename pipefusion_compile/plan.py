@@ -26,7 +26,7 @@ from .passes.partition import (
     uniform_layers,
 )
 from .passes.cross_group import is_cross_group, query_side
-from .passes.pieces import BAND, FULL, HEAD, TAIL, Piece, patch_bands, sub_band  # noqa: F401  (patch_bands: re-exported)
+from .passes.pieces import BAND, FULL, HEAD, TAIL, Piece, patch_bands, sub_band
 from .passes.sdpa import sdpa_qkv
 from .passes.tokens import TokenAnalysis, analyze_tokens
 
